@@ -1,0 +1,1 @@
+"""ingestctl: release automation for the bundled ingest service."""

@@ -1,0 +1,29 @@
+"""Where ingestctl finds the checkout it runs from and keeps its local state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """The checkout ingestctl runs in: INGESTCTL_ROOT, else the nearest parent holding inventories/."""
+    env = os.environ.get("INGESTCTL_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "inventories").is_dir() and (candidate / "service").is_dir():
+            return candidate
+    # Installed editable from the checkout: deploys/ingestctl/paths.py -> root is two levels up.
+    return Path(__file__).resolve().parents[2]
+
+
+def state_dir() -> Path:
+    """Git-ignored local state: testbed keys and host list, build cache."""
+    return project_root() / ".testbed"
+
+
+def secrets_file(env: str) -> Path:
+    """The environment's secrets file (KEY=VALUE lines, mode 0600, git-ignored)."""
+    return project_root() / "secrets" / f"{env}.env"
