@@ -64,6 +64,74 @@ def secrets_check(env: str, reporter: Reporter) -> None:
     )
 
 
+def parse_lock_wait(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected seconds as a number, found {value!r}") from None
+    if seconds < 0:
+        raise click.BadParameter(f"expected 0 or more seconds, found {value}")
+    return seconds
+
+
+@main.command("deploy")
+@click.argument("env")
+@click.option("--version", "version", help="Release version (image tag). Default: the checkout's git describe.")
+@click.option("--batch", help="Hosts per batch after the canary: N or P%. Default: one host, then the rest.")
+@click.option("--skip-bench", is_flag=True, help="Skip the benchmark gate (recorded in the ledger).")
+@click.option("--dry", is_flag=True, help="Print the plan (hosts, batches, image, config diff, migrations) only.")
+@click.option("--lock-wait", "lock_wait", metavar="S", help="Wait up to S seconds for the deploy lock.")
+@json_option
+@reporting
+def deploy_command(env: str, version: str | None, batch: str | None, skip_bench: bool, dry: bool,
+                   lock_wait: str | None, reporter: Reporter) -> None:
+    """Build, ship, migrate and roll out ENV in gated batches; roll back by itself on any gate failure."""
+    from ingestctl import pipeline
+
+    run = pipeline.deploy(env, reporter, version=version, batch=batch, skip_bench=skip_bench, dry=dry,
+                          lock_wait_s=parse_lock_wait(lock_wait))
+    if not dry:
+        pipeline.summarise(run, reporter)
+
+
+@main.command("abort")
+@click.argument("env")
+@json_option
+@reporting
+def abort_command(env: str, reporter: Reporter) -> None:
+    """Ask a running deploy of ENV to stop between steps and roll its switched hosts back (it exits 3)."""
+    from ingestctl import pipeline
+
+    flag = pipeline.abort_flag(env)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text(f"requested at {__import__('time').time()}\n")
+    reporter.event("summary", f"abort requested for {env}: the running deploy stops at its next step", env=env)
+
+
+@main.command("status")
+@click.argument("env")
+@json_option
+@reporting
+def status_command(env: str, reporter: Reporter) -> None:
+    """Per host: release, image, config version, schema head, health and the lock."""
+    from ingestctl import fleetview
+
+    fleetview.show_status(env, reporter)
+
+
+@main.command("history")
+@click.argument("env")
+@json_option
+@reporting
+def history_command(env: str, reporter: Reporter) -> None:
+    """The ledger: deploys and rollbacks with outcome and durations, newest first."""
+    from ingestctl import fleetview
+
+    fleetview.show_history(env, reporter)
+
+
 def _attach_optional_groups() -> None:
     """Attach subcommand groups defined in their own modules."""
     from ingestctl.testbed.commands import testbed

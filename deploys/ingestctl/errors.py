@@ -43,3 +43,9 @@ class LockHeld(IngestctlError):
     """The deploy lock is held by someone else (exit 5)."""
 
     exit_code = 5
+
+
+class BuildError(IngestctlError):
+    """Building, saving or pushing an image on this machine failed; nothing was shipped (exit 2)."""
+
+    exit_code = 2

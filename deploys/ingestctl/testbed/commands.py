@@ -1,8 +1,140 @@
-"""`ingestctl testbed up|down|status`. Placeholder until the testbed lands."""
+"""`ingestctl testbed up|down|status`: local sandbox hosts reachable over SSH (DESIGN section 5)."""
+
+from __future__ import annotations
 
 import click
+
+from ingestctl.errors import HostError
+from ingestctl.output import Reporter
+from ingestctl.testbed import hostspec
+
+# cli.py imports this module at its end, so its `reporting` decorator is fetched at decoration time
+# (by then cli.py has defined it) rather than imported at the top, which would be a cycle.
+json_option = click.option(
+    "--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI."
+)
+
+
+def _reporting(func):
+    from ingestctl.cli import reporting
+
+    return reporting(func)
 
 
 @click.group("testbed")
 def testbed() -> None:
-    """Local sandbox hosts (db1, app2, app3) reachable over SSH."""
+    """Local sandbox hosts (db1, app2, app3) reachable over SSH.
+
+    INGESTCTL_TESTBED names the testbed (default ingest-tb): it prefixes the Docker objects and selects
+    the state in .testbed/NAME/, so tests can run their own testbed beside a developer's.
+    """
+
+
+def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
+    by_name = {h.name: h for h in health}
+    if reporter.json_mode:
+        for host in testbed_state.hosts:
+            h = by_name[host.name]
+            reporter.event(
+                "host",
+                testbed=testbed_state.name,
+                name=host.name,
+                roles=host.roles,
+                address=host.address,
+                ssh_port=host.ssh_port,
+                ssh_user=testbed_state.ssh_user,
+                ssh_key=testbed_state.ssh_key,
+                sshd=h.sshd,
+                docker=h.docker,
+                docker_version=h.docker_version,
+                storage_driver=h.storage_driver,
+                detail=h.detail,
+            )
+        return
+    # Every host shares the key, so it is printed once under the table rather than squeezing each row.
+    rows = []
+    for host in testbed_state.hosts:
+        h = by_name[host.name]
+        rows.append(
+            [
+                host.name,
+                ",".join(host.roles),
+                host.address,
+                host.ssh_port,
+                "yes" if h.sshd else "NO",
+                "yes" if h.docker else "NO",
+                h.storage_driver or h.detail,
+            ]
+        )
+    reporter.table(
+        f"testbed {testbed_state.name} ({testbed_state.security_mode})",
+        ["host", "roles", "address", "ssh port", "sshd", "docker", "storage / problem"],
+        rows,
+    )
+    reporter.event("info", f"ssh key (every host): {testbed_state.ssh_key}, user {testbed_state.ssh_user}")
+
+
+@testbed.command("up")
+@json_option
+@_reporting
+def up_command(reporter: Reporter) -> None:
+    """Build missing images, start db1, app2, app3 and wait until sshd and Docker answer on each."""
+    from ingestctl.testbed import lifecycle
+
+    result = lifecycle.up(lambda message: reporter.event("progress", message))
+    _report_hosts(reporter, result.state, result.health)
+    verb = "already up" if result.already_up else "up"
+    reporter.event(
+        "summary",
+        f"testbed {result.state.name} {verb}: {len(result.state.hosts)} hosts, storage driver "
+        f"{result.state.storage_driver}; ssh: ssh -F {result.state.ssh_config} db1",
+        testbed=result.state.name,
+        already_up=result.already_up,
+        storage_driver=result.state.storage_driver,
+        security_mode=result.state.security_mode,
+        ssh_config=result.state.ssh_config,
+    )
+
+
+@testbed.command("down")
+@click.option("--purge", is_flag=True, help="Also remove the cached base and sandbox images.")
+@json_option
+@_reporting
+def down_command(purge: bool, reporter: Reporter) -> None:
+    """Remove the testbed's containers, volumes, network and state (cached images stay unless --purge)."""
+    from ingestctl.testbed import lifecycle
+
+    name = hostspec.testbed_name()
+    result = lifecycle.down(lambda message: reporter.event("progress", message), name=name, purge=purge)
+    reporter.event(
+        "summary",
+        f"testbed {name} down: removed {len(result.containers)} containers, {len(result.volumes)} volumes, "
+        f"{len(result.networks)} networks" + (f", {len(result.images)} images" if purge else ""),
+        testbed=name,
+        containers=result.containers,
+        volumes=result.volumes,
+        networks=result.networks,
+        images=result.images,
+    )
+
+
+@testbed.command("status")
+@json_option
+@_reporting
+def status_command(reporter: Reporter) -> None:
+    """Each host's name, address, SSH port, key path and whether sshd and Docker answer (exit 2 if not)."""
+    from ingestctl.testbed import lifecycle
+
+    testbed_state, health = lifecycle.status()
+    _report_hosts(reporter, testbed_state, health)
+    down_hosts = [h.name for h in health if not h.ready]
+    if down_hosts:
+        raise HostError(
+            f"testbed {testbed_state.name}: {', '.join(down_hosts)} not answering; run `ingestctl testbed up`"
+        )
+    reporter.event(
+        "summary",
+        f"testbed {testbed_state.name}: all {len(health)} hosts answer over SSH and Docker",
+        testbed=testbed_state.name,
+        ready=True,
+    )

@@ -1,0 +1,70 @@
+"""Direct reads and small commands on a fleet's hosts, outside pyinfra's operation model.
+
+Operations converge state (ingestctl.operations); this module is for what is not convergence: reading facts
+for planning, taking and releasing the deploy lock, appending to the ledger. One SSH connection round per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyinfra.api import Config, State
+from pyinfra.api.connect import connect_all, disconnect_all
+from pyinfra.api.exceptions import PyinfraError
+
+from ingestctl import pyinfra_runner as runner
+from ingestctl.errors import HostError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    host: str
+    ok: bool
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def connected(env: str, hosts: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Connected pyinfra Host objects by name. An unreachable host is a HostError naming it."""
+    inventory = runner.load_inventory(env)
+    limit = runner.select_hosts(inventory, hosts)
+    state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=None), initial_limit=limit)
+    try:
+        try:
+            connect_all(state)
+        except PyinfraError:
+            pass  # reported below, host by host
+        wanted = limit if limit is not None else list(inventory)
+        active = {host.name: host for host in state.inventory.get_active_hosts()}
+        missing = [host.name for host in wanted if host.name not in active]
+        if missing:
+            raise HostError(
+                f"cannot reach host(s) {', '.join(missing)} over SSH; check the inventory and that sshd "
+                "answers (`ingestctl testbed status` for the sandbox)"
+            )
+        yield {name: active[name] for name in (h.name for h in wanted)}
+    finally:
+        disconnect_all(state)
+
+
+def get_facts(env: str, fact_cls: type, hosts: Iterable[str] | None = None, **fact_kwargs: Any) -> dict[str, Any]:
+    """One fact from each selected host."""
+    with connected(env, hosts) as active:
+        return {name: host.get_fact(fact_cls, **fact_kwargs) for name, host in active.items()}
+
+
+def run_commands(env: str, command_for: Mapping[str, str] | Callable[[str], str],
+                 hosts: Iterable[str] | None = None) -> dict[str, CommandResult]:
+    """Run one shell command per host (same or per-host) and return its output. Never raises on exit codes."""
+    selected = list(command_for) if isinstance(command_for, Mapping) and hosts is None else hosts
+    with connected(env, selected) as active:
+        results = {}
+        for name, host in active.items():
+            command = command_for[name] if isinstance(command_for, Mapping) else command_for(name)
+            ok, output = host.run_shell_command(command, print_output=False, print_input=False)
+            results[name] = CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
+        return results

@@ -1,0 +1,183 @@
+"""What a release looks like on a host, and the pure shell commands that change it.
+
+Kamal's split: everything here builds strings and files; nothing runs. pyinfra operations in
+`ingestctl.operations.release` yield these commands, and unit tests pin them exactly.
+
+On-host layout (BASE = /opt/ingest):
+    compose.yml         rendered per host from deploys/templates/host-compose.yml.j2
+    .env                compose variables: images, versions and config versions of the two api slots
+    state.json          the live slot and what it runs (read by the IngestHostState fact)
+    config/<version>/   app.env + secrets/ (0600, owned by the app user): content-addressed config versions
+    db/secrets/         the database's own password file (db host)
+    proxy/nginx.conf    the proxy's upstream: which slot is live
+    backups/            restore points (pg_dump -Fc) on the db host
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+BASE = "/opt/ingest"
+PROJECT = "ingest"
+SLOTS = ("blue", "green")
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+STATE_FILE = f"{BASE}/state.json"
+EMPTY_CONFIG = "none"
+
+
+@dataclass(frozen=True)
+class Ports:
+    public: int = 8000
+    redis: int = 6379
+
+    @property
+    def blue(self) -> int:
+        return self.public + 1
+
+    @property
+    def green(self) -> int:
+        return self.public + 2
+
+    def __getitem__(self, slot: str) -> int:
+        return {"blue": self.blue, "green": self.green, "public": self.public, "redis": self.redis}[slot]
+
+
+def other_slot(slot: str | None) -> str:
+    """The idle slot a new release starts in. A host with nothing live starts in blue."""
+    if slot is None:
+        return "blue"
+    if slot not in SLOTS:
+        raise ValueError(f"slot: expected one of {SLOTS}, found {slot!r}")
+    return "green" if slot == "blue" else "blue"
+
+
+@lru_cache(maxsize=1)
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render_compose(
+    host: str, roles: Iterable[str], db_address: str, app_uid: int, ports: Ports, stop_grace_s: int = 30
+) -> str:
+    return _templates().get_template("host-compose.yml.j2").render(
+        host=host, roles=sorted(roles), db_address=db_address, app_uid=app_uid, ports=ports,
+        stop_grace_s=stop_grace_s,
+    )
+
+
+def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int) -> str:
+    return _templates().get_template("nginx.conf.j2").render(
+        live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes
+    )
+
+
+def render_dotenv(values: Mapping[str, str]) -> str:
+    """Compose's .env: sorted KEY=VALUE lines. Values here are image names and versions, never secrets."""
+    for key, value in values.items():
+        if any(ch in str(value) for ch in "\n\r\"'$ "):
+            raise ValueError(f".env value for {key}: expected no quotes, spaces or $, found {value!r}")
+    return "".join(f"{key}={values[key]}\n" for key in sorted(values))
+
+
+def slot_env(slot: str, image: str, version: str, config_version: str) -> dict[str, str]:
+    prefix = f"API_{slot.upper()}"
+    return {f"{prefix}_IMAGE": image, f"{prefix}_VERSION": version, f"{prefix}_CONFIG": config_version}
+
+
+# ----- command builders -------------------------------------------------------------------------------------
+
+def compose(binary: str, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """A compose command in the project directory. `binary` is `docker compose` or `docker-compose` (a fact).
+
+    ENV sets compose variables for this command only (they win over .env).
+    """
+    prefix = "".join(f"{key}={shlex.quote(value)} " for key, value in sorted((env or {}).items()))
+    return f"cd {BASE} && {prefix}{binary} -p {PROJECT} -f compose.yml " + " ".join(args)
+
+
+def start_slot(binary: str, slot: str) -> str:
+    # --no-deps: starting a slot must never restart the database or the other slot.
+    return compose(binary, "up", "-d", "--no-deps", "--force-recreate", f"api_{slot}")
+
+
+def stop_slot(binary: str, slot: str, grace_s: int) -> str:
+    # SIGTERM, then the service drains in-flight requests for up to grace_s before compose kills it.
+    return compose(binary, "stop", "-t", str(grace_s), f"api_{slot}") + " && " + compose(
+        binary, "rm", "-f", f"api_{slot}"
+    )
+
+
+def wait_slot_ready(binary: str, slot: str, port: int, timeout_s: int) -> str:
+    """Poll the slot's readiness from inside its own container (the image has python; the host may not)."""
+    probe = (
+        "import sys,urllib.request\n"
+        "try:\n"
+        f"    sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{port}/health/ready', timeout=1).status == 200 else 1)\n"
+        "except Exception:\n"
+        "    sys.exit(1)"
+    )
+    tries = max(1, timeout_s * 4)
+    exec_probe = compose(binary, "exec", "-T", f"api_{slot}", "python", "-c", shlex.quote(probe))
+    return (
+        f"for i in $(seq 1 {tries}); do ({exec_probe}) >/dev/null 2>&1 && exit 0; sleep 0.25; done; "
+        f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; "
+        + compose(binary, "logs", "--tail", "30", f"api_{slot}")
+        + " >&2; exit 1"
+    )
+
+
+def reload_proxy(binary: str) -> str:
+    """Graceful reload when the proxy runs; start it otherwise."""
+    reload = compose(binary, "exec", "-T", "proxy", "nginx", "-c", "/etc/ingest-proxy/nginx.conf", "-s", "reload")
+    return f"({reload}) || ({compose(binary, 'up', '-d', '--no-deps', 'proxy')})"
+
+
+def start_db(binary: str) -> str:
+    return compose(binary, "up", "-d", "--no-deps", "postgres", "redis")
+
+
+def wait_db_healthy(binary: str, timeout_s: int = 120) -> str:
+    check = compose(binary, "exec", "-T", "postgres", "pg_isready", "-U", "ingest", "-d", "ingest", "-h", "127.0.0.1")
+    return (
+        f"for i in $(seq 1 {timeout_s * 2}); do ({check}) >/dev/null 2>&1 && exit 0; sleep 0.5; done; "
+        f"echo 'postgres not ready after {timeout_s}s' >&2; exit 1"
+    )
+
+
+def restore_point(binary: str, path: str) -> str:
+    """pg_dump -Fc inside the database container, written atomically on the host."""
+    dump = compose(binary, "exec", "-T", "postgres", "pg_dump", "-Fc", "-U", "ingest", "-d", "ingest")
+    return f"mkdir -p {BASE}/backups && ({dump}) > {shlex.quote(path)}.part && mv {shlex.quote(path)}.part {shlex.quote(path)}"
+
+
+def run_migrate(binary: str, image: str, config_version: str, *alembic_args: str) -> str:
+    """alembic in a one-off container of IMAGE; its image and config come from the command's environment,
+    not from .env, so the api slots' settings stay untouched."""
+    return compose(
+        binary, "run", "--rm", "--no-deps", "migrate", "python", "-m", "alembic", *alembic_args,
+        env={"MIGRATE_IMAGE": image, "MIGRATE_CONFIG": config_version},
+    )
+
+
+def db_schema_head(binary: str) -> str:
+    return compose(
+        binary, "exec", "-T", "postgres", "psql", "-U", "ingest", "-d", "ingest", "-tAc",
+        shlex.quote("SELECT version_num FROM alembic_version"),
+    ) + " 2>/dev/null || true"
+
+
+def write_state(state: Mapping[str, object]) -> str:
+    body = json.dumps(dict(state), sort_keys=True)
+    return f"printf '%s\\n' {shlex.quote(body)} > {STATE_FILE}.tmp && mv {STATE_FILE}.tmp {STATE_FILE}"

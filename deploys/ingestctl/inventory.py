@@ -1,0 +1,312 @@
+"""Inventories: which hosts make up an environment, and the environment's data.
+
+An inventory is a pyinfra inventory file `inventories/ENV.py`. It calls `environment(...)` once and
+exposes the groups pyinfra reads as module-level lists:
+
+    _env = environment(name="staging", data={...}, hosts={"db1": {...}, "app2": {...}})
+    db = _env.group("db")
+    app = _env.group("app")
+
+pyinfra treats every public module-level list of hostnames or `(hostname, data)` tuples as a group
+(pyinfra_cli/inventory.py, `_is_inventory_group`) and merges a host's data across the groups it is
+in. `group()` therefore returns tuples whose data is the environment's data merged with the host's
+own, so `pyinfra inventories/staging.py deploys/deploy.py` sees `host.data.app_port`,
+`host.data.roles`, ... exactly as `ingestctl` does. The `Environment` object itself is not a list, so
+pyinfra ignores it; `ingestctl` finds it with `load(env)`.
+
+Validation happens inside `environment(...)`, so both entry points fail on the same bad data with
+the same path-style message: `inventories/staging.py: hosts.app2.ssh_port: expected an integer, found
+'twenty-two'`.
+"""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from ingestctl import config as config_mod
+from ingestctl import paths
+from ingestctl.errors import ConfigError, IngestctlError
+
+Role = Literal["db", "app"]
+ROLES: tuple[Role, ...] = ("db", "app")
+ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def _reject_bool(value: Any) -> Any:
+    # pydantic's lax mode reads True as 1; in an inventory that is always a typo.
+    if isinstance(value, bool):
+        raise ValueError("bool")  # noqa: TRY004 - pydantic reports ValueError as a validation error
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_reject_bool)]
+Number = Annotated[float, BeforeValidator(_reject_bool)]
+
+
+class HostSpec(BaseModel):
+    """One host: how to reach it over SSH (pyinfra's own `ssh_*` data keys) and what it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ssh_hostname: str = Field(min_length=1)
+    ssh_port: Integer = Field(default=22, ge=1, le=65535)
+    ssh_user: str | None = None
+    ssh_key: str | None = None
+    ssh_known_hosts_file: str | None = None
+    ssh_strict_host_key_checking: Literal["yes", "no", "accept-new", "off"] | None = None
+    ssh_allow_agent: bool | None = None
+    ssh_look_for_keys: bool | None = None
+    ssh_config_file: str | None = None
+    ssh_connect_retries: Integer | None = Field(default=None, ge=0, le=20)
+    sudo: bool = False
+    roles: tuple[Role, ...] = Field(min_length=1)
+
+    @field_validator("roles")
+    @classmethod
+    def _distinct(cls, roles: tuple[Role, ...]) -> tuple[Role, ...]:
+        if len(set(roles)) != len(roles):
+            raise ValueError("duplicate role")
+        return roles
+
+    def pyinfra_data(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_none=True, exclude={"sudo", "roles"})
+        data["roles"] = list(self.roles)
+        if self.sudo:
+            data["_sudo"] = True
+        return data
+
+
+class EnvData(BaseModel):
+    """Environment-wide data every host of the environment carries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str
+    app_port: Integer = Field(default=8000, ge=1, le=65535)
+    postgres_image: str = Field(default="postgres:16", min_length=1)
+    redis_image: str = Field(default="redis:7", min_length=1)
+    # The per-host proxy in front of the api slots (zero-downtime switches); see docs/ARCHITECTURE.md.
+    proxy_image: str = Field(default="nginx:1.27", min_length=1)
+    # The api runs as this uid (it owns the config's secret files, mode 0600); postgres_uid owns the
+    # database's password file (999 in the official postgres image).
+    app_uid: Integer = Field(default=10001, ge=1, le=2**31 - 1)
+    postgres_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
+    # How long a draining api slot may finish in-flight requests after SIGTERM.
+    drain_grace_s: Integer = Field(default=30, ge=1, le=600)
+    registry: str | None = None
+    keep_releases: Integer = Field(default=5, ge=1, le=100)
+    bench_profile: str = "staging"
+    bench_fail_threshold_ms: Number = Field(default=250.0, gt=0)
+    bench_fail_p95_threshold_ms: Number = Field(default=400.0, gt=0)
+    health_timeout_s: Number = Field(default=60.0, gt=0, le=3600)
+    metric_window_s: Number = Field(default=10.0, gt=0, le=600)
+    max_error_ratio: Number = Field(default=0.01, ge=0, le=1)
+    max_p95_ms: Number = Field(default=500.0, gt=0)
+    config: dict[str, str | int] = Field(default_factory=dict)
+    secrets_file: str | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _tunables(cls, values: dict[str, str | int]) -> dict[str, str | int]:
+        # Raised as ConfigError (not ValueError) so the tunable's own path and rule survive unchanged.
+        return dict(config_mod.validate_tunables(values))
+
+
+_EXPECTATIONS = {
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "string_type": "expected a string",
+    "bool_type": "expected True or False",
+    "bool_parsing": "expected True or False",
+    "dict_type": "expected a dict",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+    "value_error": "expected a valid value",
+}
+
+
+def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, bool]:
+    """(expectation, whether to add the found value) for one pydantic error."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "missing":
+        return "is required", False
+    if kind == "extra_forbidden":
+        return f"unknown key; known keys: {', '.join(known_keys)}", False
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '')}".replace("'", ""), True
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "")
+        return f"expected a value {sign} {bound:g}" if isinstance(bound, float) else f"expected a value {sign} {bound}", True
+    if kind in ("too_short", "string_too_short"):
+        return "expected a non-empty value", True
+    if kind == "value_error" and "duplicate role" in str(error.get("msg")):
+        return "expected each role once", True
+    if kind == "value_error" and "bool" in str(error.get("msg")):
+        return "expected a number, not True/False", True
+    return _EXPECTATIONS.get(kind, error.get("msg", "invalid value")), True
+
+
+def _path_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[str]:
+    known = list(model.model_fields)
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
+        expectation, show_found = _describe(error, known)
+        found = f", found {error['input']!r}" if show_found and "input" in error else ""
+        lines.append(f"{loc}: {expectation}{found}")
+    return lines
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A validated environment. Not a list, so pyinfra does not mistake it for a host group."""
+
+    name: str
+    data: EnvData
+    hosts: Mapping[str, HostSpec]
+    source: str = ""
+
+    def host_data(self, hostname: str) -> dict[str, Any]:
+        """What pyinfra's `host.data` holds for this host: environment data, then the host's own."""
+        if hostname not in self.hosts:
+            raise ConfigError(f"{self.source or self.name}: no host {hostname!r}; hosts: {', '.join(self.hosts)}")
+        merged = self.data.model_dump(exclude_none=True)
+        merged.update(self.hosts[hostname].pyinfra_data())
+        return merged
+
+    def group(self, role: Role) -> list[tuple[str, dict[str, Any]]]:
+        """The pyinfra group for a role: `(hostname, data)` tuples in inventory order."""
+        if role not in ROLES:
+            raise ConfigError(f"{self.source or self.name}: unknown role {role!r}; roles: {', '.join(ROLES)}")
+        return [(name, self.host_data(name)) for name in self.hosts if role in self.hosts[name].roles]
+
+    @property
+    def db_host(self) -> str:
+        return next(name for name, spec in self.hosts.items() if "db" in spec.roles)
+
+    @property
+    def app_hosts(self) -> list[str]:
+        return [name for name, spec in self.hosts.items() if "app" in spec.roles]
+
+    @property
+    def all_hosts(self) -> list[str]:
+        return list(self.hosts)
+
+    def secrets_path(self) -> Path:
+        """The secrets file: `secrets_file` data (relative to the checkout), else `secrets/ENV.env`."""
+        if self.data.secrets_file:
+            path = Path(self.data.secrets_file).expanduser()
+            return path if path.is_absolute() else paths.project_root() / path
+        return paths.secrets_file(self.name)
+
+
+def _caller_source() -> str:
+    """The inventory file calling `environment()`, relative to the checkout when inside it."""
+    frame = sys._getframe(2)
+    filename = frame.f_globals.get("__file__")
+    if not filename:
+        return ""
+    return _display_path(Path(filename))
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(paths.project_root()))
+    except ValueError:
+        return str(path)
+
+
+def environment(*, name: str, data: Mapping[str, Any] | None = None,
+                hosts: Mapping[str, Mapping[str, Any]], source: str | None = None) -> Environment:
+    """Validate an environment's data and hosts. Every problem is reported at once, each with its path."""
+    where = _caller_source() if source is None else source
+    label = f"{where}: " if where else ""
+    problems: list[str] = []
+    if not isinstance(name, str) or not ENV_NAME.match(name):
+        raise ConfigError(f"{label}name: expected lower-case letters, digits, '-' or '_', found {name!r}")
+    raw_data = dict(data or {})
+    if "env" in raw_data and raw_data["env"] != name:
+        problems.append(f"data.env: expected {name!r} (the environment's name), found {raw_data['env']!r}")
+    raw_data["env"] = name
+    env_data: EnvData | None = None
+    try:
+        env_data = EnvData(**raw_data)
+    except ValidationError as exc:
+        problems += _path_errors(exc, "data", EnvData)
+    except ConfigError as exc:
+        problems.append(f"data.config.{exc}")
+    if not isinstance(hosts, Mapping) or not hosts:
+        problems.append("hosts: expected at least one host, as {name: {ssh_hostname: ..., roles: [...]}}")
+        hosts = {}
+    specs: dict[str, HostSpec] = {}
+    for hostname, spec in hosts.items():
+        if not isinstance(spec, Mapping):
+            problems.append(f"hosts.{hostname}: expected a dict of host data, found {type(spec).__name__}")
+            continue
+        try:
+            specs[hostname] = HostSpec(**spec)
+        except ValidationError as exc:
+            problems += _path_errors(exc, f"hosts.{hostname}", HostSpec)
+    if len(specs) == len(hosts):
+        db_hosts = [h for h, s in specs.items() if "db" in s.roles]
+        if len(db_hosts) != 1:
+            found = ", ".join(db_hosts) if db_hosts else "none"
+            problems.append(f"hosts: expected exactly one host with role 'db', found {len(db_hosts)} ({found})")
+        if not any("app" in s.roles for s in specs.values()):
+            problems.append("hosts: expected at least one host with role 'app', found none")
+    if problems:
+        # One line per problem, each a complete path-style message an editor can jump to.
+        raise ConfigError("\n".join(label + problem for problem in problems))
+    assert env_data is not None
+    return Environment(name=name, data=env_data, hosts=specs, source=where)
+
+
+def available() -> list[str]:
+    folder = paths.project_root() / "inventories"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load(env: str) -> Environment:
+    """Import `inventories/ENV.py` from the checkout and return its validated environment."""
+    names = available()
+    if not isinstance(env, str) or not ENV_NAME.match(env):
+        raise ConfigError(f"environment name: expected lower-case letters, digits, '-' or '_', found {env!r}; "
+                          f"available: {', '.join(names) or 'none'}")
+    path = paths.project_root() / "inventories" / f"{env}.py"
+    shown = f"inventories/{env}.py"
+    if not path.is_file():
+        raise ConfigError(f"no inventory {shown}; available: {', '.join(names) or 'none'}")
+    try:
+        namespace = runpy.run_path(str(path), run_name=f"ingestctl_inventory_{env}")
+    except IngestctlError:
+        raise
+    except Exception as exc:  # the inventory is user code: any failure is a config error with its file
+        raise ConfigError(f"{shown}: could not be loaded: {type(exc).__name__}: {exc}") from exc
+    found = [value for value in namespace.values() if isinstance(value, Environment)]
+    if len(found) != 1:
+        raise ConfigError(
+            f"{shown}: expected exactly one environment(...) call, found {len(found)}; see inventories/staging.py"
+        )
+    environment_ = found[0]
+    if environment_.name != env:
+        raise ConfigError(f"{shown}: name: expected {env!r} (the file's name), found {environment_.name!r}")
+    for role in ROLES:
+        if namespace.get(role) != environment_.group(role):
+            raise ConfigError(
+                f"{shown}: {role}: expected `{role} = <environment>.group({role!r})` at module level so the "
+                f"plain pyinfra CLI sees the {role} group"
+            )
+    return environment_

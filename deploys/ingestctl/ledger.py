@@ -1,0 +1,329 @@
+"""The ledger: an append-only file of JSON lines on every host, one entry per deploy, rollback or config change.
+
+Pure: the entry model, (de)serialisation, merging the copies of several hosts, the history table, the
+live-release stack that rollbacks and pruning read, and the shell commands (built here, run elsewhere)
+that append a line atomically and read the file back.
+
+A later line with the same `id` supersedes an earlier one, so a writer may append a provisional entry
+and then the final one without ever rewriting the file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import secrets as _random
+import shlex
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ingestctl.errors import ConfigError
+from ingestctl.secrets import MASK
+
+LEDGER_PATH = "/var/lib/ingest/ledger.jsonl"
+LOCK_WAIT_S = 30
+
+Kind = Literal["deploy", "rollback-app", "rollback-schema", "rollback-config", "config-set"]
+Outcome = Literal["success", "rolled-back", "failed", "aborted"]
+RELEASE_KINDS: frozenset[str] = frozenset({"deploy", "rollback-app"})
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    started: datetime
+    duration_s: float
+    host: str | None = None
+    detail: str | None = None
+
+
+class GateResult(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str  # health | metrics | bench | ...
+    passed: bool
+    numbers: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    host: str | None = None
+
+
+class LedgerEntry(BaseModel):
+    """One action on the environment. Unknown fields from newer writers are ignored, not fatal."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    kind: Kind
+    env: str
+    release: str | None = None
+    image_id: str | None = None
+    config_version: str | None = None
+    schema_head_before: str | None = None
+    schema_head_after: str | None = None
+    # The schema head the release's own code was built for (its newest migration): what an app
+    # rollback to this release must be compatible with. For a deploy it equals schema_head_after.
+    release_schema_head: str | None = None
+    who: str
+    started: datetime
+    finished: datetime | None = None
+    steps: list[Step] = Field(default_factory=list)
+    gates: list[GateResult] = Field(default_factory=list)
+    outcome: Outcome
+    duration_s: float | None = None
+    time_to_healthy_s: float | None = None
+    hosts: list[str] = Field(default_factory=list)
+    previous_release: str | None = None
+    previous_config_version: str | None = None
+    restore_point: str | None = None
+    bench_skipped: bool = False
+    message: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome == "success"
+
+    def code_schema_head(self) -> str | None:
+        if self.release_schema_head is not None:
+            return self.release_schema_head
+        return self.schema_head_after if self.kind == "deploy" else None
+
+
+def new_entry_id(started: datetime) -> str:
+    """Sortable and unique enough across machines: UTC second plus 6 random hex digits."""
+    return f"{started.astimezone(UTC):%Y%m%dT%H%M%SZ}-{_random.token_hex(3)}"
+
+
+def who_am_i() -> str:
+    """`user@machine` of the person or CI runner starting the action."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. an arbitrary uid in a CI container
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- secrets never reach the ledger ------------------------------------------------------------------
+
+
+def _strings(value: Any, path: str) -> Iterable[tuple[str, str]]:
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield f"{path}.{key}" if path else str(key), str(key)
+            yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            yield from _strings(item, f"{path}[{position}]")
+
+
+def assert_no_secret(record: Mapping[str, Any], known_secrets: Mapping[str, str], what: str = "ledger entry") -> None:
+    """ConfigError when any string in `record` is, or contains, a known secret's value. Names field and secret only."""
+    for path, text in _strings(record, ""):
+        for name, secret in known_secrets.items():
+            if not secret:
+                continue
+            # Containment only for realistic lengths: a one-letter test value would match everything.
+            if text == secret or (len(secret) >= 8 and secret in text):
+                # The path itself may hold the secret (as a dict key): mask it there too.
+                for value in known_secrets.values():
+                    if value:
+                        path = path.replace(value, MASK)
+                raise ConfigError(f"{what} field {path} contains the value of {name}; refusing to write it "
+                                  "(secrets never go to the ledger)")
+
+
+def serialise(entry: LedgerEntry, known_secrets: Mapping[str, str]) -> str:
+    """One compact JSON line (no newline), after checking that no secret is in it."""
+    record = entry.model_dump(mode="json", exclude_none=True)
+    assert_no_secret(record, known_secrets)
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+@dataclass(frozen=True)
+class ParsedLedger:
+    entries: list[LedgerEntry]
+    skipped: list[str] = field(default_factory=list)  # "line 7: ..." for lines that could not be read
+
+
+def parse(text: str, source: str = "ledger") -> ParsedLedger:
+    """Entries in file order, later lines superseding earlier ones with the same id.
+
+    A torn last line (a write cut short) is expected and skipped; any other unreadable line is skipped
+    too and reported in `skipped`, because refusing the whole ledger would block a 3 a.m. rollback.
+    """
+    lines = text.split("\n")
+    torn_possible = not text.endswith("\n")
+    by_id: dict[str, LedgerEntry] = {}
+    skipped: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        is_last = number == len(lines)
+        try:
+            entry = LedgerEntry.model_validate(json.loads(line))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            if is_last and torn_possible:
+                skipped.append(f"{source} line {number}: torn last line (an interrupted write), ignored")
+            else:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{exc.error_count()} invalid field(s)"
+                skipped.append(f"{source} line {number}: not a ledger entry ({reason}), ignored")
+            continue
+        by_id.pop(entry.id, None)  # re-insert so file order follows the latest write
+        by_id[entry.id] = entry
+    return ParsedLedger(entries=list(by_id.values()), skipped=skipped)
+
+
+def _completeness(entry: LedgerEntry) -> tuple[int, datetime]:
+    finished = entry.finished or entry.started
+    return (1 if entry.finished else 0, finished)
+
+
+def merge(ledgers: Mapping[str, Sequence[LedgerEntry]]) -> list[LedgerEntry]:
+    """One history from every host's copy: deduplicated by id (the most complete copy wins), oldest first."""
+    best: dict[str, LedgerEntry] = {}
+    for entries in ledgers.values():
+        for entry in entries:
+            held = best.get(entry.id)
+            if held is None or _completeness(entry) > _completeness(held):
+                best[entry.id] = entry
+    return sorted(best.values(), key=lambda e: (e.started, e.id))
+
+
+# --- history -----------------------------------------------------------------------------------------
+
+HISTORY_COLUMNS = ["started", "kind", "release", "config", "schema", "outcome", "duration", "to healthy", "who", "id"]
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}m"
+
+
+def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:
+    """Rows for `ingestctl history`, newest first, matching HISTORY_COLUMNS."""
+    rows = []
+    for e in sorted(entries, key=lambda e: (e.started, e.id), reverse=True):
+        schema = ""
+        if e.schema_head_before != e.schema_head_after:
+            schema = f"{e.schema_head_before or 'empty'} -> {e.schema_head_after or 'empty'}"
+        elif e.schema_head_after:
+            schema = e.schema_head_after
+        release = e.release or ""
+        if e.previous_release and e.previous_release != e.release and e.kind in RELEASE_KINDS:
+            release = f"{e.previous_release} -> {release}"
+        config = e.config_version or ""
+        if e.previous_config_version and e.previous_config_version != e.config_version:
+            config = f"{e.previous_config_version} -> {config}"
+        rows.append([
+            e.started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), e.kind, release, config, schema,
+            e.outcome + (" (bench skipped)" if e.bench_skipped else ""), _seconds(e.duration_s),
+            _seconds(e.time_to_healthy_s), e.who, e.id,
+        ])
+    return rows
+
+
+# --- what is live, and what was live before ----------------------------------------------------------
+
+
+def _stack(entries: Sequence[LedgerEntry], value_of, pop_kind: str, kinds: frozenset[str]) -> list[LedgerEntry]:
+    """The entries that made each still-undoable value live, oldest first; the last is what runs now.
+
+    A successful change pushes its value; a successful rollback of `pop_kind` to X pops back to X (so
+    rolling back twice walks further back instead of flipping between two values). Repeating the
+    live value (a no-op re-deploy) pushes nothing.
+    """
+    stack: list[LedgerEntry] = []
+    for entry in sorted(entries, key=lambda e: (e.started, e.id)):
+        value = value_of(entry)
+        if not entry.succeeded or entry.kind not in kinds or value is None:
+            continue
+        if entry.kind == pop_kind:
+            depth = next((i for i in range(len(stack) - 1, -1, -1) if value_of(stack[i]) == value), None)
+            if depth is not None:
+                del stack[depth + 1:]
+                continue
+        if stack and value_of(stack[-1]) == value:
+            continue
+        stack.append(entry)
+    return stack
+
+
+def release_stack(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    return _stack(entries, lambda e: e.release, "rollback-app", RELEASE_KINDS)
+
+
+def config_stack(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    kinds = frozenset({"deploy", "rollback-app", "config-set", "rollback-config"})
+    return _stack(entries, lambda e: e.config_version, "rollback-config", kinds)
+
+
+@dataclass(frozen=True)
+class PruneItem:
+    release: str
+    image_ids: tuple[str, ...]
+
+
+def releases_to_prune(entries: Sequence[LedgerEntry], keep: int) -> list[PruneItem]:
+    """Releases whose images can go: all but the `keep` most recently live ones (the live one always stays).
+
+    Releases that never went live (failed deploys) are pruned too. An image id still used by a kept
+    release is never listed, even under another release name.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"keep_releases: expected an integer of at least 1, found {keep!r}")
+    last_live: dict[str, datetime] = {}
+    images: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.release is None:
+            continue
+        if entry.image_id and entry.image_id not in images.setdefault(entry.release, []):
+            images[entry.release].append(entry.image_id)
+        images.setdefault(entry.release, [])
+        if entry.succeeded and entry.kind in RELEASE_KINDS:
+            moment = entry.finished or entry.started
+            last_live[entry.release] = max(moment, last_live.get(entry.release, moment))
+    stack = release_stack(entries)
+    live_now = stack[-1].release if stack else None
+    ranked = sorted(last_live, key=lambda r: (r == live_now, last_live[r]), reverse=True)
+    kept = set(ranked[:keep])
+    kept_images = {image for release in kept for image in images.get(release, [])}
+    prune = []
+    for release, ids in images.items():
+        if release in kept:
+            continue
+        prunable = tuple(i for i in ids if i not in kept_images)
+        prune.append(PruneItem(release=release, image_ids=prunable))
+    return sorted(prune, key=lambda p: (last_live.get(p.release, datetime.min.replace(tzinfo=UTC)), p.release))
+
+
+# --- commands run on a host (built here, executed by the orchestration) ------------------------------
+
+# Appending: flock serialises writers; a file not ending in a newline (a torn write) first gets one,
+# so the torn line stays alone and the new entry is readable. printf '%s\n' with the line passed as
+# a positional argument means the JSON is never parsed by the shell.
+_APPEND_SCRIPT = (
+    'umask 027; mkdir -p "$(dirname "$1")" && touch "$1" && '
+    'exec 9>>"$1.lock" && flock -w "$3" 9 && '
+    '{ if [ -s "$1" ] && [ -n "$(tail -c 1 "$1")" ]; then printf "\\n" >> "$1"; fi; '
+    'printf "%s\\n" "$2" >> "$1"; }'
+)
+
+
+def append_command(line: str, path: str = LEDGER_PATH, wait_s: int = LOCK_WAIT_S) -> str:
+    """A shell command appending one serialised entry to the ledger at `path` on the host."""
+    if "\n" in line or "\r" in line:
+        raise ConfigError("ledger line: expected a single line of JSON, found a line break")
+    return f"sh -c {shlex.quote(_APPEND_SCRIPT)} ledger-append {shlex.quote(path)} {shlex.quote(line)} {int(wait_s)}"
+
+
+def read_command(path: str = LEDGER_PATH) -> str:
+    """A shell command printing the ledger; prints nothing (and succeeds) on a host that has none yet."""
+    quoted = shlex.quote(path)
+    return f"if [ -f {quoted} ]; then cat {quoted}; fi"

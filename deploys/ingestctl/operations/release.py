@@ -1,0 +1,162 @@
+"""pyinfra operations that put an ingest release live on a host with zero downtime, and its config in place.
+
+They read the host only through facts (`ingestctl.facts.release`), yield the commands that
+`ingestctl.hostlayout` builds, and report a noop with the reason when the host is already as asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.operations import files
+
+from ingestctl import hostlayout as layout
+from ingestctl.errors import HostError
+from ingestctl.facts.release import ComposeBinary, ConfigVersions, IngestState
+
+
+def compose_binary() -> str:
+    binary = host.get_fact(ComposeBinary)
+    if binary is None:
+        raise HostError(
+            f"host {host.name}: expected `docker compose` or `docker-compose`, found neither; "
+            "install Docker Compose (Debian: apt-get install docker-compose)"
+        )
+    return binary
+
+
+def dotenv(infra_images: Mapping[str, str], slots: Mapping[str, Mapping[str, str]]) -> str:
+    values = dict(infra_images)
+    for slot_values in slots.values():
+        values.update(slot_values)
+    return layout.render_dotenv(values)
+
+
+@operation()
+def layout_present(compose_text: str, infra_images: Mapping[str, str], app_uid: int, ports: layout.Ports,
+                   max_body_bytes: int):
+    """Ensure the ingest directory, compose file, compose .env and proxy config exist on the host."""
+    state = host.get_fact(IngestState) or {}
+    yield from files.directory._inner(path=layout.BASE, mode="755")
+    for sub, mode in (("config", "711"), ("backups", "700"), ("proxy", "755"), ("db", "700")):
+        yield from files.directory._inner(path=f"{layout.BASE}/{sub}", mode=mode)
+    # An empty config keeps compose happy for slots that have never run.
+    yield from files.directory._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/secrets", mode="700")
+    yield from files.file._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/app.env", mode="600")
+    yield from files.put._inner(src=StringIO(compose_text), dest=f"{layout.BASE}/compose.yml", mode="644")
+    yield from files.put._inner(
+        src=StringIO(dotenv(infra_images, state.get("slots", {}))), dest=f"{layout.BASE}/.env", mode="644"
+    )
+    live = [state["slot"]] if state.get("slot") else []
+    yield from files.put._inner(
+        src=StringIO(layout.render_proxy(live or ["blue"], [], ports, max_body_bytes)),
+        dest=f"{layout.BASE}/proxy/nginx.conf", mode="644",
+    )
+
+
+@operation()
+def config_version_present(version: str, env_text: str, secret_files: Mapping[str, str], app_uid: int):
+    """Ensure config VERSION (app.env + secret files, 0600, owned by the app user) exists on the host.
+
+    Versions are content-addressed, so an existing complete version is never rewritten.
+    """
+    if version in host.get_fact(ConfigVersions):
+        host.noop(f"config {version} already on host")
+        return
+    staging = f"{layout.BASE}/config/.{version}.partial"
+    final = f"{layout.BASE}/config/{version}"
+    yield f"rm -rf {staging} && mkdir -p {staging}/secrets && chmod 700 {staging} {staging}/secrets"
+    yield from files.put._inner(src=StringIO(env_text), dest=f"{staging}/app.env", mode="600")
+    for name, value in sorted(secret_files.items()):
+        yield from files.put._inner(src=StringIO(value), dest=f"{staging}/secrets/{name}", mode="600")
+    # Written whole, then renamed: a half-written version is never visible to a deploy or a rollback.
+    yield (
+        f"touch {staging}/.complete && chown -R {app_uid}:{app_uid} {staging} && chmod 700 {staging} "
+        f"&& rm -rf {final} && mv {staging} {final}"
+    )
+
+
+@operation()
+def database_running(password: str, postgres_uid: int, infra_images: Mapping[str, str]):
+    """Ensure PostgreSQL and Redis run on the db host and PostgreSQL accepts connections."""
+    binary = compose_binary()
+    yield from files.put._inner(
+        src=StringIO(password), dest=f"{layout.BASE}/db/secrets/postgres_password", mode="600",
+        user=str(postgres_uid), group=str(postgres_uid),
+    )
+    yield layout.start_db(binary)
+    yield layout.wait_db_healthy(binary)
+
+
+@operation()
+def release_live(
+    release: str,
+    image: str,
+    image_id: str,
+    config_version: str,
+    infra_images: Mapping[str, str],
+    ports: layout.Ports,
+    max_body_bytes: int,
+    ready_timeout_s: int = 60,
+    drain_grace_s: int = 30,
+):
+    """Ensure RELEASE runs live with CONFIG_VERSION, switching slots behind the proxy without downtime.
+
+    Start the idle slot, wait until it is ready, point the proxy at it (graceful reload, the old slot kept as
+    backup), drain the old slot with SIGTERM, then drop it from the proxy and record the new state.
+    """
+    state = host.get_fact(IngestState) or {}
+    if (
+        state.get("release") == release
+        and state.get("image_id") == image_id
+        and state.get("config_version") == config_version
+    ):
+        host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
+        return
+    binary = compose_binary()
+    live = state.get("slot")
+    new = layout.other_slot(live)
+    slots = dict(state.get("slots", {}))
+    slots[new] = layout.slot_env(new, image, release, config_version)
+    yield from files.put._inner(
+        src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
+    )
+    yield layout.start_slot(binary, new)
+    yield layout.wait_slot_ready(binary, new, ports[new], ready_timeout_s)
+    proxy_conf = f"{layout.BASE}/proxy/nginx.conf"
+    draining = [live] if live else []
+    yield from files.put._inner(
+        src=StringIO(layout.render_proxy([new], draining, ports, max_body_bytes)), dest=proxy_conf, mode="644"
+    )
+    yield layout.reload_proxy(binary)
+    if live:
+        yield layout.stop_slot(binary, live, drain_grace_s)
+        # Same path, new content: the put above already changed it, so this one always uploads.
+        yield from files.put._inner(
+            src=StringIO(layout.render_proxy([new], [], ports, max_body_bytes)), dest=proxy_conf, mode="644"
+        )
+        yield layout.reload_proxy(binary)
+    previous = {key: state[key] for key in ("release", "image", "image_id", "config_version") if key in state}
+    yield layout.write_state(
+        {
+            "slot": new,
+            "release": release,
+            "image": image,
+            "image_id": image_id,
+            "config_version": config_version,
+            "slots": {new: slots[new]},
+            "previous": previous or None,
+        }
+    )
+
+
+@operation()
+def schema_migrated(image: str, config_version: str, infra_images: Mapping[str, str], restore_point: str,
+                    alembic_args: tuple[str, ...] = ("upgrade", "head")):
+    """Take a restore point (pg_dump -Fc), then run alembic in a one-off container of IMAGE on the db host."""
+    binary = compose_binary()
+    yield layout.restore_point(binary, restore_point)
+    yield layout.run_migrate(binary, image, config_version, *alembic_args)

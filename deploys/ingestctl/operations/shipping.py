@@ -1,0 +1,79 @@
+"""The deploy that ships every image a host needs, chosen from inventory data.
+
+Inventory data it reads (host, group or `--data` override):
+- `image`: the app image, e.g. `ingest:1.4.2` (the orchestrator passes it explicitly instead).
+- `postgres_image`, `redis_image`: shipped to hosts in the `db` group, e.g. the sandbox's `ingest-postgres:15`.
+- `images`: an explicit list that replaces the three above.
+- `registry`: when set (e.g. `registry.example:5000`), images are pushed there once and pulled by hosts.
+- `image_temp_dir`: where archives land on hosts before `docker load` (default `/tmp`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from ingestctl import image_archive
+from ingestctl.errors import ConfigError
+from ingestctl.operations.images import image_loaded, image_loaded_name, image_pulled
+
+DB_GROUP = "db"
+_push_lock = threading.Lock()
+_pushed: set[tuple[str, str]] = set()
+
+
+def images_for_host(data, groups: Sequence[str], app_image: str | None = None) -> list[str]:
+    """The images HOST needs, in shipping order: the app image first, then the db host's services."""
+    explicit = data.get("images")
+    if explicit:
+        if isinstance(explicit, str) or not all(isinstance(item, str) and item for item in explicit):
+            raise ConfigError(f"inventory data `images` must be a list of image names, found {explicit!r}")
+        return list(dict.fromkeys(explicit))
+    images = [app_image or data.get("image")]
+    if images[0] is None:
+        raise ConfigError(
+            "no app image to ship: set inventory data `image` (e.g. `--data image=ingest:1.4.2`) or pass one"
+        )
+    if DB_GROUP in groups:
+        images += [data.get(key) for key in ("postgres_image", "redis_image") if data.get(key)]
+    return list(dict.fromkeys(images))
+
+
+def _pushed_reference(image: str, image_id: str, registry: str) -> str:
+    """Push each image ID once per process, however many hosts pull it."""
+    with _push_lock:
+        reference = image_archive.registry_reference(registry, image)
+        if (image_id, reference) not in _pushed:
+            image_archive.push_to_registry(image, registry)
+            _pushed.add((image_id, reference))
+        return reference
+
+
+@deploy("Ship images")
+def images_shipped(app_image: str | None = None, images: Sequence[str] | None = None) -> None:
+    """Make every image this host needs present by ID: upload+load, or pull when `registry` is set."""
+    wanted = list(images) if images is not None else images_for_host(host.data, host.groups, app_image)
+    registry = host.data.get("registry")
+    temp_dir = host.data.get("image_temp_dir") or "/tmp"
+    for image in wanted:
+        image_id = image_archive.local_image_id(image)
+        if registry:
+            image_pulled(
+                name=f"Ensure image {image} is pulled",
+                image=image,
+                image_id=image_id,
+                registry_reference=_pushed_reference(image, image_id, registry),
+            )
+            continue
+        archive = image_archive.ensure_archive(image_id)
+        image_loaded(
+            name=image_loaded_name(image),
+            image=image,
+            image_id=image_id,
+            archive=str(archive.path),
+            sha256=archive.sha256,
+            temp_dir=temp_dir,
+        )

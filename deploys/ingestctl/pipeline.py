@@ -1,0 +1,671 @@
+"""`ingestctl deploy`: preflight, lock, build and ship, migrate, roll out in gated batches, roll back on failure.
+
+Planning (inventory, secrets, config version, batches) happens before any host is contacted, so a bad input
+exits 2 with nothing touched. Each host step is a pyinfra run through `ingestctl.pyinfra_runner`; the gates
+between batches are in `ingestctl.gates`. Any failure after the first host switched rolls every switched host
+back to what it ran before, re-checks its health and exits 3; a failing rollback exits 4 with each host's state.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyinfra.operations import server
+
+from ingestctl import fleet, gates, hostlayout, paths
+from ingestctl import config as config_mod
+from ingestctl import inventory as inventory_mod
+from ingestctl import pyinfra_runner as runner
+from ingestctl import secrets as secrets_mod
+from ingestctl.errors import ConfigError, GateFailed, HostError, IngestctlError, RollbackFailed
+from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl.operations import release as release_ops
+from ingestctl.output import Reporter
+
+
+class Aborted(IngestctlError):
+    """`ingestctl abort ENV` or Ctrl-C asked the running deploy to stop and roll back (exit 3)."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    image: str
+    image_id: str
+    schema_head: str | None = None
+
+
+@dataclass
+class Context:
+    """Everything validated at the edge: the environment, its secrets and config, and derived settings."""
+
+    env: inventory_mod.Environment
+    reporter: Reporter
+    config: config_mod.ServiceConfig
+    ports: hostlayout.Ports
+    who: str = field(default_factory=lambda: f"{getpass.getuser()}@{socket.gethostname()}")
+
+    @property
+    def name(self) -> str:
+        return self.env.name
+
+    @property
+    def infra_images(self) -> dict[str, str]:
+        return {
+            "POSTGRES_IMAGE": self.env.data.postgres_image,
+            "REDIS_IMAGE": self.env.data.redis_image,
+            "PROXY_IMAGE": self.env.data.proxy_image,
+        }
+
+    @property
+    def max_body_bytes(self) -> int:
+        # The proxy's backstop sits at the configuration's upper bound; the api enforces the real limit.
+        return 104857600
+
+    def base_url(self, host: str, port: int | None = None) -> str:
+        address = self.env.hosts[host].ssh_hostname
+        return f"http://{address}:{port or self.ports.public}"
+
+    def db_address(self, for_host: str) -> str:
+        return self.env.hosts[self.env.db_host].ssh_hostname
+
+
+def prepare(env_name: str, reporter: Reporter, overrides: Mapping[str, str] | None = None) -> Context:
+    """Preflight: validate the inventory, secrets and config. Raises ConfigError (exit 2); touches no host."""
+    env = inventory_mod.load(env_name)
+    values = secrets_mod.validated(env.secrets_path())
+    cfg = config_mod.ServiceConfig.build(env.data.config, values)
+    if overrides:
+        cfg = cfg.with_changes(overrides)
+    ports = hostlayout.Ports(public=env.data.app_port)
+    reporter.event("step", f"preflight: inventory {env.source or env_name} and secrets valid", step="preflight",
+                   env=env_name, hosts=env.all_hosts, config_version=cfg.version)
+    return Context(env=env, reporter=reporter, config=cfg, ports=ports)
+
+
+def abort_flag(env_name: str):
+    """Where `ingestctl abort ENV` leaves its request for the running deploy (checked between steps)."""
+    return paths.state_dir() / f"abort-{env_name}"
+
+
+class Checkpoints:
+    """Between steps, stop when asked: by `ingestctl abort ENV` or by Ctrl-C (SIGINT) or SIGTERM."""
+
+    def __init__(self, env_name: str):
+        self.flag = abort_flag(env_name)
+        self.flag.unlink(missing_ok=True)
+        self.signalled: str | None = None
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            self.signalled = signal.Signals(signum).name
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def check(self, where: str) -> None:
+        if self.flag.exists():
+            self.flag.unlink(missing_ok=True)
+            raise Aborted(f"aborted by `ingestctl abort` before {where}")
+        if self.signalled:
+            raise Aborted(f"aborted by {self.signalled} before {where}")
+
+
+def host_states(ctx: Context, hosts: Iterable[str] | None = None) -> dict[str, dict | None]:
+    return fleet.get_facts(ctx.name, IngestState, hosts=hosts)
+
+
+def switch_calls(ctx: Context, release: Release, config_version: str) -> list[runner.OperationCall]:
+    return [
+        runner.OperationCall(
+            release_ops.release_live,
+            kwargs=dict(
+                name=f"Ensure ingest release {release.version} is current",
+                release=release.version,
+                image=release.image,
+                image_id=release.image_id,
+                config_version=config_version,
+                infra_images=ctx.infra_images,
+                ports=ctx.ports,
+                max_body_bytes=ctx.max_body_bytes,
+                ready_timeout_s=int(ctx.env.data.health_timeout_s),
+                drain_grace_s=ctx.env.data.drain_grace_s,
+            ),
+        )
+    ]
+
+
+def config_calls(ctx: Context, cfg: config_mod.ServiceConfig) -> list[runner.OperationCall]:
+    return [
+        runner.OperationCall(
+            release_ops.config_version_present,
+            kwargs=dict(
+                name=f"Ensure ingest config {cfg.version} is present",
+                version=cfg.version,
+                env_text=config_mod.render_env_file(cfg, secrets_dir="/run/secrets"),
+                secret_files=config_mod.render_secret_files(cfg),
+                app_uid=ctx.env.data.app_uid,
+            ),
+        )
+    ]
+
+
+def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None]) -> list[gates.GateResult]:
+    """Health, then live metrics, on the hosts just switched. Returns results; the first failure ends it."""
+    urls = {host: ctx.base_url(host) for host in hosts}
+    results = [gates.health_gate(urls, ctx.env.data.health_timeout_s, on_wait=on_wait)]
+    if results[-1].passed:
+        results.append(
+            gates.metric_gate(
+                urls,
+                ctx.env.data.metric_window_s,
+                ctx.env.data.max_error_ratio,
+                ctx.env.data.max_p95_ms,
+                probe=query_probe(ctx),
+            )
+        )
+    return results
+
+
+def query_probe(ctx: Context) -> Callable[[Any, str], None]:
+    """A real read request per call, authenticated like a client, so the metric gate judges live traffic."""
+    import jwt
+
+    token = jwt.encode(
+        {"scope": "events:read", "sub": "ingestctl-gate", "exp": int(time.time()) + 600},
+        ctx.config.secrets["JWT_SECRET"],
+        algorithm="HS256",
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def probe(client, base: str) -> None:
+        client.get(base + "/api/v1/events", params={"limit": 10}, headers=headers)
+
+    return probe
+
+
+def rollback_hosts(ctx: Context, before: Mapping[str, dict | None], hosts: list[str], reason: str) -> list[str]:
+    """Put each of HOSTS back on what it ran before (release, image and config), then re-check health.
+
+    Raises RollbackFailed (exit 4) naming every host's state when any host cannot be restored.
+    """
+    reporter = ctx.reporter
+    reporter.event("rollback", f"rolling back {', '.join(hosts)}: {reason}", hosts=hosts, reason=reason)
+    restored: list[str] = []
+    failures: list[str] = []
+    for host in hosts:
+        previous = before.get(host)
+        if not previous or not previous.get("release"):
+            failures.append(f"{host}: had no previous release to return to (first deploy)")
+            continue
+        release = Release(previous["release"], previous["image"], previous["image_id"])
+        result = runner.run_operations(
+            ctx.name, switch_calls(ctx, release, previous["config_version"]), hosts=[host], raise_on_error=False
+        )
+        if result.failed:
+            failures.extend(r.describe_failure() for r in result.failed)
+        else:
+            restored.append(host)
+    if restored:
+        health = gates.health_gate({h: ctx.base_url(h) for h in restored}, ctx.env.data.health_timeout_s)
+        if not health.passed:
+            failures.append(health.message)
+    if failures:
+        states = describe_fleet(ctx)
+        raise RollbackFailed(
+            "SEV-1: rollback failed: " + "; ".join(failures) + "\nfleet state:\n" + states
+        )
+    reporter.event("rollback", f"rolled back {', '.join(restored)}; health re-checked", hosts=restored,
+                   outcome="rolled-back")
+    return restored
+
+
+def describe_fleet(ctx: Context) -> str:
+    """One line per host: what it runs now, for the SEV-1 report. Never raises."""
+    try:
+        states = host_states(ctx)
+    except Exception as exc:  # the report must come out even when hosts are unreachable
+        return f"  (could not read host state: {exc})"
+    lines = []
+    for host in ctx.env.all_hosts:
+        state = states.get(host)
+        if state is None:
+            lines.append(f"  {host}: no release recorded (or unreachable)")
+        else:
+            lines.append(
+                f"  {host}: release {state.get('release')} image {state.get('image_id', '')[:19]} "
+                f"config {state.get('config_version')} slot {state.get('slot')}"
+            )
+    return "\n".join(lines)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def env_for_bench(ctx: Context) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        BENCH_PROFILE=ctx.env.data.bench_profile,
+        BENCH_FAIL_THRESHOLD_MS=str(ctx.env.data.bench_fail_threshold_ms),
+        BENCH_FAIL_P95_THRESHOLD_MS=str(ctx.env.data.bench_fail_p95_threshold_ms),
+        API_KEY=ctx.config.secrets["API_KEY"],
+        JWT_SECRET=ctx.config.secrets["JWT_SECRET"],
+    )
+    return env
+
+
+def raise_gate_failure(result: gates.GateResult) -> None:
+    raise GateFailed(f"{result.name} gate failed: {result.message}")
+
+
+
+# ----- the deploy -------------------------------------------------------------------------------------------
+
+def ship_images(ctx: Context, release: Release) -> None:
+    """Every host gets the app and proxy images; the db host also its database images. Noop when present."""
+    from ingestctl.operations.shipping import images_shipped
+
+    app_only = [h for h in ctx.env.all_hosts if h != ctx.env.db_host]
+    common = [release.image, ctx.infra_images["PROXY_IMAGE"]]
+    db_images = [*common, ctx.infra_images["POSTGRES_IMAGE"], ctx.infra_images["REDIS_IMAGE"]]
+    for hosts, images in (([ctx.env.db_host], db_images), (app_only, common)):
+        if hosts:
+            result = runner.run_deploy(ctx.name, images_shipped, images=images, hosts=hosts)
+            ctx.reporter.event("step", f"images on {', '.join(hosts)}: "
+                               + ("shipped" if result.changed_hosts else "already present (noop)"),
+                               step="ship", hosts=hosts, changed=result.changed_hosts)
+
+
+def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
+    """Layout, compose file and the config version on every host; the database running on the db host."""
+    calls_for: dict[str, list[runner.OperationCall]] = {}
+    for host in ctx.env.all_hosts:
+        roles = ctx.env.hosts[host].roles
+        compose_text = hostlayout.render_compose(
+            host, roles, ctx.db_address(host), ctx.env.data.app_uid, ctx.ports,
+            stop_grace_s=ctx.env.data.drain_grace_s,
+        )
+        calls_for[host] = [
+            runner.OperationCall(
+                release_ops.layout_present,
+                kwargs=dict(name="Ensure ingest host layout is present", compose_text=compose_text,
+                            infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid,
+                            ports=ctx.ports, max_body_bytes=ctx.max_body_bytes),
+            ),
+            *config_calls(ctx, cfg),
+        ]
+    for host, calls in calls_for.items():
+        runner.run_operations(ctx.name, calls, hosts=[host])
+    runner.run_operations(
+        ctx.name,
+        [runner.OperationCall(
+            release_ops.database_running,
+            kwargs=dict(name="Ensure PostgreSQL and Redis are running",
+                        password=cfg.secrets["POSTGRES_PASSWORD"],
+                        postgres_uid=ctx.env.data.postgres_uid, infra_images=ctx.infra_images),
+        )],
+        hosts=[ctx.env.db_host],
+    )
+    ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",
+                       step="config", config_version=cfg.version)
+
+
+def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_id: str) -> dict[str, Any]:
+    """Restore point, then `alembic upgrade head` in a one-off container of the new image, on the db host."""
+    from ingestctl.operations.release import schema_migrated
+
+    db = ctx.env.db_host
+    before = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    if before == release.schema_head:
+        ctx.reporter.event("step", f"schema already at {before}: no migration", step="migrate",
+                           schema_before=before, schema_after=before)
+        return {"schema_before": before, "schema_after": before, "restore_point": None}
+    restore_point = f"{hostlayout.BASE}/backups/{run_id}-{before or 'empty'}.dump"
+    ctx.reporter.event("step", f"migrating schema {before} -> {release.schema_head} (restore point {restore_point})",
+                       step="migrate", schema_before=before, target=release.schema_head)
+    result = runner.run_operations(
+        ctx.name,
+        [runner.OperationCall(
+            schema_migrated,
+            kwargs=dict(name=f"Ensure schema is at {release.schema_head}", image=release.image,
+                        config_version=cfg.version, infra_images=ctx.infra_images,
+                        restore_point=restore_point, alembic_args=("upgrade", "head")),
+        )],
+        hosts=[db], raise_on_error=False,
+    )
+    after = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    if result.failed:
+        raise GateFailed(
+            f"migration gate failed: {result.failed[0].describe_failure()}; schema is at {after} "
+            f"(restore point {restore_point}); no app host was changed"
+        )
+    return {"schema_before": before, "schema_after": after, "restore_point": restore_point}
+
+
+@dataclass
+class Run:
+    """What one deploy or rollback did, for the summary, the --json stream and the ledger."""
+
+    id: str
+    kind: str
+    env: str
+    who: str
+    started: float = field(default_factory=time.time)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, name: str, started: float) -> None:
+        self.steps.append({"name": name, "started": round(started, 3), "duration_s": round(time.time() - started, 2)})
+
+
+def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch: str | None = None,
+           skip_bench: bool = False, dry: bool = False, lock_wait_s: float = 0.0) -> Run:
+    from ingestctl import images as images_mod
+    from ingestctl import plan as plan_mod
+
+    ctx = prepare(env_name, reporter)
+    batches = plan_mod.parse_batch_spec(batch, plan_mod.rollout_order(ctx.env))
+    if dry:
+        return dry_run(ctx, batch, version, skip_bench)
+    reporter.event("plan", f"plan: {len(batches)} batch(es): "
+                   + " | ".join(", ".join(b) for b in batches), batches=batches,
+                   config_version=ctx.config.version, config=ctx.config.masked())
+
+    checkpoints = Checkpoints(env_name)
+    checkpoints.install()
+    run = Run(new_run_id(), "deploy", env_name, ctx.who)
+
+    started = time.time()
+    built = images_mod.build_app_image(version, progress=lambda m: reporter.event("progress", m, step="build"))
+    release = Release(built.version, built.name, built.id,
+                      (built.labels or {}).get(images_mod.LABEL_SCHEMA_HEAD))
+    run.facts.update(release=release.version, image=release.image, image_id=release.image_id,
+                     config_version=ctx.config.version, skip_bench=skip_bench,
+                     release_schema_head=release.schema_head)
+    run.step("build", started)
+    reporter.event("step", f"image {release.image} ({release.image_id[:19]}) ready", step="build",
+                   image=release.image, image_id=release.image_id, cached=built.cached)
+
+    acquire_lock(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}")
+    switched: list[str] = []
+    before: dict[str, dict | None] = {}
+    outcome = "failed"
+    try:
+        before = host_states(ctx)
+        previous = {h: (s or {}).get("release") for h, s in before.items()}
+        run.facts["previous"] = previous
+        checkpoints.check("shipping images")
+        started = time.time()
+        ship_images(ctx, release)
+        run.step("ship", started)
+
+        checkpoints.check("writing config")
+        started = time.time()
+        prepare_hosts(ctx, ctx.config)
+        run.step("config", started)
+
+        checkpoints.check("migrating")
+        started = time.time()
+        run.facts.update(migrate(ctx, release, ctx.config, run.id))
+        run.step("migrate", started)
+
+        for number, hosts in enumerate(batches, start=1):
+            checkpoints.check(f"batch {number}")
+            started = time.time()
+            reporter.event("step", f"batch {number} of {len(batches)}: {', '.join(hosts)}", step="rollout",
+                           batch=number, batches=len(batches), hosts=hosts)
+            result = runner.run_operations(ctx.name, switch_calls(ctx, release, ctx.config.version),
+                                           hosts=hosts, raise_on_error=False)
+            changed = [h for h in hosts if h in result.changed_hosts or h in (r.host for r in result.failed)]
+            switched += changed
+            if result.failed:
+                raise GateFailed("switch failed: " + "; ".join(r.describe_failure() for r in result.failed))
+            if not changed:
+                reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
+                run.step(f"batch {number}", started)
+                continue
+            for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m)):
+                run.gates.append({**gate.as_dict(), "batch": number})
+                reporter.event("gate", gate.message, **gate.as_dict(), batch=number)
+                if not gate.passed:
+                    raise_gate_failure(gate)
+            run.step(f"batch {number}", started)
+
+        if switched and not skip_bench:
+            checkpoints.check("the benchmark gate")
+            started = time.time()
+            script = str(paths.project_root() / "scripts" / "benchmark_queries.py")
+            urls = [ctx.base_url(h) for h in ctx.env.app_hosts]
+            reporter.event("progress", f"benchmark gate: profile {ctx.env.data.bench_profile} on {len(urls)} host(s)")
+            gate = gates.bench_gate(urls, script, env_for_bench(ctx))
+            run.gates.append(gate.as_dict())
+            reporter.event("gate", gate.message, **gate.as_dict())
+            run.step("benchmark", started)
+            if not gate.passed:
+                raise_gate_failure(gate)
+        elif skip_bench:
+            run.gates.append({"gate": "benchmark", "passed": None, "message": "skipped (--skip-bench)"})
+            reporter.event("gate", "benchmark gate skipped (--skip-bench)", gate="benchmark", skipped=True)
+        outcome = "success" if switched else "noop"
+        return run
+    except (GateFailed, Aborted, HostError) as exc:
+        if switched:
+            rollback_hosts(ctx, before, switched, str(exc))
+            outcome = "rolled-back"
+            raise GateFailed(f"{exc}; rolled back {', '.join(switched)} to the previous release") from exc
+        outcome = "failed"
+        if isinstance(exc, HostError):
+            raise
+        raise GateFailed(f"{exc}; no host was switched") from exc
+    except RollbackFailed:
+        outcome = "rollback-failed"
+        raise
+    finally:
+        run.facts["outcome"] = outcome
+        run.facts["switched"] = switched
+        finish(ctx, run)
+
+
+def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool) -> Run:
+    """--dry: the plan, from this checkout and a read-only look at the hosts. Nothing is changed anywhere."""
+    from ingestctl import images as images_mod
+    from ingestctl import migrations as migrations_mod
+    from ingestctl import plan as plan_mod
+
+    root = paths.project_root()
+    version = version or images_mod.checkout_version(root)
+    states = host_states(ctx)
+    live = {h: s for h, s in states.items() if s}
+    current = next(iter(live.values()), None)
+    db_head = fleet.get_facts(ctx.name, SchemaHead, hosts=[ctx.env.db_host])[ctx.env.db_host]
+    old_config = None
+    if current:
+        old_config = read_host_config(ctx, next(iter(live)), current["config_version"])
+    plan = plan_mod.build_deploy_plan(
+        env=ctx.env, release=version, image=images_mod.image_name(version), batch_spec=batch,
+        old_config=old_config, new_config=ctx.config.masked(), config_version=ctx.config.version,
+        previous_config_version=(current or {}).get("config_version"),
+        revisions=migrations_mod.load_revisions(root / "service" / "alembic" / "versions"),
+        db_head=db_head, previous_release=(current or {}).get("release"), skip_bench=skip_bench,
+    )
+    if ctx.reporter.json_mode:
+        ctx.reporter.event("plan", "dry run plan", **plan.as_event())
+    else:
+        for line in plan.render():
+            ctx.reporter.event("plan", line)
+    ctx.reporter.event("summary", "dry run: nothing was changed", dry=True)
+    return Run(new_run_id(), "deploy-dry", ctx.name, ctx.who)
+
+
+def read_host_config(ctx: Context, host: str, version: str) -> dict[str, str] | None:
+    """The tunables of config VERSION as written on HOST (secrets masked), or None when unreadable."""
+    path = f"{hostlayout.BASE}/config/{version}/app.env"
+    result = fleet.run_commands(ctx.name, {host: f"cat {path}"})[host]
+    if not result.ok:
+        return None
+    tunables = config_mod.tunables_from_env_file(result.stdout, where=f"{host}:{path}")
+    return {**tunables, **{k: secrets_mod.MASK for k in secrets_mod.REQUIRED}}
+
+
+def summarise(run: Run, reporter: Reporter) -> None:
+    facts = run.facts
+    total = round(time.time() - run.started, 1)
+    outcome = facts.get("outcome")
+    switched = facts.get("switched") or []
+    message = (
+        f"{run.kind} {facts.get('release')} to {run.env}: {outcome}"
+        + (f", {len(switched)} host(s) switched" if switched else ", every host already current")
+        + f", config {facts.get('config_version')}, in {total}s"
+    )
+    reporter.event("summary", message, run_id=run.id, outcome=outcome, duration_s=total, release=facts.get("release"),
+                   switched=switched, steps=run.steps, gates=run.gates)
+
+
+# ----- lock and ledger ---------------------------------------------------------------------------------------
+
+def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str) -> None:
+    """Take the deploy lock on every host, or none: a partial take is released before waiting or failing."""
+    from datetime import UTC, datetime
+
+    from ingestctl import lock as lock_mod
+
+    record = lock_mod.new_record(who=ctx.who, command=command, release=run.facts.get("release"),
+                                 now=datetime.now(UTC))
+    run.facts["lock_token"] = record.token
+    deadline = time.monotonic() + wait_s
+    while True:
+        results = fleet.run_commands(ctx.name, lambda _h: lock_mod.acquire_command(record), hosts=ctx.env.all_hosts)
+        statuses = {h: lock_mod.parse_output(r.stdout, h) for h, r in results.items()}
+        held = {h: s for h, s in statuses.items() if s.state != "acquired"}
+        if not held:
+            ctx.reporter.event("step", f"deploy lock taken on {len(statuses)} host(s)", step="lock")
+            return
+        taken = [h for h, s in statuses.items() if s.state == "acquired"]
+        if taken:
+            fleet.run_commands(ctx.name, lambda _h: lock_mod.release_command(record.token), hosts=taken)
+        host, status = sorted(held.items())[0]
+        if time.monotonic() >= deadline:
+            holder = status.record
+            alive = None
+            if holder is not None and holder.machine == socket.gethostname():
+                alive = _pid_alive(holder.pid)
+            raise lock_mod.held_error(ctx.name, host, holder, datetime.now(UTC), alive)
+        ctx.reporter.event("progress", f"waiting for the deploy lock held on {host} "
+                           f"({max(0, deadline - time.monotonic()):.0f}s left)")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_lock(ctx: Context, run: Run) -> None:
+    from ingestctl import lock as lock_mod
+
+    token = run.facts.get("lock_token")
+    if token:
+        fleet.run_commands(ctx.name, lambda _h: lock_mod.release_command(token), hosts=ctx.env.all_hosts)
+
+
+OUTCOMES = {"noop": "success", "rollback-failed": "failed"}
+
+
+def ledger_entry(ctx: Context, run: Run):
+    """The ledger's record of RUN: steps, gates, outcome and durations. Never holds a secret."""
+    from datetime import UTC, datetime
+
+    from ingestctl import ledger as ledger_mod
+
+    facts = run.facts
+
+    def at(ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    return ledger_mod.LedgerEntry(
+        id=run.id,
+        kind=run.kind,
+        env=run.env,
+        release=facts.get("release"),
+        image_id=facts.get("image_id"),
+        config_version=facts.get("config_version"),
+        schema_head_before=facts.get("schema_before"),
+        schema_head_after=facts.get("schema_after"),
+        release_schema_head=facts.get("release_schema_head"),
+        who=run.who,
+        started=at(run.started),
+        finished=datetime.now(UTC),
+        steps=[ledger_mod.Step(name=s["name"], started=at(s["started"]), duration_s=s["duration_s"])
+               for s in run.steps],
+        gates=[ledger_mod.GateResult(name=g["gate"], passed=bool(g.get("passed")),
+                                     numbers=_flat_numbers(g.get("numbers") or {}))
+               for g in run.gates if g.get("passed") is not None],
+        outcome=OUTCOMES.get(facts.get("outcome", "failed"), facts.get("outcome", "failed")),
+        duration_s=round(time.time() - run.started, 2),
+        time_to_healthy_s=facts.get("time_to_healthy_s"),
+        hosts=list(facts.get("switched") or []),
+        previous_release=_single(facts.get("previous")),
+        previous_config_version=facts.get("previous_config_version"),
+        restore_point=facts.get("restore_point"),
+        bench_skipped=bool(facts.get("skip_bench")),
+        message=facts.get("message"),
+    )
+
+
+def _single(per_host: Mapping[str, Any] | None) -> Any:
+    values = {v for v in (per_host or {}).values() if v}
+    return values.pop() if len(values) == 1 else None
+
+
+def _flat_numbers(numbers: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Gate numbers flattened to `host.p95_ms`-style keys with scalar values, as the ledger stores them."""
+    flat: dict[str, Any] = {}
+    for key, value in numbers.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_numbers(value, f"{name}."))
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def append_ledger(ctx: Context, run: Run) -> None:
+    from ingestctl import ledger as ledger_mod
+
+    line = ledger_mod.serialise(ledger_entry(ctx, run), ctx.config.secrets)
+    results = fleet.run_commands(ctx.name, lambda _h: ledger_mod.append_command(line), hosts=ctx.env.all_hosts)
+    failed = [f"{h}: {r.stderr.strip()[:200]}" for h, r in results.items() if not r.ok]
+    if failed:
+        ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))
+
+
+def finish(ctx: Context, run: Run, *_modules: Any) -> None:
+    """Always: record the run in every host's ledger, then release the lock. Failures here are reported,
+    never allowed to hide the run's own outcome."""
+    try:
+        append_ledger(ctx, run)
+    except Exception as exc:  # the ledger must not mask the deploy's result
+        ctx.reporter.event("error", f"could not write the ledger: {exc}")
+    try:
+        release_lock(ctx, run)
+    except Exception as exc:
+        ctx.reporter.event("error", f"could not release the deploy lock: {exc}; run `ingestctl lock break {ctx.name}`")

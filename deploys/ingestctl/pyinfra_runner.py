@@ -1,0 +1,296 @@
+"""Run pyinfra operations and deploys from Python against `inventories/ENV.py`, or a subset of its hosts.
+
+The deploy orchestrator calls `run_deploy` / `run_operations` between gates, batch by batch, several times in
+one process. Every call builds a fresh Inventory and State, so runs never share hosts, facts or connections.
+Results come back per host (success, changed vs noop, error text); `RunResult.raise_for_failures()` turns
+failures into one `HostError` that names each failed host and operation.
+
+The inventory file is executed here rather than through `pyinfra_cli`, because importing `pyinfra_cli`
+gevent-monkey-patches the whole process (sockets, threads, subprocess) as a side effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import runpy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyinfra.api import BaseStateCallback, Config, Inventory, State
+from pyinfra.api.connect import connect_all, disconnect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operation import add_op
+from pyinfra.api.operations import run_ops
+from pyinfra.api.state import StateStage
+
+from ingestctl import paths
+from ingestctl.errors import ConfigError, HostError, IngestctlError
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Enough of a failing command's stderr to explain it, without flooding a report.
+ERROR_TAIL_LINES = 12
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    name: str
+    success: bool
+    changed: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HostResult:
+    host: str
+    success: bool
+    operations: tuple[OperationResult, ...] = ()
+    error: str | None = None
+    noops: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return any(op.changed for op in self.operations)
+
+    def describe_failure(self) -> str:
+        failed = [op for op in self.operations if not op.success]
+        if failed:
+            op = failed[0]
+            return f"host {self.host}: operation '{op.name}' failed: {op.error or 'no error output'}"
+        return f"host {self.host}: {self.error or 'failed'}"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    hosts: Mapping[str, HostResult]
+
+    @property
+    def failed(self) -> list[HostResult]:
+        return [result for result in self.hosts.values() if not result.success]
+
+    @property
+    def changed_hosts(self) -> list[str]:
+        return [name for name, result in self.hosts.items() if result.changed]
+
+    def raise_for_failures(self) -> None:
+        if self.failed:
+            raise HostError("; ".join(result.describe_failure() for result in self.failed))
+
+
+@dataclass(frozen=True)
+class OperationCall:
+    """One operation to add: `OperationCall(server.shell, kwargs={"commands": ["true"], "name": "..."})`."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def inventory_path(env: str | Path) -> Path:
+    """`local` -> <root>/inventories/local.py; an existing path is taken as is."""
+    candidate = Path(env)
+    if candidate.suffix == ".py":
+        path = candidate if candidate.is_absolute() else paths.project_root() / candidate
+    else:
+        path = paths.project_root() / "inventories" / f"{env}.py"
+    if not path.is_file():
+        available = sorted(p.stem for p in (paths.project_root() / "inventories").glob("*.py"))
+        raise ConfigError(
+            f"inventory for environment {str(env)!r} not found at {path}; "
+            f"expected one of: {', '.join(available) or 'none (inventories/ is empty)'}"
+        )
+    return path
+
+
+def _is_group(key: str, value: Any) -> bool:
+    """Same rule as the pyinfra CLI: module-level lists of hosts, or (hosts, data) tuples."""
+    if key.startswith("_"):
+        return False
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+        value = value[0]
+    if not isinstance(value, list):
+        return False
+    return all(isinstance(item, str) or (isinstance(item, tuple) and isinstance(item[0], str)) for item in value)
+
+
+def load_inventory(env: str | Path, data: Mapping[str, Any] | None = None) -> Inventory:
+    """Build a pyinfra Inventory from an inventory file; DATA overrides host data like `pyinfra --data`."""
+    path = inventory_path(env)
+    try:
+        attrs = runpy.run_path(str(path))
+    except Exception as exc:
+        raise ConfigError(f"inventory {path} failed to load: {type(exc).__name__}: {exc}") from exc
+    groups: dict[str, tuple[list, dict]] = {}
+    for key, value in attrs.items():
+        if _is_group(key, value):
+            groups[key] = value if isinstance(value, tuple) else (value, {})
+    all_hosts, all_data = groups.pop("all", ([], {}))
+    names = [item[0] if isinstance(item, tuple) else item for item in all_hosts]
+    for hosts, _ in groups.values():
+        for item in hosts:
+            name = item[0] if isinstance(item, tuple) else item
+            if name not in names:
+                names.append(name)
+                all_hosts = [*all_hosts, item]
+    if not all_hosts:
+        raise ConfigError(f"inventory {path} defines no hosts (expected module-level lists of host names)")
+    groups.setdefault(path.stem, (names, {}))
+    return Inventory((list(all_hosts), dict(all_data)), override_data=dict(data or {}), **groups)
+
+
+def select_hosts(inventory: Inventory, hosts: Iterable[str] | None) -> list | None:
+    """The Host objects for HOSTS (names), or None for the whole inventory. Unknown names are a ConfigError."""
+    if hosts is None:
+        return None
+    wanted = list(hosts)
+    known = {host.name: host for host in inventory}
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise ConfigError(f"hosts {', '.join(unknown)} are not in the inventory; it has {', '.join(known)}")
+    if not wanted:
+        raise ConfigError("an empty host subset was requested; pass None to run on every host")
+    return [known[name] for name in wanted]
+
+
+class _Collector(BaseStateCallback, logging.Handler):
+    """Keeps what pyinfra reports only through callbacks and log lines: connect errors and noop reasons."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, level=logging.INFO)
+        self.connect_errors: dict[str, str] = {}
+        self.noops: dict[str, list[str]] = {}
+        self.warnings: list[str] = []
+
+    def host_connect_error(self, state, host, error):  # noqa: ARG002 - pyinfra's callback signature
+        self.connect_errors[host.name] = str(error)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = ANSI.sub("", record.getMessage())
+        match = re.match(r"^\[(?P<host>[^\]]+)\]\s+noop: (?P<reason>.*)$", message)
+        if match:
+            # Operations are evaluated twice (change detection, then execution): keep each reason once.
+            reasons = self.noops.setdefault(match["host"], [])
+            if match["reason"] not in reasons:
+                reasons.append(match["reason"])
+        elif record.levelno >= logging.WARNING:
+            self.warnings.append(message)
+
+
+def run_operations(
+    env: str | Path,
+    calls: Sequence[OperationCall],
+    hosts: Iterable[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    raise_on_error: bool = True,
+) -> RunResult:
+    """Add CALLS in order on every selected host, then run them (each operation on all hosts before the next)."""
+
+    def add(state: State, host) -> None:
+        for call in calls:
+            add_op(state, call.func, *call.args, host=host, **call.kwargs)
+
+    return _run(env, add, hosts, data, raise_on_error)
+
+
+def run_deploy(
+    env: str | Path,
+    deploy_func: Callable[..., Any],
+    *args: Any,
+    hosts: Iterable[str] | None = None,
+    data: Mapping[str, Any] | None = None,
+    raise_on_error: bool = True,
+    **kwargs: Any,
+) -> RunResult:
+    """Run a `@deploy` function on every selected host."""
+
+    def add(state: State, host) -> None:
+        add_deploy(state, deploy_func, *args, host=host, **kwargs)
+
+    return _run(env, add, hosts, data, raise_on_error)
+
+
+def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
+    inventory = load_inventory(env, data)
+    limit = select_hosts(inventory, hosts)
+    # FAIL_PERCENT None: one host failing never stops the others; the caller decides from the results.
+    state = State(inventory, Config(FAIL_PERCENT=None, CONNECT_TIMEOUT=10), initial_limit=limit)
+    state.print_noop_info = True
+    collector = _Collector()
+    state.add_callback_handler(collector)
+    pyinfra_logger = logging.getLogger("pyinfra")
+    previous_level = pyinfra_logger.level
+    pyinfra_logger.setLevel(logging.INFO)
+    pyinfra_logger.addHandler(collector)
+    prepare_errors: dict[str, str] = {}
+    try:
+        state.set_stage(StateStage.Connect)
+        try:
+            connect_all(state)
+        except PyinfraError:
+            pass  # every host failed to connect: reported per host below
+        state.set_stage(StateStage.Prepare)
+        for host in sorted(state.inventory.get_active_hosts(), key=lambda h: h.name):
+            try:
+                add(state, host)
+            except IngestctlError:
+                raise  # a local problem (missing image, bad inventory data): no host is at fault
+            except Exception as exc:  # pyinfra raises many types while preparing; each fails only this host
+                prepare_errors[host.name] = f"preparing operations failed: {type(exc).__name__}: {exc}"
+                state.active_hosts.discard(host)
+                state.failed_hosts.add(host)
+        state.set_stage(StateStage.Execute)
+        if state.active_hosts:
+            try:
+                run_ops(state)
+            except PyinfraError:
+                pass  # "No hosts remaining!": every host failed; reported per host below
+        state.set_stage(StateStage.Disconnect)
+    finally:
+        try:
+            disconnect_all(state)
+        finally:
+            pyinfra_logger.removeHandler(collector)
+            pyinfra_logger.setLevel(previous_level)
+    result = _collect(state, limit, collector, prepare_errors)
+    if raise_on_error:
+        result.raise_for_failures()
+    return result
+
+
+def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[str, str]) -> RunResult:
+    results: dict[str, HostResult] = {}
+    selected = limit if limit is not None else sorted(state.inventory, key=lambda h: h.name)
+    for host in selected:
+        operations = []
+        for op_hash in state.get_op_order():
+            op_data = state.ops[host].get(op_hash)
+            if op_data is None:
+                continue
+            meta = op_data.operation_meta
+            name = ", ".join(sorted(state.get_op_meta(op_hash).names))
+            if not meta.is_complete():
+                operations.append(OperationResult(name, success=False, changed=False, error="not run: host failed earlier"))
+                continue
+            error = None
+            if meta.did_error():
+                lines = meta.stderr_lines or meta.stdout_lines
+                error = "\n".join(lines[-ERROR_TAIL_LINES:]) or "command failed without output"
+            operations.append(OperationResult(name, success=meta.did_succeed(), changed=meta.did_change(), error=error))
+        error = collector.connect_errors.get(host.name) or prepare_errors.get(host.name)
+        if error is None and host in state.failed_hosts and all(op.success for op in operations):
+            mentions = [line for line in collector.warnings if f"[{host.name}]" in line]
+            error = "; ".join(mentions[-3:]) or "failed while collecting facts (see pyinfra log)"
+        if error is None and host not in state.activated_hosts:
+            error = "not connected"
+        success = error is None and all(op.success for op in operations)
+        results[host.name] = HostResult(
+            host=host.name,
+            success=success,
+            operations=tuple(operations),
+            error=error,
+            noops=tuple(collector.noops.get(host.name, ())),
+        )
+    return RunResult(hosts=results)

@@ -1,0 +1,313 @@
+"""Bring a testbed up, take it down, report on it. The CLI in commands.py is a thin layer over these."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ingestctl import paths
+from ingestctl import secrets as secrets_mod
+from ingestctl.baseimages import RECIPE_LABEL, Progress, remove_base_images
+from ingestctl.errors import ConfigError, HostError
+from ingestctl.testbed import hostspec, images, keys, probe
+from ingestctl.testbed import state as state_mod
+from ingestctl.testbed.engine import docker_client
+from ingestctl.testbed.hostspec import DEFAULT_HOSTS, EXPLICIT_CAPS, PRIVILEGED, HostSpec
+from ingestctl.testbed.state import HostState, TestbedState
+
+READY_DEADLINE_S = 180.0
+SSH_USER = "root"
+
+
+@dataclass
+class UpResult:
+    state: TestbedState
+    health: list[probe.HostHealth]
+    already_up: bool
+
+
+@contextmanager
+def _engine_errors(name: str, action: str):
+    """Docker SDK errors become one HostError naming the testbed and what was being done."""
+    import docker.errors
+
+    try:
+        yield
+    except docker.errors.DockerException as exc:
+        raise HostError(f"testbed {name}: {action} failed in the Docker engine: {_short(exc)}") from exc
+
+
+def up(progress: Progress, name: str | None = None) -> UpResult:
+    name = name or hostspec.testbed_name()
+    client = docker_client(progress)
+    with _engine_errors(name, "testbed up"):
+        quick, unhealthy = _already_up(client, name, progress)
+        if quick is not None:
+            return quick
+        return _bring_up(client, name, progress, restart=unhealthy)
+
+
+def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = frozenset()) -> UpResult:
+
+    key_file, public_key = keys.ensure_key_pair(state_mod.key_path())
+    if secrets_mod.generate_file(paths.secrets_file("local")):
+        progress(f"generated local secrets in {paths.secrets_file('local')} (mode 0600)")
+    built = images.ensure_all(progress, client)
+    progress(f"images ready: {', '.join(built.values())}")
+
+    network = _ensure_network(client, name)
+    mode = _existing_security_mode(client, name)
+    containers = {}
+    for host in DEFAULT_HOSTS:
+        container, mode = _ensure_container(
+            client, name, host, mode, public_key, progress, host.name in restart
+        )
+        containers[host.name] = container
+
+    hosts = [
+        HostState(
+            name=host.name,
+            address=_address(containers[host.name], network.name),
+            ssh_port=22,
+            roles=list(host.roles),
+            container=containers[host.name].name,
+        )
+        for host in DEFAULT_HOSTS
+    ]
+    testbed = TestbedState(
+        name=name,
+        network=network.name,
+        storage_driver="starting",
+        security_mode=mode,
+        ssh_user=SSH_USER,
+        ssh_key=str(key_file.resolve()),
+        hosts=hosts,
+    )
+    progress("waiting for sshd and the inner Docker engine on every host")
+    health = probe.wait_ready(hosts, SSH_USER, testbed.ssh_key, READY_DEADLINE_S, on_wait=progress)
+    not_ready = [h for h in health if not h.ready]
+    if not_ready:
+        details = "; ".join(f"{h.name}: {h.detail or 'not answering'}" for h in not_ready)
+        raise HostError(
+            f"testbed {name}: hosts did not answer within {READY_DEADLINE_S:.0f}s ({details}); "
+            f"inspect with `docker logs {hostspec.container_name(name, not_ready[0].name)}` and "
+            f"`docker exec {hostspec.container_name(name, not_ready[0].name)} cat /var/log/dockerd.log`"
+        )
+    drivers = sorted({h.storage_driver for h in health})
+    testbed.storage_driver = drivers[0] if len(drivers) == 1 else ",".join(drivers)
+    testbed.ssh_config = str(state_mod.write_ssh_config(testbed))
+    state_mod.save(testbed)
+    return UpResult(testbed, health, already_up=False)
+
+
+def _already_up(client, name: str, progress: Progress) -> tuple[UpResult | None, frozenset[str]]:
+    """The no-op path: state present, every container running at its recorded address, every host answering.
+
+    Otherwise (None, names of running hosts that do not answer), so `up` can restart just those.
+    """
+    nothing = (None, frozenset())
+    try:
+        testbed = state_mod.load(name)
+    except ConfigError:
+        return nothing
+    running = {
+        c.name: c
+        for c in client.containers.list(filters={"label": f"{hostspec.LABEL}={name}", "status": "running"})
+    }
+    for host in testbed.hosts:
+        container = running.get(host.container)
+        if container is None or _address(container, testbed.network) != host.address:
+            return nothing
+    wanted = images.SANDBOX_IMAGES["sandbox-host"].recipe_hash()
+    stale = [c.name for c in running.values() if c.labels.get(RECIPE_LABEL) != wanted]
+    if stale:
+        progress(
+            f"note: {', '.join(sorted(stale))} run an older sandbox-host recipe; "
+            "`ingestctl testbed down && ingestctl testbed up` rebuilds them (deployed state is lost)"
+        )
+    health = probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key)
+    unhealthy = frozenset(h.name for h in health if not h.ready)
+    if unhealthy:
+        return None, unhealthy
+    return UpResult(testbed, health, already_up=True), frozenset()
+
+
+def _ensure_network(client, name: str):
+    import docker.errors
+
+    net_name = hostspec.network_name(name)
+    try:
+        return client.networks.get(net_name)
+    except docker.errors.NotFound:
+        return client.networks.create(net_name, driver="bridge", labels=hostspec.labels(name))
+
+
+def _existing_security_mode(client, name: str) -> str | None:
+    """Keep the mode of hosts that survive from an earlier `up`, so the testbed is never half privileged."""
+    for container in client.containers.list(all=True, filters={"label": f"{hostspec.LABEL}={name}"}):
+        return PRIVILEGED if container.attrs["HostConfig"].get("Privileged") else EXPLICIT_CAPS
+    return None
+
+
+def _ensure_container(
+    client,
+    name: str,
+    host: HostSpec,
+    mode: str | None,
+    public_key: str,
+    progress: Progress,
+    restart: bool = False,
+):
+    """(running container, security mode used). Starts a stopped one, restarts a silent one, creates a missing one."""
+    import docker.errors
+
+    container_name = hostspec.container_name(name, host.name)
+    try:
+        container = client.containers.get(container_name)
+    except docker.errors.NotFound:
+        container = None
+    if container is not None:
+        if container.status != "running":
+            progress(f"starting stopped sandbox host {host.name}")
+            container.start()
+        elif restart:
+            progress(f"restarting sandbox host {host.name}: its sshd or Docker engine did not answer")
+            container.restart(timeout=5)
+        return container, mode or PRIVILEGED
+
+    _ensure_volume(client, name, host.name)
+    modes = [mode] if mode else [PRIVILEGED, EXPLICIT_CAPS]
+    last_error = None
+    for candidate in modes:
+        spec = hostspec.container_spec(name, host, candidate, public_key)
+        container = client.containers.get(client.api.create_container(**spec.create_kwargs())["Id"])
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            container.remove(force=True, v=True)
+            last_error = exc
+            if candidate == PRIVILEGED and len(modes) > 1:
+                progress(f"--privileged is refused here ({_short(exc)}); using the explicit capability list")
+            continue
+        progress(f"started sandbox host {host.name} ({candidate})")
+        container.reload()
+        return container, candidate
+    raise HostError(
+        f"sandbox host {host.name}: the container did not start in mode(s) {modes}: {_short(last_error)}; "
+        "the engine must allow the capabilities in DESIGN section 5"
+    )
+
+
+def _ensure_volume(client, name: str, host: str) -> None:
+    import docker.errors
+
+    vol_name = hostspec.volume_name(name, host)
+    try:
+        client.volumes.get(vol_name)
+    except docker.errors.NotFound:
+        client.volumes.create(vol_name, labels=hostspec.labels(name, host))
+
+
+def _address(container, network: str) -> str:
+    container.reload()
+    address = container.attrs["NetworkSettings"]["Networks"].get(network, {}).get("IPAddress")
+    if not address:
+        raise HostError(
+            f"sandbox container {container.name}: expected an address on network {network}, found none"
+        )
+    return address
+
+
+def _short(exc) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).strip().splitlines()[0][:200] if text else "unknown error"
+
+
+@dataclass
+class DownResult:
+    containers: list[str]
+    volumes: list[str]
+    networks: list[str]
+    images: list[str]
+
+
+def down(progress: Progress, name: str | None = None, purge: bool = False) -> DownResult:
+    """Remove every container, volume and network labelled for (or named after) the testbed, and its state."""
+    name = name or hostspec.testbed_name()
+    client = docker_client(progress)
+    with _engine_errors(name, "testbed down"):
+        return _take_down(client, name, purge, progress)
+
+
+def _take_down(client, name: str, purge: bool, progress: Progress) -> DownResult:
+    import docker.errors
+
+    label = {"label": f"{hostspec.LABEL}={name}"}
+    result = DownResult([], [], [], [])
+
+    containers = {c.id: c for c in client.containers.list(all=True, filters=label)}
+    for host in DEFAULT_HOSTS:
+        try:
+            found = client.containers.get(hostspec.container_name(name, host.name))
+            containers.setdefault(found.id, found)
+        except docker.errors.NotFound:
+            pass
+    for container in containers.values():
+        container.remove(force=True, v=True)
+        result.containers.append(container.name)
+        progress(f"removed container {container.name}")
+
+    volumes = {v.name: v for v in client.volumes.list(filters=label)}
+    for host in DEFAULT_HOSTS:
+        try:
+            volumes.setdefault(
+                hostspec.volume_name(name, host.name),
+                client.volumes.get(hostspec.volume_name(name, host.name)),
+            )
+        except docker.errors.NotFound:
+            pass
+    for volume in volumes.values():
+        _remove_with_retry(lambda v=volume: v.remove(force=True))
+        result.volumes.append(volume.name)
+        progress(f"removed volume {volume.name}")
+
+    networks = {n.id: n for n in client.networks.list(filters=label)}
+    networks.update(
+        {
+            n.id: n
+            for n in client.networks.list(names=[hostspec.network_name(name)])
+            if n.name == hostspec.network_name(name)
+        }
+    )
+    for network in networks.values():
+        _remove_with_retry(network.remove)
+        result.networks.append(network.name)
+        progress(f"removed network {network.name}")
+
+    state_mod.remove(name)
+    if purge:
+        result.images += images.remove_all(client, progress)
+        result.images += remove_base_images(client, progress)
+    return result
+
+
+def _remove_with_retry(remove, attempts: int = 10) -> None:
+    """Volumes and networks can stay busy for a moment after their container is force-removed."""
+    import docker.errors
+
+    for attempt in range(attempts):
+        try:
+            remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.3)
+
+
+def status(name: str | None = None) -> tuple[TestbedState, list[probe.HostHealth]]:
+    testbed = state_mod.load(name)
+    return testbed, probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key)

@@ -1,0 +1,112 @@
+"""Does a sandbox host answer? sshd (key login) and its Docker engine, checked over real SSH."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import paramiko
+
+DOCKER_INFO = "docker info --format '{{.ServerVersion}} {{.Driver}}'"
+# The sandbox entrypoint writes `failed` here when no storage driver let the inner engine start.
+ENGINE_FAILED_MARK = "inner engine failed to start"
+PROBE_COMMAND = (
+    f'{DOCKER_INFO} || {{ test "$(cat /run/sandbox/storage-driver 2>/dev/null)" = failed '
+    f"&& echo '{ENGINE_FAILED_MARK}; see /var/log/dockerd.log' >&2; exit 1; }}"
+)
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    name: str
+    address: str
+    ssh_port: int
+    sshd: bool
+    docker: bool
+    docker_version: str = ""
+    storage_driver: str = ""
+    detail: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.sshd and self.docker
+
+
+def run_ssh(
+    address: str, port: int, user: str, key_path: str, command: str, timeout: float = 10.0
+) -> tuple[int, str, str]:
+    """Run one command over SSH with the testbed key; (exit status, stdout, stderr)."""
+    client = paramiko.SSHClient()
+    # Sandbox hosts generate fresh host keys on every start: nothing to pin, nothing to remember.
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    try:
+        client.connect(
+            address,
+            port=port,
+            username=user,
+            key_filename=key_path,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            allow_agent=False,
+            look_for_keys=False,
+        )
+        _stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
+        out = stdout.read().decode(errors="replace")
+        err = stderr.read().decode(errors="replace")
+        return stdout.channel.recv_exit_status(), out, err
+    finally:
+        client.close()
+
+
+def check_host(
+    name: str, address: str, port: int, user: str, key_path: str, timeout: float = 5.0
+) -> HostHealth:
+    try:
+        with socket.create_connection((address, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            banner = sock.recv(64)
+    except OSError as exc:
+        return HostHealth(name, address, port, False, False, detail=f"no TCP answer on port {port}: {exc}")
+    if not banner.startswith(b"SSH-"):
+        return HostHealth(
+            name, address, port, False, False, detail=f"port {port} answered without an SSH banner"
+        )
+    try:
+        status, out, err = run_ssh(address, port, user, key_path, PROBE_COMMAND, timeout=timeout + 5)
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        return HostHealth(name, address, port, False, False, detail=f"SSH login failed: {exc}")
+    if status != 0:
+        return HostHealth(name, address, port, True, False, detail=f"docker info: {err.strip()[-200:]}")
+    version, _, driver = out.strip().partition(" ")
+    return HostHealth(name, address, port, True, True, docker_version=version, storage_driver=driver)
+
+
+def check_all(hosts, user: str, key_path: str, timeout: float = 5.0) -> list[HostHealth]:
+    """Check every host at once; `hosts` are HostState-like objects (name, address, ssh_port)."""
+    hosts = list(hosts)
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+        return list(
+            pool.map(lambda h: check_host(h.name, h.address, h.ssh_port, user, key_path, timeout), hosts)
+        )
+
+
+def wait_ready(hosts, user: str, key_path: str, deadline_s: float, on_wait=None) -> list[HostHealth]:
+    """Poll until every host's sshd and Docker answer, or the deadline passes; the last check either way."""
+    deadline = time.monotonic() + deadline_s
+    last_report = 0.0
+    while True:
+        health = check_all(hosts, user, key_path, timeout=3.0)
+        if all(h.ready for h in health) or time.monotonic() >= deadline:
+            return health
+        if all(h.ready or ENGINE_FAILED_MARK in h.detail for h in health):
+            return health  # waiting longer cannot help
+        if on_wait and time.monotonic() - last_report > 5:
+            waiting = [h.name for h in health if not h.ready]
+            on_wait(f"waiting for sshd and Docker on {', '.join(waiting)}")
+            last_report = time.monotonic()
+        time.sleep(0.5)

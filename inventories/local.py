@@ -1,0 +1,39 @@
+"""The local sandbox: the hosts `ingestctl testbed up` started (state in .testbed/NAME/state.json).
+
+INGESTCTL_TESTBED selects the testbed (default ingest-tb), as it does for `ingestctl testbed`.
+Usage: `pyinfra -y inventories/local.py exec -- docker info`, or `ingestctl deploy local`.
+"""
+
+from ingestctl.inventory import environment
+from ingestctl.testbed import state as testbed_state
+from ingestctl.testbed.images import POSTGRES_IMAGE, REDIS_IMAGE
+
+_testbed = testbed_state.load()  # a clear "run `ingestctl testbed up`" error when the sandbox is not up
+
+_env = environment(
+    name="local",
+    data={
+        # The official postgres/redis images cannot be pulled here; the sandbox builds equivalents.
+        "postgres_image": POSTGRES_IMAGE,
+        "redis_image": REDIS_IMAGE,
+    },
+    hosts={
+        host.name: {
+            "ssh_hostname": host.address,
+            "ssh_port": host.ssh_port,
+            "ssh_user": _testbed.ssh_user,
+            "ssh_key": _testbed.ssh_key,
+            # Sandbox hosts get new host keys on every `testbed up`: there is nothing to pin.
+            "ssh_known_hosts_file": "/dev/null",
+            "ssh_strict_host_key_checking": "no",
+            "ssh_allow_agent": False,
+            "ssh_look_for_keys": False,
+            "roles": list(host.roles),
+        }
+        for host in _testbed.hosts
+    },
+)
+
+# pyinfra reads these module-level lists as the `db` and `app` groups (environment data merged in).
+db = _env.group("db")
+app = _env.group("app")

@@ -1,0 +1,138 @@
+"""Event ingest (API key) and queries (JWT with `events:read`)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AfterValidator, TypeAdapter, ValidationError
+
+from ingest import repository
+from ingest.api.deps import database, rate_limit, require_api_key, require_read_scope, services
+from ingest.errors import ApiError, describe_validation_errors
+from ingest.metrics import EVENTS_ACCEPTED, EVENTS_DUPLICATE
+from ingest.models import ErrorResponse, Event, EventPage, IngestResult, StatsResult, Timestamp
+
+router = APIRouter(prefix="/api/v1", tags=["events"])
+
+_EVENTS = TypeAdapter(list[Event])
+_EVENT = TypeAdapter(Event)
+
+
+def _error_responses(*statuses: int) -> dict:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _ingest_body_schema() -> dict:
+    event = Event.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {
+                "oneOf": [event, {"type": "array", "items": event}],
+                "description": "one event, or a list of at most INGEST_MAX_BATCH_ITEMS events",
+            }}},
+        }
+    }
+
+
+def parse_events(body: bytes, max_items: int) -> list[Event]:
+    """The body as events, refusing malformed JSON and wrong shapes (422) and oversized batches (413)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ApiError(422, "VALIDATION_ERROR", f"body: malformed JSON{where}; send one event object or a list")
+    if isinstance(data, list):
+        if len(data) > max_items:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"batch must hold at most {max_items} events "
+                                                     f"(INGEST_MAX_BATCH_ITEMS), found {len(data)}; split it")
+        adapter = _EVENTS
+    elif isinstance(data, dict):
+        adapter = _EVENT
+    else:
+        raise ApiError(422, "VALIDATION_ERROR", "body: expected an event object or a list of event objects, "
+                                                f"found {type(data).__name__}")
+    try:
+        parsed = adapter.validate_python(data)
+    except ValidationError as exc:
+        raise ApiError(422, "VALIDATION_ERROR", describe_validation_errors(exc.errors(include_input=False)))
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+@router.post(
+    "/events", status_code=202, response_model=IngestResult,
+    dependencies=[Depends(require_api_key), Depends(rate_limit)],
+    responses=_error_responses(401, 413, 422, 429, 503), openapi_extra=_ingest_body_schema(),
+    summary="Store one event or a batch; idempotent on id",
+)
+async def ingest_events(request: Request) -> IngestResult:
+    svc = services(request)
+    events = parse_events(await request.body(), svc.settings.ingest_max_batch_items)
+    async with database(request) as conn:
+        accepted = await repository.insert_events(conn, events)
+    duplicates = len(events) - accepted
+    EVENTS_ACCEPTED.inc(accepted)
+    EVENTS_DUPLICATE.inc(duplicates)
+    return IngestResult(accepted=accepted, duplicates=duplicates)
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+Filter = Annotated[str | None, AfterValidator(_no_nul)]
+
+
+@router.get(
+    "/events", response_model=EventPage, dependencies=[Depends(require_read_scope), Depends(rate_limit)],
+    responses=_error_responses(401, 403, 422, 429, 503), summary="Events in timestamp order, keyset-paginated",
+)
+async def query_events(
+    request: Request,
+    source: Annotated[Filter, Query(max_length=200)] = None,
+    type: Annotated[Filter, Query(max_length=200)] = None,
+    since: Annotated[Timestamp | None, Query(description="inclusive, RFC 3339")] = None,
+    until: Annotated[Timestamp | None, Query(description="exclusive, RFC 3339")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> EventPage:
+    after = None
+    if cursor:
+        try:
+            after = repository.decode_cursor(cursor)
+        except repository.InvalidCursor as exc:
+            raise ApiError(422, "VALIDATION_ERROR", f"query.cursor: {exc}") from None
+    async with database(request) as conn:
+        rows, next_cursor = await repository.query_events(
+            conn, source=source, type_=type, since=since, until=until, after=after, limit=limit
+        )
+    return EventPage(items=rows, next_cursor=next_cursor)
+
+
+@router.get(
+    "/stats", response_model=StatsResult, dependencies=[Depends(require_read_scope), Depends(rate_limit)],
+    responses=_error_responses(401, 403, 422, 429, 503), summary="Event counts by source and type",
+)
+async def stats(
+    request: Request,
+    since: Annotated[Timestamp | None, Query(description="inclusive; default 24 hours before until")] = None,
+    until: Annotated[Timestamp | None, Query(description="exclusive; default now")] = None,
+) -> StatsResult:
+    until = until or datetime.now(UTC)
+    since = since or until - timedelta(hours=24)
+    if since >= until:
+        raise ApiError(422, "VALIDATION_ERROR", "query.since: must be earlier than until")
+    async with database(request) as conn:
+        counts = await repository.count_by_source_and_type(conn, since, until)
+    by_source: dict[str, int] = {}
+    by_type: dict[str, int] = {}
+    for source, type_, count in counts:
+        by_source[source] = by_source.get(source, 0) + count
+        by_type[type_] = by_type.get(type_, 0) + count
+    return StatsResult(since=since, until=until, total=sum(by_source.values()), by_source=by_source,
+                       by_type=by_type)

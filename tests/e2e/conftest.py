@@ -1,0 +1,88 @@
+"""Shared end-to-end fixtures: a real sandbox testbed (3 hosts with sshd and Docker) for the session.
+
+The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`), never the developer's own
+`ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
+`ingestctl ... local` and subprocesses all target it. It is taken down after the session unless
+INGESTCTL_KEEP_TESTBED=1 (handy when iterating: the next session's `up` is then a quick no-op).
+
+Usage in a test module:
+
+    pytestmark = pytest.mark.e2e
+
+    def test_something(testbed):          # ingestctl.testbed.state.TestbedState
+        db1 = testbed.host("db1")         # .address, .ssh_port, .roles
+        run_on = ssh_runner(testbed)      # or use the `ssh` fixture below
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+E2E_TESTBED = os.environ.get("INGESTCTL_E2E_TESTBED", "ingest-e2e")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+HOW_TO_GET_DOCKER = (
+    "install Docker (`apt-get install docker.io debootstrap`) and run as root; `.ci/run` does this in CI"
+)
+
+
+def docker_or_skip():
+    """A docker SDK client for a running engine (started if installed but down), else skip with how to get one."""
+    from ingestctl.errors import EnvironmentMissing
+    from ingestctl.testbed.engine import docker_client
+
+    try:
+        return docker_client()
+    except EnvironmentMissing as exc:
+        pytest.skip(f"Docker is not available: {exc}; {HOW_TO_GET_DOCKER}")
+
+
+def ingestctl(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real `ingestctl` console script from the checkout, capturing its output."""
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    return subprocess.run(
+        [executable, *args], cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def testbed_name() -> Iterator[str]:
+    previous = os.environ.get("INGESTCTL_TESTBED")
+    os.environ["INGESTCTL_TESTBED"] = E2E_TESTBED
+    yield E2E_TESTBED
+    if previous is None:
+        os.environ.pop("INGESTCTL_TESTBED", None)
+    else:
+        os.environ["INGESTCTL_TESTBED"] = previous
+
+
+@pytest.fixture(scope="session")
+def testbed(testbed_name: str):
+    """The session's sandbox hosts, up and answering over SSH and Docker (built from cache if possible)."""
+    docker_or_skip()
+    from ingestctl.testbed import lifecycle
+
+    messages: list[str] = []
+    result = lifecycle.up(messages.append, name=testbed_name)
+    yield result.state
+    if os.environ.get("INGESTCTL_KEEP_TESTBED") != "1":
+        lifecycle.down(messages.append, name=testbed_name)
+
+
+@pytest.fixture(scope="session")
+def ssh(testbed) -> Callable[..., tuple[int, str, str]]:
+    """`ssh("db1", "docker ps")` -> (exit status, stdout, stderr), over real SSH with the testbed key."""
+    from ingestctl.testbed.probe import run_ssh
+
+    def run(host: str, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        target = testbed.host(host)
+        return run_ssh(target.address, target.ssh_port, testbed.ssh_user, testbed.ssh_key, command, timeout)
+
+    return run

@@ -1,0 +1,82 @@
+"""The gates' arithmetic on Prometheus samples: error ratio and p95 over a window, per host."""
+
+import pytest
+
+from ingestctl.gates import MetricSnapshot, bench_command, judge_window, quantile
+
+SCRAPE = """\
+# TYPE ingest_http_requests_total counter
+ingest_http_requests_total{route="/api/v1/events",method="POST",status="202"} {ok}
+ingest_http_requests_total{route="/api/v1/events",method="GET",status="500"} {err}
+ingest_http_requests_total{route="/health/ready",method="GET",status="503"} 50.0
+# TYPE ingest_http_request_duration_seconds histogram
+ingest_http_request_duration_seconds_bucket{route="/api/v1/events",le="0.05"} {fast}
+ingest_http_request_duration_seconds_bucket{route="/api/v1/events",le="0.5"} {slow}
+ingest_http_request_duration_seconds_bucket{route="/api/v1/events",le="+Inf"} {total}
+ingest_http_request_duration_seconds_count{route="/api/v1/events"} {total}
+ingest_http_request_duration_seconds_sum{route="/api/v1/events"} 1.0
+ingest_http_request_duration_seconds_bucket{route="/metrics",le="0.05"} 999.0
+ingest_http_request_duration_seconds_bucket{route="/metrics",le="+Inf"} 999.0
+"""
+
+
+def scrape(ok, err, fast, slow, total):
+    text = SCRAPE
+    for name, value in dict(ok=ok, err=err, fast=fast, slow=slow, total=total).items():
+        text = text.replace("{" + name + "}", f"{float(value)}")
+    return MetricSnapshot.parse(text)
+
+
+def test_parse_counts_5xx_as_errors_and_ignores_probe_routes():
+    snap = scrape(90, 10, 80, 100, 100)
+    assert snap.total == 100, "health and metrics routes must not count as traffic"
+    assert snap.errors == 10
+    assert dict(snap.buckets)[0.05] == 80, "the /metrics route's buckets must be left out"
+
+
+def test_window_delta_subtracts_earlier_scrape():
+    delta = scrape(190, 10, 170, 200, 200).minus(scrape(90, 10, 80, 100, 100))
+    assert (delta.total, delta.errors) == (100, 0)
+    assert dict(delta.buckets) == {0.05: 90, 0.5: 100, float("inf"): 100}
+
+
+def test_restarted_process_counts_from_zero():
+    later = scrape(5, 0, 5, 5, 5)
+    assert later.minus(scrape(90, 10, 80, 100, 100)) == later
+
+
+def test_quantile_interpolates_inside_bucket():
+    # 100 observations: 50 under 0.1s, 100 under 0.2s -> p95 is 95% of the way... inside (0.1, 0.2]
+    assert quantile([(0.1, 50), (0.2, 100), (float("inf"), 100)], 0.95) == pytest.approx(0.19)
+
+
+def test_quantile_in_inf_bucket_returns_highest_finite_bound():
+    assert quantile([(0.1, 10), (float("inf"), 100)], 0.95) == 0.1
+
+
+def test_quantile_without_observations_is_none():
+    assert quantile([(0.1, 0), (float("inf"), 0)], 0.95) is None
+
+
+def test_judge_passes_within_thresholds():
+    result = judge_window({"app2": scrape(99, 0, 99, 99, 99)}, max_error_ratio=0.01, max_p95_ms=100)
+    assert result.passed, result.message
+    assert result.numbers["app2"]["error_ratio"] == 0
+
+
+def test_judge_fails_on_error_ratio_and_names_host_and_numbers():
+    result = judge_window({"app3": scrape(90, 10, 100, 100, 100)}, max_error_ratio=0.01, max_p95_ms=1000)
+    assert not result.passed
+    assert "app3: error ratio 0.100 > 0.01" in result.message
+
+
+def test_judge_fails_on_p95():
+    result = judge_window({"db1": scrape(100, 0, 0, 100, 100)}, max_error_ratio=0.5, max_p95_ms=100)
+    assert not result.passed
+    assert "db1: p95" in result.message and "> 100" in result.message
+
+
+def test_bench_command_passes_every_base_url():
+    command = bench_command(["http://a:8000", "http://b:8000"], "scripts/benchmark_queries.py")
+    assert command[1:] == ["scripts/benchmark_queries.py", "--json", "--base-url", "http://a:8000",
+                           "--base-url", "http://b:8000"]

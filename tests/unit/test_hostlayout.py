@@ -1,0 +1,105 @@
+"""The on-host layout and the shell commands that change it, pinned as exact strings (Kamal style)."""
+
+import pytest
+import yaml
+
+from ingestctl import hostlayout as layout
+
+PORTS = layout.Ports(public=8000)
+
+
+def test_slot_ports_follow_the_public_port():
+    assert (PORTS.public, PORTS.blue, PORTS.green, PORTS["redis"]) == (8000, 8001, 8002, 6379)
+
+
+@pytest.mark.parametrize(("live", "idle"), [(None, "blue"), ("blue", "green"), ("green", "blue")])
+def test_new_release_starts_in_the_idle_slot(live, idle):
+    assert layout.other_slot(live) == idle
+
+
+def test_unknown_slot_is_refused_with_the_value():
+    with pytest.raises(ValueError, match="found 'red'"):
+        layout.other_slot("red")
+
+
+def test_compose_command_runs_in_the_project_directory():
+    assert layout.compose("docker compose", "ps") == "cd /opt/ingest && docker compose -p ingest -f compose.yml ps"
+
+
+def test_compose_env_is_set_for_the_command_only():
+    command = layout.run_migrate("docker-compose", "ingest:1.4.2", "abc123def456", "upgrade", "head")
+    assert command == (
+        "cd /opt/ingest && MIGRATE_CONFIG=abc123def456 MIGRATE_IMAGE=ingest:1.4.2 docker-compose -p ingest "
+        "-f compose.yml run --rm --no-deps migrate python -m alembic upgrade head"
+    )
+
+
+def test_start_slot_never_touches_other_services():
+    assert layout.start_slot("docker compose", "green") == (
+        "cd /opt/ingest && docker compose -p ingest -f compose.yml up -d --no-deps --force-recreate api_green"
+    )
+
+
+def test_stop_slot_drains_with_sigterm_grace_then_removes():
+    assert layout.stop_slot("docker compose", "blue", 30) == (
+        "cd /opt/ingest && docker compose -p ingest -f compose.yml stop -t 30 api_blue && "
+        "cd /opt/ingest && docker compose -p ingest -f compose.yml rm -f api_blue"
+    )
+
+
+def test_reload_proxy_falls_back_to_starting_it():
+    assert layout.reload_proxy("docker compose") == (
+        "(cd /opt/ingest && docker compose -p ingest -f compose.yml exec -T proxy nginx -c "
+        "/etc/ingest-proxy/nginx.conf -s reload) || (cd /opt/ingest && docker compose -p ingest -f compose.yml "
+        "up -d --no-deps proxy)"
+    )
+
+
+def test_wait_slot_ready_is_bounded_and_names_the_slot():
+    command = layout.wait_slot_ready("docker compose", "green", 8002, 30)
+    assert "seq 1 120" in command, "30 s at 4 tries a second"
+    assert "http://127.0.0.1:8002/health/ready" in command
+    assert "api_green on port 8002 not ready after 30s" in command
+
+
+def test_write_state_is_atomic_and_quoted():
+    command = layout.write_state({"slot": "blue", "release": "it's"})
+    assert command == (
+        "printf '%s\\n' '{\"release\": \"it'\"'\"'s\", \"slot\": \"blue\"}' > /opt/ingest/state.json.tmp "
+        "&& mv /opt/ingest/state.json.tmp /opt/ingest/state.json"
+    )
+
+
+def test_dotenv_is_sorted_and_refuses_shell_characters():
+    assert layout.render_dotenv({"B": "2", "A": "1"}) == "A=1\nB=2\n"
+    with pytest.raises(ValueError, match="API_BLUE_IMAGE"):
+        layout.render_dotenv({"API_BLUE_IMAGE": "x $(reboot)"})
+
+
+def test_db_and_app_host_compose_has_every_service():
+    text = layout.render_compose("db1", ["db", "app"], "10.0.0.2", 10001, PORTS)
+    services = yaml.safe_load(text)["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "api_blue", "api_green", "proxy"}
+    assert services["api_green"]["environment"]["PORT"] == "8002"
+    assert services["api_blue"]["user"] == "10001:10001", "the api runs as the app user that owns the secrets"
+    assert all(s.get("network_mode") == "host" for s in services.values())
+
+
+def test_app_host_compose_has_no_database():
+    services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
+    assert set(services) == {"api_blue", "api_green", "proxy"}
+    assert services["api_blue"]["environment"]["POSTGRES_HOST"] == "10.0.0.2"
+
+
+def test_compose_never_carries_a_secret_value():
+    text = layout.render_compose("db1", ["db", "app"], "10.0.0.2", 10001, PORTS)
+    assert "PASSWORD:" not in text.replace("POSTGRES_PASSWORD_FILE:", "")
+    assert "/run/secrets:ro" in text, "secrets reach containers as read-only files"
+
+
+def test_proxy_keeps_draining_slot_as_backup_and_retries_posts():
+    text = layout.render_proxy(["green"], ["blue"], PORTS, 1048576)
+    assert "server 127.0.0.1:8002 max_fails=0;" in text
+    assert "server 127.0.0.1:8001 backup max_fails=0;" in text
+    assert "proxy_next_upstream error timeout http_502 non_idempotent;" in text
+    assert "reuseport" not in text.replace("No `reuseport`", "")

@@ -1,0 +1,173 @@
+"""The app image build's pure parts: command strings, source hash, schema head, wheelhouse completeness."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ingestctl import images
+from ingestctl.errors import BuildError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_build_command_is_exact():
+    labels = {
+        "org.opencontainers.image.version": "1.4.2",
+        "io.ingest.source-hash": "abc",
+        "io.ingest.schema-head": "0002",
+    }
+    command = images.build_command(Path("service"), "ingest:1.4.2", "ingest-base:bookworm", "1.4.2", labels)
+    assert shlex.join(command) == (
+        "docker build --force-rm --file service/Dockerfile --tag ingest:1.4.2"
+        " --build-arg BASE_IMAGE=ingest-base:bookworm --build-arg APP_VERSION=1.4.2"
+        " --label io.ingest.schema-head=0002 --label io.ingest.source-hash=abc"
+        " --label org.opencontainers.image.version=1.4.2 service"
+    )
+
+
+def test_git_and_pip_commands_are_exact():
+    assert shlex.join(images.describe_command()) == "git describe --tags --always --dirty"
+    assert shlex.join(images.revision_command()) == "git rev-parse HEAD"
+    assert shlex.join(images.source_files_command()) == (
+        "git ls-files -z --cached --others --exclude-standard -- service"
+    )
+    command = images.wheelhouse_command("/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse"))
+    assert shlex.join(command) == (
+        "/venv/bin/python -m pip wheel --quiet -r service/requirements.txt -w service/wheelhouse"
+    )
+
+
+def test_image_name_and_tag_rules():
+    assert images.image_name("v1.2.3-4-gabc-dirty") == "ingest:v1.2.3-4-gabc-dirty"
+    assert images.valid_tag("1.4.2")
+    assert images.valid_tag("v0.1.0-3-g5dc6f26-dirty")
+    assert not images.valid_tag("-leading-dash")
+    assert not images.valid_tag("has/slash")
+    assert not images.valid_tag("x" * 129)
+
+
+FILES = [("service/a.py", b"print(1)\n", False), ("service/run.sh", b"#!/bin/sh\n", True)]
+
+
+def test_source_hash_is_stable_and_order_independent():
+    first = images.source_hash(FILES, "stamp", "sha256:base")
+    assert first == images.source_hash(list(reversed(FILES)), "stamp", "sha256:base")
+    assert len(first) == 64
+
+
+@pytest.mark.parametrize(
+    "files, stamp, base",
+    [
+        ([("service/a.py", b"print(2)\n", False), FILES[1]], "stamp", "sha256:base"),  # content
+        ([("service/b.py", b"print(1)\n", False), FILES[1]], "stamp", "sha256:base"),  # path
+        ([FILES[0], ("service/run.sh", b"#!/bin/sh\n", False)], "stamp", "sha256:base"),  # exec bit
+        (FILES, "other-stamp", "sha256:base"),  # wheelhouse
+        (FILES, "stamp", "sha256:other"),  # base image
+        (FILES[:1], "stamp", "sha256:base"),  # a file removed
+    ],
+)
+def test_source_hash_changes_with_every_input(files, stamp, base):
+    assert images.source_hash(files, stamp, base) != images.source_hash(FILES, "stamp", "sha256:base")
+
+
+def test_requirements_hash_depends_on_interpreter_and_pins():
+    base = images.requirements_hash(b"redis==8.1.0\n", "cp311-linux-sha256:a")
+    assert base != images.requirements_hash(b"redis==8.1.1\n", "cp311-linux-sha256:a")
+    assert base != images.requirements_hash(b"redis==8.1.0\n", "cp312-linux-sha256:a")
+    assert base != images.requirements_hash(b"redis==8.1.0\n", "cp311-linux-sha256:b")
+
+
+def _migration(revision, down):
+    return f'"""doc"""\nfrom alembic import op\nrevision = {revision!r}\ndown_revision = {down!r}\n'
+
+
+def _versions(tmp_path, migrations):
+    folder = tmp_path / "versions"
+    folder.mkdir()
+    for index, (revision, down) in enumerate(migrations):
+        (folder / f"{index:04d}_m.py").write_text(_migration(revision, down))
+    return folder
+
+
+def test_schema_head_of_a_linear_history(tmp_path):
+    folder = _versions(tmp_path, [("a1", None), ("b2", "a1"), ("c3", "b2")])
+    assert images.schema_head(folder) == "c3"
+
+
+def test_schema_head_after_a_merge(tmp_path):
+    folder = _versions(tmp_path, [("a", None), ("b", "a"), ("c", "a"), ("m", ("b", "c"))])
+    assert images.schema_head(folder) == "m"
+
+
+def test_schema_head_rejects_two_heads(tmp_path):
+    folder = _versions(tmp_path, [("a", None), ("b", "a"), ("c", "a")])
+    with pytest.raises(BuildError, match=r"exactly one Alembic head, found 2 \(b, c\).*alembic merge"):
+        images.schema_head(folder)
+
+
+def test_schema_head_rejects_a_dangling_down_revision(tmp_path):
+    folder = _versions(tmp_path, [("b", "a")])
+    with pytest.raises(BuildError, match="down_revision a has no migration file"):
+        images.schema_head(folder)
+
+
+def test_schema_head_without_migrations_is_none(tmp_path):
+    (tmp_path / "versions").mkdir()
+    assert images.schema_head(tmp_path / "versions") is None
+
+
+def test_parse_migration_reads_annotated_assignments_without_importing():
+    source = 'import does_not_exist\nrevision: str = "x9"\ndown_revision: str | None = "x8"\n'
+    assert images.parse_migration(source) == ("x9", ("x8",))
+    assert images.parse_migration("x = 1\n") is None
+
+
+def test_schema_head_of_the_service_matches_its_migrations():
+    versions = ROOT / "service" / "alembic" / "versions"
+    if not any(versions.glob("*.py")):
+        pytest.skip("service/alembic/versions has no migrations yet")
+    head = images.schema_head(versions)
+    revisions = {images.parse_migration(p.read_text())[0] for p in versions.glob("*.py")}
+    downs = {d for p in versions.glob("*.py") for d in images.parse_migration(p.read_text())[1]}
+    assert head in revisions and head not in downs
+
+
+# Requires-Dist as published by redis 8.1.0 and psycopg 3.3.9 (trimmed to what matters here).
+REQUIRES = {
+    "redis": ['async-timeout>=4.0.3; python_full_version < "3.11.3"', 'hiredis>=3.2.0; extra == "hiredis"'],
+    "psycopg": [
+        'typing-extensions>=4.6; python_version < "3.13"',
+        'psycopg-binary==3.3.9; implementation_name != "pypy" and extra == "binary"',
+    ],
+    "psycopg-binary": [],
+    "typing-extensions": [],
+}
+
+
+def test_missing_requirements_follow_the_images_interpreter_not_the_builders():
+    roots = ["redis==8.1.0", "psycopg[binary]==3.3.9"]
+    # bookworm's python3 is 3.11.2: redis needs async-timeout there, which pip on 3.11.7 skipped.
+    assert images.missing_requirements(roots, REQUIRES, images.target_environment("3.11.2")) == [
+        "async-timeout>=4.0.3"
+    ]
+    assert images.missing_requirements(roots, REQUIRES, images.target_environment("3.11.7")) == []
+
+
+def test_missing_requirements_honours_extras_only_when_requested():
+    without_extra = {**REQUIRES, "psycopg-binary": ["never-installed==1"]}
+    assert images.missing_requirements(["psycopg==3.3.9"], without_extra, images.target_environment("3.11.7")) == []
+    assert images.missing_requirements(
+        ["psycopg[binary]==3.3.9"], without_extra, images.target_environment("3.11.7")
+    ) == ["never-installed==1"]
+
+
+def test_requirement_lines_skip_comments_and_reject_pip_options(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# pins\nredis==8.1.0  # cache\n\npsycopg[binary]==3.3.9\n")
+    assert images.requirement_lines(requirements) == ["redis==8.1.0", "psycopg[binary]==3.3.9"]
+    requirements.write_text("--index-url http://example\n")
+    with pytest.raises(BuildError, match="pip options such as '--index-url http://example' are not supported"):
+        images.requirement_lines(requirements)

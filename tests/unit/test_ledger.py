@@ -1,0 +1,179 @@
+"""The ledger: entries, the secret guard, parsing torn files, merging hosts, history, pruning, shell commands."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from ingestctl import ledger
+from ingestctl.errors import ConfigError
+from ingestctl.ledger import GateResult, LedgerEntry, Step
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+SECRETS = {"API_KEY": "key-0123456789abcdef0123", "JWT_SECRET": "jwt-" + "z9" * 20}
+
+
+def entry(n: int, kind="deploy", release="v1", outcome="success", config="cfg000000001", **more) -> LedgerEntry:
+    started = T0 + timedelta(minutes=10 * n)
+    fields = {"image_id": f"sha256:{release}", "finished": started + timedelta(seconds=42), "duration_s": 42.0,
+              **more}
+    return LedgerEntry(id=f"e{n:03d}", kind=kind, env="local", release=release, config_version=config,
+                       who="ana@laptop", started=started, outcome=outcome, **fields)
+
+
+def test_serialise_round_trip_is_one_compact_line():
+    e = entry(1, steps=[Step(name="migrate", started=T0, duration_s=3.5)],
+              gates=[GateResult(name="metrics", passed=False, numbers={"error_ratio": 0.2, "max": 0.01}, host="app2")],
+              schema_head_before="0001", schema_head_after="0002", time_to_healthy_s=None)
+    line = ledger.serialise(e, SECRETS)
+    assert "\n" not in line and ": " not in line
+    record = json.loads(line)
+    assert record["gates"][0] == {"name": "metrics", "passed": False, "numbers": {"error_ratio": 0.2, "max": 0.01},
+                                  "host": "app2"}
+    assert "time_to_healthy_s" not in record  # None fields are left out
+    assert ledger.parse(line + "\n").entries == [e]
+
+
+@pytest.mark.parametrize("where", ["message", "step", "gate_number", "gate_key"])
+def test_serialise_refuses_any_secret(where):
+    secret = SECRETS["JWT_SECRET"]
+    fields = {
+        "message": {"message": f"jwt was {secret}"},
+        "step": {"steps": [Step(name=secret, started=T0, duration_s=1)]},
+        "gate_number": {"gates": [GateResult(name="bench", passed=True, numbers={"token": secret})]},
+        "gate_key": {"gates": [GateResult(name="bench", passed=True, numbers={secret: 1})]},
+    }[where]
+    with pytest.raises(ConfigError) as err:
+        ledger.serialise(entry(1, **fields), SECRETS)
+    assert "contains the value of JWT_SECRET; refusing to write it" in str(err.value)
+    assert secret not in str(err.value)
+
+
+def test_secret_guard_ignores_empty_and_matches_short_values_exactly():
+    ledger.assert_no_secret({"a": "x-value"}, {"EMPTY": "", "SHORT": "x"})
+    with pytest.raises(ConfigError, match="field a contains the value of SHORT"):
+        ledger.assert_no_secret({"a": "x"}, {"SHORT": "x"})
+
+
+def test_parse_tolerates_a_torn_last_line_and_reports_bad_middle_lines():
+    good1, good2 = (ledger.serialise(entry(n), {}) for n in (1, 2))
+    parsed = ledger.parse(f"{good1}\n{{broken\n{good2}\n{good1[:40]}", source="app2")
+    assert [e.id for e in parsed.entries] == ["e001", "e002"]
+    assert parsed.skipped == [
+        "app2 line 2: not a ledger entry (Expecting property name enclosed in double quotes), ignored",
+        "app2 line 4: torn last line (an interrupted write), ignored",
+    ]
+    assert ledger.parse("").entries == [] and ledger.parse("\n\n").skipped == []
+
+
+def test_later_line_with_same_id_supersedes():
+    provisional = entry(1, outcome="aborted")
+    final = entry(1, outcome="success")
+    parsed = ledger.parse(ledger.serialise(provisional, {}) + "\n" + ledger.serialise(final, {}) + "\n")
+    assert [(e.id, e.outcome) for e in parsed.entries] == [("e001", "success")]
+
+
+def test_unknown_fields_from_newer_writers_are_ignored():
+    record = json.loads(ledger.serialise(entry(1), {}))
+    record["added_in_v9"] = {"x": 1}
+    assert ledger.parse(json.dumps(record) + "\n").entries[0].id == "e001"
+
+
+def test_merge_deduplicates_and_prefers_the_finished_copy():
+    unfinished = entry(2).model_copy(update={"finished": None})
+    merged = ledger.merge({"db1": [entry(1), entry(2)], "app2": [unfinished, entry(3)], "app3": []})
+    assert [e.id for e in merged] == ["e001", "e002", "e003"]
+    assert merged[1].finished is not None
+
+
+def test_history_rows_newest_first_with_durations():
+    rows = ledger.history_rows([
+        entry(1, release="v1", schema_head_before=None, schema_head_after="0001"),
+        entry(2, release="v2", previous_release="v1", schema_head_before="0001", schema_head_after="0002",
+              bench_skipped=True),
+        entry(3, kind="rollback-app", release="v1", previous_release="v2", schema_head_before="0002",
+              schema_head_after="0002", time_to_healthy_s=7.25, duration_s=300.0),
+    ])
+    assert rows[0] == ["2024-05-01 12:30:00Z", "rollback-app", "v2 -> v1", "cfg000000001", "0002", "success",
+                       "5.0m", "7.2s", "ana@laptop", "e003"]
+    assert rows[1][2] == "v1 -> v2" and rows[1][4] == "0001 -> 0002" and rows[1][5] == "success (bench skipped)"
+    assert rows[2][4] == "empty -> 0001"
+    assert len(rows[0]) == len(ledger.HISTORY_COLUMNS)
+
+
+def test_release_stack_walks_back_through_rollbacks():
+    entries = [entry(1, release="v1"), entry(2, release="v2"), entry(3, release="v3", outcome="rolled-back"),
+               entry(4, release="v3"), entry(5, release="v3"),  # a no-op re-deploy pushes nothing
+               entry(6, kind="rollback-app", release="v2")]
+    assert [e.release for e in ledger.release_stack(entries)] == ["v1", "v2"]
+    entries.append(entry(7, kind="rollback-app", release="v1"))
+    assert [e.release for e in ledger.release_stack(entries)] == ["v1"]
+    # Config changes do not move releases.
+    entries.append(entry(8, kind="config-set", release="v1", config="cfg000000002"))
+    assert [e.release for e in ledger.release_stack(entries)] == ["v1"]
+    assert [e.config_version for e in ledger.config_stack(entries)] == ["cfg000000001", "cfg000000002"]
+
+
+def test_releases_to_prune_keeps_the_most_recently_live():
+    entries = [entry(n, release=f"v{n}") for n in range(1, 7)]
+    entries.append(entry(7, release="v7", outcome="rolled-back"))  # never live: pruned
+    prune = ledger.releases_to_prune(entries, keep=3)
+    assert [p.release for p in prune] == ["v7", "v1", "v2", "v3"]
+    assert prune[1].image_ids == ("sha256:v1",)
+    # Rolling back to v2 makes it live again, so it is kept over v4.
+    entries.append(entry(8, kind="rollback-app", release="v2"))
+    assert [p.release for p in ledger.releases_to_prune(entries, keep=3)] == ["v7", "v1", "v3", "v4"]
+
+
+def test_prune_never_lists_an_image_a_kept_release_uses():
+    entries = [entry(1, release="v1"), entry(2, release="v1-retag").model_copy(update={"image_id": "sha256:v1"}),
+               entry(3, release="v2")]
+    prune = ledger.releases_to_prune(entries, keep=2)
+    assert [(p.release, p.image_ids) for p in prune] == [("v1", ())]
+    with pytest.raises(ConfigError, match="keep_releases: expected an integer of at least 1, found 0"):
+        ledger.releases_to_prune(entries, keep=0)
+
+
+def test_new_entry_id_sorts_by_time():
+    a, b = ledger.new_entry_id(T0), ledger.new_entry_id(T0 + timedelta(seconds=1))
+    assert a.startswith("20240501T120000Z-") and a < b
+    assert "@" in ledger.who_am_i()
+
+
+def test_append_and_read_commands_exact():
+    line = '{"id":"e1","message":"it\'s $HOME `x`"}'
+    command = ledger.append_command(line, path="/var/lib/ingest/ledger.jsonl", wait_s=5)
+    assert command == (
+        "sh -c " + shlex.quote(ledger._APPEND_SCRIPT) + " ledger-append /var/lib/ingest/ledger.jsonl "
+        + shlex.quote(line) + " 5"
+    )
+    assert ledger.read_command("/var/lib/ingest/ledger.jsonl") == (
+        "if [ -f /var/lib/ingest/ledger.jsonl ]; then cat /var/lib/ingest/ledger.jsonl; fi"
+    )
+    with pytest.raises(ConfigError, match="single line"):
+        ledger.append_command("a\nb")
+
+
+def run(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30, check=True)
+
+
+def test_commands_work_in_a_real_shell(tmp_path):
+    """The built strings run under /bin/sh as they will on a host, against a temporary path."""
+    path = str(tmp_path / "var lib" / "ledger.jsonl")
+    assert run(ledger.read_command(path)).stdout == ""
+    lines = [ledger.serialise(entry(n, message=f"quote ' \" $PATH `id` {n}"), {}) for n in (1, 2)]
+    for line in lines:
+        run(ledger.append_command(line, path))
+    assert run(ledger.read_command(path)).stdout == lines[0] + "\n" + lines[1] + "\n"
+    # A torn write (no final newline) stays on its own line; the next entry is readable.
+    with open(path, "a") as handle:
+        handle.write(lines[0][:30])
+    third = ledger.serialise(entry(3), {})
+    run(ledger.append_command(third, path))
+    parsed = ledger.parse(run(ledger.read_command(path)).stdout)
+    assert [e.id for e in parsed.entries] == ["e001", "e002", "e003"]
+    assert len(parsed.skipped) == 1 and parsed.skipped[0].startswith("ledger line 3: not a ledger entry")

@@ -1,0 +1,79 @@
+"""Settings resolution: *_FILE secrets, precedence, and the connection strings derived from them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
+
+from ingest.settings import ConfigurationError, load_database_settings, load_settings  # noqa: E402
+
+GOOD = {"API_KEY": "ak-3f9c1d2e8b7a6f5e4d3c", "JWT_SECRET": "js-" + "9a8b7c6d5e4f3a2b1c0d" * 2,
+        "POSTGRES_PASSWORD": "pg-5d4c3b2a1f0e9d8c"}
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in list(__import__("os").environ):
+        if name.startswith(("POSTGRES_", "DATABASE_URL", "API_KEY", "JWT_", "REDIS_", "RATE_LIMIT", "PORT")):
+            monkeypatch.delenv(name)
+
+    def set_env(**values: str) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+
+    return set_env
+
+
+def test_secrets_from_files_strip_the_trailing_newline(env, tmp_path):
+    for name in GOOD:
+        (tmp_path / name).write_text(GOOD[name] + "\n")
+    env(**{f"{name}_FILE": str(tmp_path / name) for name in GOOD})
+    settings = load_settings()
+    assert settings.api_key.get_secret_value() == GOOD["API_KEY"]
+    assert settings.jwt_secret.get_secret_value() == GOOD["JWT_SECRET"]
+    assert "password=pg-5d4c3b2a1f0e9d8c" in settings.conninfo
+
+
+def test_environment_value_wins_over_its_file(env, tmp_path):
+    (tmp_path / "key").write_text("from-the-file-0123456789")
+    env(**GOOD, API_KEY_FILE=str(tmp_path / "key"))
+    assert load_settings().api_key.get_secret_value() == GOOD["API_KEY"]
+
+
+def test_database_parts_build_a_conninfo_with_escaped_password(env):
+    env(**{**GOOD, "POSTGRES_PASSWORD": "p@ss word/with:odd'chars"}, POSTGRES_HOST="db.internal",
+        POSTGRES_PORT="6543", POSTGRES_USER="svc", POSTGRES_DB="events")
+    settings = load_settings()
+    url = settings.sqlalchemy_url()
+    assert (url.host, url.port, url.username, url.database) == ("db.internal", 6543, "svc", "events")
+    assert url.password == "p@ss word/with:odd'chars"
+    assert "odd" not in url.render_as_string(hide_password=True)
+    assert settings.describe_database() == "db.internal:6543/events"
+
+
+def test_database_url_gets_the_password_from_its_file(env, tmp_path):
+    (tmp_path / "pw").write_text("pg-from-file-77")
+    env(DATABASE_URL="postgresql://svc@db:5432/ingest?sslmode=require", POSTGRES_PASSWORD_FILE=str(tmp_path / "pw"))
+    settings = load_database_settings()  # migrations: no API key or JWT secret needed
+    assert settings.sqlalchemy_url().password == "pg-from-file-77"
+    assert settings.sqlalchemy_url().query == {"sslmode": "require"}
+
+
+def test_errors_never_carry_the_value(env):
+    env(**{**GOOD, "JWT_SECRET": "s3cr3t-but-short"})
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert "s3cr3t-but-short" not in str(caught.value)
+    assert str(caught.value) == "JWT_SECRET: must be at least 32 bytes, found 16 bytes"
+
+
+def test_defaults_are_the_documented_ones(env):
+    env(**GOOD)
+    settings = load_settings()
+    assert (settings.port, settings.ingest_max_batch_items, settings.max_request_body_bytes,
+            settings.rate_limit_backend, settings.rate_limit_per_minute, settings.shutdown_grace_seconds,
+            settings.app_version, settings.log_level) == (8000, 1000, 1048576, "redis", 6000, 20.0, "dev", "INFO")

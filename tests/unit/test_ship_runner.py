@@ -1,0 +1,121 @@
+"""The pyinfra runner, run for real against pyinfra's `@local` connector (commands run on this machine).
+
+SSH hosts are covered by tests/e2e/test_ship.py; here the runner's own logic is exercised: results per host,
+changed vs noop, errors naming host and operation, host subsets, repeated runs in one process.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pyinfra import host
+from pyinfra.api import operation
+from pyinfra.operations import server
+
+from ingestctl import pyinfra_runner as runner
+from ingestctl.errors import ConfigError, HostError
+
+
+@operation()
+def marker_present(path: str):
+    """Create PATH unless it exists; a noop with a reason otherwise (facts-free on purpose: reads via test)."""
+    from pyinfra.facts.files import File
+
+    if host.get_fact(File, path=path):
+        host.noop(f"{path} already exists")
+        return
+    yield f"touch {path}"
+
+
+@pytest.fixture()
+def local_env(tmp_path, monkeypatch):
+    root = tmp_path / "checkout"
+    (root / "inventories").mkdir(parents=True)
+    (root / "service").mkdir()
+    (root / "inventories" / "unit.py").write_text('local = ["@local"]\n')
+    monkeypatch.setenv("INGESTCTL_ROOT", str(root))
+    return root
+
+
+def test_changed_then_noop_across_two_runs_in_one_process(local_env, tmp_path):
+    target = tmp_path / "marker"
+    call = runner.OperationCall(marker_present, kwargs={"path": str(target), "name": "Ensure marker exists"})
+
+    first = runner.run_operations("unit", [call])
+    assert target.exists()
+    assert first.hosts["@local"].success and first.hosts["@local"].changed
+    assert first.hosts["@local"].operations[0].name == "Ensure marker exists"
+    assert first.changed_hosts == ["@local"]
+
+    second = runner.run_operations("unit", [call])
+    result = second.hosts["@local"]
+    assert result.success and not result.changed
+    assert result.noops == (f"{target} already exists",)
+    assert second.changed_hosts == []
+
+
+def test_failure_names_host_operation_and_stderr(local_env, tmp_path):
+    calls = [
+        runner.OperationCall(server.shell, kwargs={"commands": ["echo broken-step >&2; exit 3"], "name": "Break on purpose"}),
+        runner.OperationCall(server.shell, kwargs={"commands": [f"touch {tmp_path / 'after'}"], "name": "After"}),
+    ]
+    with pytest.raises(HostError, match=r"host @local: operation 'Break on purpose' failed: broken-step"):
+        runner.run_operations("unit", calls)
+    assert not (tmp_path / "after").exists(), "operations after a failure must not run on that host"
+
+    result = runner.run_operations("unit", calls, raise_on_error=False)
+    local = result.hosts["@local"]
+    assert not local.success
+    assert [op.success for op in local.operations] == [False, False]
+    assert local.operations[1].error == "not run: host failed earlier"
+    assert [r.host for r in result.failed] == ["@local"]
+
+
+def test_run_deploy_with_data_override(local_env, tmp_path):
+    from pyinfra.api import deploy
+
+    @deploy("Write data")
+    def write_data():
+        server.shell(name="Write the data value", commands=[f"echo {host.data.word} > {tmp_path / 'word'}"])
+
+    result = runner.run_deploy("unit", write_data, data={"word": "hello"})
+    assert (tmp_path / "word").read_text() == "hello\n"
+    assert result.hosts["@local"].operations[0].name == "Write data | Write the data value"
+
+
+def test_host_subset_and_unknown_hosts(local_env, tmp_path):
+    (local_env / "inventories" / "multi.py").write_text(
+        'db = [("@local", {"roles": ["db"]})]\napp = ["@local"]\n'
+    )
+    call = runner.OperationCall(server.shell, kwargs={"commands": ["true"]})
+    result = runner.run_operations("multi", [call], hosts=["@local"])
+    assert list(result.hosts) == ["@local"]
+    inventory = runner.load_inventory("multi")
+    assert {"db", "app", "multi"} <= set(inventory.get_host("@local").groups)
+    with pytest.raises(ConfigError, match="hosts app9 are not in the inventory; it has @local"):
+        runner.run_operations("multi", [call], hosts=["app9"])
+    with pytest.raises(ConfigError, match="empty host subset"):
+        runner.run_operations("multi", [call], hosts=[])
+
+
+def test_missing_and_broken_inventories_are_config_errors(local_env):
+    with pytest.raises(ConfigError, match=r"inventory for environment 'nowhere' not found .*expected one of: unit"):
+        runner.load_inventory("nowhere")
+    (local_env / "inventories" / "broken.py").write_text("raise RuntimeError('bad inventory data')\n")
+    with pytest.raises(ConfigError, match="broken.py failed to load: RuntimeError: bad inventory data"):
+        runner.load_inventory("broken")
+    (local_env / "inventories" / "empty.py").write_text("NAME = 'x'\n")
+    with pytest.raises(ConfigError, match="defines no hosts"):
+        runner.load_inventory("empty")
+
+
+def test_unreachable_ssh_host_is_reported_not_raised(local_env):
+    # Port 9 on loopback: nothing listens there, so the connection is refused at once (no traffic leaves).
+    (local_env / "inventories" / "down.py").write_text(
+        'app = [("127.0.0.1", {"ssh_port": 9, "ssh_user": "nobody"})]\n'
+    )
+    call = runner.OperationCall(server.shell, kwargs={"commands": ["true"]})
+    result = runner.run_operations("down", [call], raise_on_error=False)
+    host_result = result.hosts["127.0.0.1"]
+    assert not host_result.success and host_result.error
+    with pytest.raises(HostError, match="host 127.0.0.1: "):
+        result.raise_for_failures()
