@@ -6,7 +6,7 @@ Usage: `pyinfra -y inventories/local.py exec -- docker info`, or `ingestctl depl
 
 from ingestctl.inventory import environment
 from ingestctl.testbed import state as testbed_state
-from ingestctl.testbed.images import POSTGRES_IMAGE, REDIS_IMAGE
+from ingestctl.testbed.images import POSTGRES_IMAGE, PROXY_IMAGE, REDIS_IMAGE
 
 _testbed = testbed_state.load()  # a clear "run `ingestctl testbed up`" error when the sandbox is not up
 
@@ -16,6 +16,12 @@ _env = environment(
         # The official postgres/redis images cannot be pulled here; the sandbox builds equivalents.
         "postgres_image": POSTGRES_IMAGE,
         "redis_image": REDIS_IMAGE,
+        "proxy_image": PROXY_IMAGE,
+        # Sized for a 2-core machine running three sandbox hosts: short windows, local benchmark profile.
+        "bench_profile": "local",
+        "metric_window_s": 5,
+        "health_timeout_s": 60,
+        "drain_grace_s": 15,
     },
     hosts={
         host.name: {

@@ -6,6 +6,7 @@ Subcommand groups live beside the code they drive and are attached here, so each
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,11 @@ def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Build, ship, gate and roll back the ingest service on a fleet of hosts."""
+    # pyinfra and paramiko log through `logging`; without a handler Python prints their warnings (e.g. about
+    # sandbox host keys) raw on stderr. ingestctl reports what matters itself, through its Reporter.
+    for name in ("pyinfra", "paramiko"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+        logging.getLogger(name).propagate = False
 
 
 @main.group("secrets")
@@ -137,6 +143,9 @@ def _attach_optional_groups() -> None:
     from ingestctl.testbed.commands import testbed
 
     main.add_command(testbed)
+    from ingestctl.images_cli import image
+
+    main.add_command(image)
 
 
 _attach_optional_groups()

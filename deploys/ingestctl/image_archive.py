@@ -10,12 +10,15 @@ Sites with a registry push instead (`push_commands`); their hosts pull (see inge
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import os
 import re
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +80,9 @@ def _run_docker(argv: list[str]) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(argv, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:
-        raise EnvironmentMissing("docker CLI not found: install Debian's docker.io (apt-get install docker.io)") from exc
+        raise EnvironmentMissing(
+            "docker CLI not found: install Debian's docker.io (apt-get install docker.io)"
+        ) from exc
 
 
 def local_image_id(image: str) -> str:
@@ -109,8 +114,25 @@ def ensure_archive(image_id: str) -> ImageArchive:
     with _archive_lock:
         digest = _read_sidecar(path)
         if digest is None or not path.exists():
-            digest = _save_archive(image_id, path)
+            with _cross_process_lock():
+                # Another process may have saved it while we waited.
+                digest = _read_sidecar(path)
+                if digest is None or not path.exists():
+                    digest = _save_archive(image_id, path)
+                    prune_archives(keep=local_image_ids() | {image_id})
         return ImageArchive(image_id=image_id, path=path, sha256=digest, size=path.stat().st_size)
+
+
+@contextmanager
+def _cross_process_lock() -> Iterator[None]:
+    """Two processes (a deploy and a test, say) must not interleave an archive's sidecar and file."""
+    archive_dir().mkdir(parents=True, exist_ok=True)
+    with open(archive_dir() / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _save_archive(image_id: str, path: Path) -> str:
@@ -134,11 +156,15 @@ def _save_archive(image_id: str, path: Path) -> str:
     try:
         process = subprocess.Popen(save_command(image_id), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError as exc:
-        raise EnvironmentMissing("docker CLI not found: install Debian's docker.io (apt-get install docker.io)") from exc
+        raise EnvironmentMissing(
+            "docker CLI not found: install Debian's docker.io (apt-get install docker.io)"
+        ) from exc
     try:
         with open(partial, "wb") as raw:
             # mtime=0 and no file name in the header: the same image always gives the same bytes.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=_HashingWriter(raw), compresslevel=COMPRESS_LEVEL, mtime=0) as gz:
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=_HashingWriter(raw), compresslevel=COMPRESS_LEVEL, mtime=0
+            ) as gz:
                 assert process.stdout is not None
                 while chunk := process.stdout.read(CHUNK):
                     gz.write(chunk)
@@ -157,6 +183,24 @@ def _save_archive(image_id: str, path: Path) -> str:
             process.kill()
             process.wait()
         partial.unlink(missing_ok=True)
+
+
+def local_image_ids() -> set[str]:
+    result = _run_docker(["docker", "image", "ls", "--all", "--quiet", "--no-trunc"])
+    if result.returncode != 0:
+        raise BuildError(f"listing local images failed: {result.stderr.strip() or 'no output'}")
+    return set(result.stdout.split())
+
+
+def prune_archives(keep: set[str]) -> list[Path]:
+    """Remove cached archives of images the local engine no longer has: they can never be shipped again."""
+    removed = []
+    for archive in sorted(archive_dir().glob("*.tar.gz")):
+        if f"sha256:{archive.name.removesuffix('.tar.gz')}" not in keep:
+            archive.unlink(missing_ok=True)
+            archive.with_name(archive.name + ".sha256").unlink(missing_ok=True)
+            removed.append(archive)
+    return removed
 
 
 def push_to_registry(image: str, registry: str) -> str:

@@ -73,16 +73,29 @@ def wheelhouse_command(python: str, requirements: Path, wheelhouse: Path) -> lis
 
 
 def build_command(
-    context: Path, image: str, base_image: str, version: str, labels: Mapping[str, str]
+    context: Path,
+    image: str,
+    base_image: str,
+    version: str,
+    labels: Mapping[str, str],
+    no_cache: bool = False,
 ) -> list[str]:
     command = [
         # --force-rm: a failed step's container is removed too, so failed builds leave nothing behind.
-        "docker", "build", "--force-rm",
-        "--file", str(context / "Dockerfile"),
-        "--tag", image,
-        "--build-arg", f"BASE_IMAGE={base_image}",
-        "--build-arg", f"APP_VERSION={version}",
+        "docker",
+        "build",
+        "--force-rm",
+        "--file",
+        str(context / "Dockerfile"),
+        "--tag",
+        image,
+        "--build-arg",
+        f"BASE_IMAGE={base_image}",
+        "--build-arg",
+        f"APP_VERSION={version}",
     ]
+    if no_cache:
+        command.append("--no-cache")
     for key in sorted(labels):
         command += ["--label", f"{key}={labels[key]}"]
     return [*command, str(context)]
@@ -167,7 +180,9 @@ def source_hash(files: Iterable[tuple[str, bytes, bool]], wheelhouse_stamp: str,
     """
     digest = hashlib.sha256()
     for path, content, executable in sorted(files):
-        digest.update(path.encode() + b"\0" + (b"x" if executable else b"-") + hashlib.sha256(content).digest())
+        digest.update(
+            path.encode() + b"\0" + (b"x" if executable else b"-") + hashlib.sha256(content).digest()
+        )
     digest.update(b"wheelhouse\0" + wheelhouse_stamp.encode())
     digest.update(b"base\0" + base_image_id.encode())
     return digest.hexdigest()
@@ -207,7 +222,9 @@ def parse_migration(source: str, filename: str = "<migration>") -> tuple[str, tu
     elif isinstance(down, (tuple, list)) and all(isinstance(item, str) for item in down):
         downs = tuple(down)
     else:
-        raise BuildError(f"{filename}: down_revision must be a string, a tuple of strings or None, found {down!r}")
+        raise BuildError(
+            f"{filename}: down_revision must be a string, a tuple of strings or None, found {down!r}"
+        )
     return revision, downs
 
 
@@ -246,7 +263,9 @@ def _run(argv: list[str], cwd: Path, what: str) -> str:
     except FileNotFoundError as exc:
         raise EnvironmentMissing(f"{what} needs `{argv[0]}`, which is not installed") from exc
     if result.returncode != 0:
-        raise BuildError(f"{what} failed: `{' '.join(argv)}` exited {result.returncode}: {result.stderr.strip()[-800:]}")
+        raise BuildError(
+            f"{what} failed: `{' '.join(argv)}` exited {result.returncode}: {result.stderr.strip()[-800:]}"
+        )
     return result.stdout
 
 
@@ -263,7 +282,9 @@ def requirement_lines(requirements: Path) -> list[str]:
         line = raw.split(" #", 1)[0].strip()
         if line and not line.startswith("#"):
             if line.startswith("-"):
-                raise BuildError(f"{requirements}: pip options such as {line!r} are not supported; list packages only")
+                raise BuildError(
+                    f"{requirements}: pip options such as {line!r} are not supported; list packages only"
+                )
             lines.append(line)
     return lines
 
@@ -285,9 +306,20 @@ def wheel_requires(wheelhouse: Path) -> dict[str, list[str]]:
 
 
 def base_python_version(base_image: str) -> str:
-    argv = ["docker", "run", "--rm", "--network", "none", base_image,
-            "python3", "-c", "import platform; print(platform.python_version())"]
-    version = _run(argv, paths.project_root(), f"reading the Python version of base image {base_image}").strip()
+    argv = [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        base_image,
+        "python3",
+        "-c",
+        "import platform; print(platform.python_version())",
+    ]
+    version = _run(
+        argv, paths.project_root(), f"reading the Python version of base image {base_image}"
+    ).strip()
     if not version.count(".") == 2:
         raise BuildError(f"base image {base_image} reported Python version {version!r}, expected X.Y.Z")
     return version
@@ -305,22 +337,35 @@ def ensure_wheelhouse(root: Path, base_image: str, base_image_id: str, progress:
     stamp = wheelhouse / STAMP_NAME
     if stamp.is_file() and stamp.read_text().strip() == wanted:
         return wanted
-    progress(f"building wheelhouse {wheelhouse.relative_to(root)} (requirements or base changed, or first build)")
+    progress(
+        f"building wheelhouse {wheelhouse.relative_to(root)} (requirements or base changed, or first build)"
+    )
     # Stale wheels of old pins would still satisfy `--find-links` lookups: start from an empty directory.
     shutil.rmtree(wheelhouse, ignore_errors=True)
     wheelhouse.mkdir(parents=True)
-    _run(wheelhouse_command(sys.executable, requirements, wheelhouse), root, "building the wheelhouse (pip wheel)")
+    _run(
+        wheelhouse_command(sys.executable, requirements, wheelhouse),
+        root,
+        "building the wheelhouse (pip wheel)",
+    )
     environment = target_environment(base_python_version(base_image))
     roots = requirement_lines(requirements)
     for _round in range(5):  # each round adds dependencies of the previous one's additions
         missing = missing_requirements(roots, wheel_requires(wheelhouse), environment)
         if not missing:
             break
-        progress(f"adding wheels the image's Python {environment['python_full_version']} needs: {', '.join(missing)}")
-        _run([sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheelhouse), *missing], root,
-             "completing the wheelhouse (pip wheel)")
+        progress(
+            f"adding wheels the image's Python {environment['python_full_version']} needs: {', '.join(missing)}"
+        )
+        _run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheelhouse), *missing],
+            root,
+            "completing the wheelhouse (pip wheel)",
+        )
     else:
-        raise BuildError(f"wheelhouse {wheelhouse} still lacks {', '.join(missing)} after 5 rounds of pip wheel")
+        raise BuildError(
+            f"wheelhouse {wheelhouse} still lacks {', '.join(missing)} after 5 rounds of pip wheel"
+        )
     stamp.write_text(wanted + "\n")
     return wanted
 
@@ -370,12 +415,18 @@ def _stream_build(argv: list[str], root: Path, progress: Progress) -> None:
     tail: deque[str] = deque(maxlen=40)
     try:
         process = subprocess.Popen(
-            argv, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            argv,
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             # Without buildx, the CLI's legacy builder is the one that works; say so to silence its notice.
             env={**os.environ, "DOCKER_BUILDKIT": os.environ.get("DOCKER_BUILDKIT", "0")},
         )
     except FileNotFoundError as exc:
-        raise EnvironmentMissing("docker CLI not found: install Debian's docker.io (apt-get install docker.io)") from exc
+        raise EnvironmentMissing(
+            "docker CLI not found: install Debian's docker.io (apt-get install docker.io)"
+        ) from exc
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip()
@@ -386,8 +437,13 @@ def _stream_build(argv: list[str], root: Path, progress: Progress) -> None:
         raise BuildError("docker build failed:\n" + "\n".join(tail))
 
 
-def build_app_image(version: str | None = None, progress: Progress | None = None) -> BuiltImage:
-    """Build (or reuse) `ingest:<version>`; version defaults to the checkout's `git describe`."""
+def build_app_image(
+    version: str | None = None, progress: Progress | None = None, no_cache: bool = False
+) -> BuiltImage:
+    """Build (or reuse) `ingest:<version>`; version defaults to the checkout's `git describe`.
+
+    NO_CACHE rebuilds every layer and the image even when its source hash is unchanged.
+    """
     say = progress or (lambda _message: None)
     started = time.monotonic()
     root = paths.project_root()
@@ -396,21 +452,32 @@ def build_app_image(version: str | None = None, progress: Progress | None = None
         raise BuildError(f"{service / 'Dockerfile'} is missing: the app image is built from it")
     version = version or checkout_version(root)
     if not valid_tag(version):
-        raise BuildError(f"version {version!r} is not a valid image tag: use letters, digits, '_', '.' and '-'")
+        raise BuildError(
+            f"version {version!r} is not a valid image tag: use letters, digits, '_', '.' and '-'"
+        )
     image = image_name(version)
 
     base_image = resolve_base_image(say)
     base = _inspect(base_image)
     if base is None:
-        raise BuildError(f"base image {base_image} is not in the local engine; unset {BASE_IMAGE_ENV} or build it")
+        raise BuildError(
+            f"base image {base_image} is not in the local engine; unset {BASE_IMAGE_ENV} or build it"
+        )
     stamp = ensure_wheelhouse(root, base_image, base["Id"], say)
     digest = compute_source_hash(root, stamp, base["Id"])
 
     existing = _inspect(image)
-    if existing is not None and (existing["Config"].get("Labels") or {}).get(LABEL_SOURCE_HASH) == digest:
+    labels_now = (existing or {}).get("Config", {}).get("Labels") or {}
+    if not no_cache and existing is not None and labels_now.get(LABEL_SOURCE_HASH) == digest:
         say(f"{image} is up to date (source hash {digest[:12]})")
-        return BuiltImage(image, existing["Id"], version, existing["Config"]["Labels"], cached=True,
-                          seconds=time.monotonic() - started)
+        return BuiltImage(
+            image,
+            existing["Id"],
+            version,
+            existing["Config"]["Labels"],
+            cached=True,
+            seconds=time.monotonic() - started,
+        )
 
     labels = {
         LABEL_VERSION: version,
@@ -420,7 +487,7 @@ def build_app_image(version: str | None = None, progress: Progress | None = None
         LABEL_SOURCE_HASH: digest,
     }
     say(f"building {image} on {base_image}")
-    _stream_build(build_command(Path("service"), image, base_image, version, labels), root, say)
+    _stream_build(build_command(Path("service"), image, base_image, version, labels, no_cache), root, say)
     built = _inspect(image)
     if built is None:
         raise BuildError(f"docker build reported success but {image} is not in the local engine")

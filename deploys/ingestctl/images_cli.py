@@ -8,7 +8,9 @@ import click
 
 from ingestctl.output import Reporter
 
-json_option = click.option("--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI.")
+json_option = click.option(
+    "--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI."
+)
 
 
 def _reporting(func):
@@ -24,18 +26,31 @@ def image() -> None:
 
 
 @image.command("build")
-@click.option("--version", "version", default=None, help="Image tag; defaults to `git describe --tags --always --dirty`.")
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Image tag; defaults to `git describe --tags --always --dirty`.",
+)
+@click.option("--no-cache", is_flag=True, help="Rebuild every layer even when the sources are unchanged.")
 @json_option
 @_reporting
-def build_command(version: str | None, reporter: Reporter) -> None:
+def build_command(version: str | None, no_cache: bool, reporter: Reporter) -> None:
     """Build ingest:VERSION from service/ (skipped when its sources are unchanged)."""
     from ingestctl.images import build_app_image
 
-    built = build_app_image(version, progress=lambda message: reporter.event("progress", message))
+    built = build_app_image(
+        version, progress=lambda message: reporter.event("progress", message), no_cache=no_cache
+    )
     verb = "up to date" if built.cached else "built"
     reporter.event(
-        "summary", f"{built.name} {verb}: {built.id} ({built.seconds:.1f}s)",
-        image=built.name, id=built.id, cached=built.cached, seconds=round(built.seconds, 2), labels=dict(built.labels),
+        "summary",
+        f"{built.name} {verb}: {built.id} ({built.seconds:.1f}s)",
+        image=built.name,
+        id=built.id,
+        cached=built.cached,
+        seconds=round(built.seconds, 2),
+        labels=dict(built.labels),
     )
 
 
@@ -59,10 +74,16 @@ def ship_command(env: str, version: str | None, hosts: tuple[str, ...], reporter
     rows = []
     for name, host_result in result.hosts.items():
         state = "changed" if host_result.changed else "noop"
-        rows.append([name, state, "; ".join(host_result.noops) or ", ".join(op.name for op in host_result.operations)])
+        rows.append(
+            [name, state, "; ".join(host_result.noops) or ", ".join(op.name for op in host_result.operations)]
+        )
     reporter.table(f"images on {env}", ["host", "result", "detail"], rows)
     reporter.event(
-        "summary", f"shipped {app_image} to {len(result.hosts)} hosts in {time.monotonic() - started:.1f}s "
+        "summary",
+        f"shipped {app_image} to {len(result.hosts)} hosts in {time.monotonic() - started:.1f}s "
         f"({len(result.changed_hosts)} changed)",
-        image=app_image, env=env, changed=result.changed_hosts, seconds=round(time.monotonic() - started, 2),
+        image=app_image,
+        env=env,
+        changed=result.changed_hosts,
+        seconds=round(time.monotonic() - started, 2),
     )

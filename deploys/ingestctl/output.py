@@ -18,8 +18,8 @@ class Reporter:
     def __init__(self, json_mode: bool = False) -> None:
         self.json_mode = json_mode
         self.started = time.monotonic()
-        # Human output goes to stderr for progress so stdout stays clean for tables and summaries.
-        self.console = Console(stderr=False, highlight=False)
+        # soft_wrap: long lines (errors, summaries) stay whole when piped into logs or CI output.
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 2)

@@ -14,18 +14,18 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyinfra.operations import server
 
 from ingestctl import fleet, gates, hostlayout, paths
 from ingestctl import config as config_mod
 from ingestctl import inventory as inventory_mod
 from ingestctl import pyinfra_runner as runner
 from ingestctl import secrets as secrets_mod
-from ingestctl.errors import ConfigError, GateFailed, HostError, IngestctlError, RollbackFailed
+from ingestctl.errors import GateFailed, IngestctlError, RollbackFailed
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
@@ -110,8 +110,11 @@ class Checkpoints:
         def handler(signum, _frame):
             self.signalled = signal.Signals(signum).name
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        self._previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, previous in getattr(self, "_previous", {}).items():
+            signal.signal(sig, previous)
 
     def check(self, where: str) -> None:
         if self.flag.exists():
@@ -265,6 +268,11 @@ def env_for_bench(ctx: Context) -> dict[str, str]:
     return env
 
 
+def report_gate(reporter: Reporter, gate: gates.GateResult, **extra: Any) -> None:
+    fields = {k: v for k, v in gate.as_dict().items() if k != "message"}
+    reporter.event("gate", gate.message, **fields, **extra)
+
+
 def raise_gate_failure(result: gates.GateResult) -> None:
     raise GateFailed(f"{result.name} gate failed: {result.message}")
 
@@ -274,49 +282,37 @@ def raise_gate_failure(result: gates.GateResult) -> None:
 
 def ship_images(ctx: Context, release: Release) -> None:
     """Every host gets the app and proxy images; the db host also its database images. Noop when present."""
-    from ingestctl.operations.shipping import images_shipped
-
-    app_only = [h for h in ctx.env.all_hosts if h != ctx.env.db_host]
     common = [release.image, ctx.infra_images["PROXY_IMAGE"]]
-    db_images = [*common, ctx.infra_images["POSTGRES_IMAGE"], ctx.infra_images["REDIS_IMAGE"]]
-    for hosts, images in (([ctx.env.db_host], db_images), (app_only, common)):
-        if hosts:
-            result = runner.run_deploy(ctx.name, images_shipped, images=images, hosts=hosts)
-            ctx.reporter.event("step", f"images on {', '.join(hosts)}: "
-                               + ("shipped" if result.changed_hosts else "already present (noop)"),
-                               step="ship", hosts=hosts, changed=result.changed_hosts)
+    images_for = {
+        host: common + ([ctx.infra_images["POSTGRES_IMAGE"], ctx.infra_images["REDIS_IMAGE"]]
+                        if host == ctx.env.db_host else [])
+        for host in ctx.env.all_hosts
+    }
+    result = runner.run_deploy(ctx.name, release_ops.images_for_role_shipped, images_for=images_for)
+    ctx.reporter.event("step", "images: " + (f"shipped to {', '.join(result.changed_hosts)}"
+                                             if result.changed_hosts else "already on every host (noop)"),
+                       step="ship", changed=result.changed_hosts)
 
 
 def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
     """Layout, compose file and the config version on every host; the database running on the db host."""
-    calls_for: dict[str, list[runner.OperationCall]] = {}
-    for host in ctx.env.all_hosts:
-        roles = ctx.env.hosts[host].roles
-        compose_text = hostlayout.render_compose(
-            host, roles, ctx.db_address(host), ctx.env.data.app_uid, ctx.ports,
-            stop_grace_s=ctx.env.data.drain_grace_s,
-        )
-        calls_for[host] = [
-            runner.OperationCall(
-                release_ops.layout_present,
-                kwargs=dict(name="Ensure ingest host layout is present", compose_text=compose_text,
-                            infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid,
-                            ports=ctx.ports, max_body_bytes=ctx.max_body_bytes),
-            ),
-            *config_calls(ctx, cfg),
-        ]
-    for host, calls in calls_for.items():
-        runner.run_operations(ctx.name, calls, hosts=[host])
-    runner.run_operations(
-        ctx.name,
-        [runner.OperationCall(
-            release_ops.database_running,
-            kwargs=dict(name="Ensure PostgreSQL and Redis are running",
-                        password=cfg.secrets["POSTGRES_PASSWORD"],
-                        postgres_uid=ctx.env.data.postgres_uid, infra_images=ctx.infra_images),
-        )],
-        hosts=[ctx.env.db_host],
+    compose_for = {
+        host: hostlayout.render_compose(host, ctx.env.hosts[host].roles, ctx.db_address(host), ctx.env.data.app_uid,
+                                        ctx.ports, stop_grace_s=ctx.env.data.drain_grace_s)
+        for host in ctx.env.all_hosts
+    }
+    layout_call = runner.OperationCall(
+        release_ops.layout_present,
+        kwargs=dict(name="Ensure ingest host layout is present", compose_for=compose_for,
+                    infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid, ports=ctx.ports,
+                    max_body_bytes=ctx.max_body_bytes),
     )
+    database_call = runner.OperationCall(
+        release_ops.database_running,
+        kwargs=dict(name="Ensure PostgreSQL and Redis are running", password=cfg.secrets["POSTGRES_PASSWORD"],
+                    postgres_uid=ctx.env.data.postgres_uid, infra_images=ctx.infra_images),
+    )
+    runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call])
     ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",
                        step="config", config_version=cfg.version)
 
@@ -383,8 +379,6 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
                    + " | ".join(", ".join(b) for b in batches), batches=batches,
                    config_version=ctx.config.version, config=ctx.config.masked())
 
-    checkpoints = Checkpoints(env_name)
-    checkpoints.install()
     run = Run(new_run_id(), "deploy", env_name, ctx.who)
 
     started = time.time()
@@ -398,84 +392,112 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
     reporter.event("step", f"image {release.image} ({release.image_id[:19]}) ready", step="build",
                    image=release.image, image_id=release.image_id, cached=built.cached)
 
-    acquire_lock(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}")
-    switched: list[str] = []
-    before: dict[str, dict | None] = {}
-    outcome = "failed"
-    try:
-        before = host_states(ctx)
-        previous = {h: (s or {}).get("release") for h, s in before.items()}
-        run.facts["previous"] = previous
-        checkpoints.check("shipping images")
+    with guarded(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}") as guard:
+        run.facts["previous"] = {h: (s or {}).get("release") for h, s in guard.before.items()}
+        guard.checkpoints.check("shipping images")
         started = time.time()
         ship_images(ctx, release)
         run.step("ship", started)
 
-        checkpoints.check("writing config")
+        guard.checkpoints.check("writing config")
         started = time.time()
         prepare_hosts(ctx, ctx.config)
         run.step("config", started)
 
-        checkpoints.check("migrating")
+        guard.checkpoints.check("migrating")
         started = time.time()
         run.facts.update(migrate(ctx, release, ctx.config, run.id))
         run.step("migrate", started)
 
-        for number, hosts in enumerate(batches, start=1):
-            checkpoints.check(f"batch {number}")
-            started = time.time()
-            reporter.event("step", f"batch {number} of {len(batches)}: {', '.join(hosts)}", step="rollout",
-                           batch=number, batches=len(batches), hosts=hosts)
-            result = runner.run_operations(ctx.name, switch_calls(ctx, release, ctx.config.version),
-                                           hosts=hosts, raise_on_error=False)
-            changed = [h for h in hosts if h in result.changed_hosts or h in (r.host for r in result.failed)]
-            switched += changed
-            if result.failed:
-                raise GateFailed("switch failed: " + "; ".join(r.describe_failure() for r in result.failed))
-            if not changed:
-                reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
-                run.step(f"batch {number}", started)
-                continue
-            for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m)):
-                run.gates.append({**gate.as_dict(), "batch": number})
-                reporter.event("gate", gate.message, **gate.as_dict(), batch=number)
-                if not gate.passed:
-                    raise_gate_failure(gate)
-            run.step(f"batch {number}", started)
+        rollout(ctx, run, batches, release, ctx.config.version, guard.checkpoints, guard.switched)
 
-        if switched and not skip_bench:
-            checkpoints.check("the benchmark gate")
+        if guard.switched and not skip_bench:
+            guard.checkpoints.check("the benchmark gate")
             started = time.time()
             script = str(paths.project_root() / "scripts" / "benchmark_queries.py")
             urls = [ctx.base_url(h) for h in ctx.env.app_hosts]
             reporter.event("progress", f"benchmark gate: profile {ctx.env.data.bench_profile} on {len(urls)} host(s)")
             gate = gates.bench_gate(urls, script, env_for_bench(ctx))
             run.gates.append(gate.as_dict())
-            reporter.event("gate", gate.message, **gate.as_dict())
+            report_gate(reporter, gate)
             run.step("benchmark", started)
             if not gate.passed:
                 raise_gate_failure(gate)
         elif skip_bench:
             run.gates.append({"gate": "benchmark", "passed": None, "message": "skipped (--skip-bench)"})
             reporter.event("gate", "benchmark gate skipped (--skip-bench)", gate="benchmark", skipped=True)
-        outcome = "success" if switched else "noop"
-        return run
-    except (GateFailed, Aborted, HostError) as exc:
-        if switched:
-            rollback_hosts(ctx, before, switched, str(exc))
-            outcome = "rolled-back"
-            raise GateFailed(f"{exc}; rolled back {', '.join(switched)} to the previous release") from exc
-        outcome = "failed"
-        if isinstance(exc, HostError):
-            raise
-        raise GateFailed(f"{exc}; no host was switched") from exc
+    return run
+
+
+@dataclass
+class Guard:
+    before: dict[str, dict | None]
+    checkpoints: Checkpoints
+    switched: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterator[Guard]:
+    """The frame of every mutating action: lock, remember what each host ran, and on any failure after a
+    host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock."""
+    checkpoints = Checkpoints(ctx.name)
+    checkpoints.install()
+    acquire_lock(ctx, run, lock_wait_s, command)
+    guard = Guard(before={}, checkpoints=checkpoints)
+    outcome = "failed"
+    try:
+        guard.before = host_states(ctx)
+        yield guard
+        outcome = "success" if guard.switched else "noop"
     except RollbackFailed:
         outcome = "rollback-failed"
         raise
+    except Exception as exc:  # any failure after a switch, expected or not, must put the fleet back
+        run.facts["message"] = str(exc)
+        if guard.switched:
+            rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            outcome = "rolled-back"
+            raise GateFailed(f"{exc}; rolled back {', '.join(guard.switched)} to what they ran before") from exc
+        outcome = "aborted" if isinstance(exc, Aborted) else "failed"
+        if isinstance(exc, (GateFailed, Aborted)):
+            raise GateFailed(f"{exc}; no host was switched") from exc
+        raise
     finally:
+        checkpoints.uninstall()
         run.facts["outcome"] = outcome
-        run.facts["switched"] = switched
+        run.facts["switched"] = guard.switched
         finish(ctx, run)
+
+
+def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, config_version: str,
+            checkpoints: Checkpoints, switched: list[str]) -> None:
+    """Switch batch after batch to RELEASE with CONFIG_VERSION, each batch gated on health and live metrics.
+
+    SWITCHED grows as hosts change, so the caller can roll exactly those back when this raises.
+    """
+    reporter = ctx.reporter
+    for number, hosts in enumerate(batches, start=1):
+        checkpoints.check(f"batch {number}")
+        started = time.time()
+        reporter.event("step", f"batch {number} of {len(batches)}: {', '.join(hosts)}", step="rollout",
+                       batch=number, batches=len(batches), hosts=hosts)
+        result = runner.run_operations(ctx.name, switch_calls(ctx, release, config_version),
+                                       hosts=hosts, raise_on_error=False)
+        failed = [r.host for r in result.failed]
+        changed = [h for h in hosts if h in result.changed_hosts or h in failed]
+        switched += changed
+        if failed:
+            raise GateFailed("switch failed: " + "; ".join(r.describe_failure() for r in result.failed))
+        if not changed:
+            reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
+            run.step(f"batch {number}", started)
+            continue
+        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m)):
+            run.gates.append({**gate.as_dict(), "batch": number})
+            report_gate(reporter, gate, batch=number)
+            if not gate.passed:
+                raise_gate_failure(gate)
+        run.step(f"batch {number}", started)
 
 
 def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool) -> Run:

@@ -56,6 +56,8 @@ class HostResult:
         return any(op.changed for op in self.operations)
 
     def describe_failure(self) -> str:
+        if self.error:
+            return f"host {self.host}: {self.error}"
         failed = [op for op in self.operations if not op.success]
         if failed:
             op = failed[0]
@@ -113,7 +115,9 @@ def _is_group(key: str, value: Any) -> bool:
         value = value[0]
     if not isinstance(value, list):
         return False
-    return all(isinstance(item, str) or (isinstance(item, tuple) and isinstance(item[0], str)) for item in value)
+    return all(
+        isinstance(item, str) or (isinstance(item, tuple) and isinstance(item[0], str)) for item in value
+    )
 
 
 def load_inventory(env: str | Path, data: Mapping[str, Any] | None = None) -> Inventory:
@@ -164,7 +168,7 @@ class _Collector(BaseStateCallback, logging.Handler):
         self.noops: dict[str, list[str]] = {}
         self.warnings: list[str] = []
 
-    def host_connect_error(self, state, host, error):  # noqa: ARG002 - pyinfra's callback signature
+    def host_connect_error(self, state, host, error):
         self.connect_errors[host.name] = str(error)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -237,7 +241,7 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
                 add(state, host)
             except IngestctlError:
                 raise  # a local problem (missing image, bad inventory data): no host is at fault
-            except Exception as exc:  # pyinfra raises many types while preparing; each fails only this host
+            except Exception as exc:  # noqa: BLE001 - pyinfra raises many types while preparing; each fails only this host
                 prepare_errors[host.name] = f"preparing operations failed: {type(exc).__name__}: {exc}"
                 state.active_hosts.discard(host)
                 state.failed_hosts.add(host)
@@ -272,13 +276,17 @@ def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[st
             meta = op_data.operation_meta
             name = ", ".join(sorted(state.get_op_meta(op_hash).names))
             if not meta.is_complete():
-                operations.append(OperationResult(name, success=False, changed=False, error="not run: host failed earlier"))
+                operations.append(
+                    OperationResult(name, success=False, changed=False, error="not run: host failed earlier")
+                )
                 continue
             error = None
             if meta.did_error():
                 lines = meta.stderr_lines or meta.stdout_lines
                 error = "\n".join(lines[-ERROR_TAIL_LINES:]) or "command failed without output"
-            operations.append(OperationResult(name, success=meta.did_succeed(), changed=meta.did_change(), error=error))
+            operations.append(
+                OperationResult(name, success=meta.did_succeed(), changed=meta.did_change(), error=error)
+            )
         error = collector.connect_errors.get(host.name) or prepare_errors.get(host.name)
         if error is None and host in state.failed_hosts and all(op.success for op in operations):
             mentions = [line for line in collector.warnings if f"[{host.name}]" in line]

@@ -47,9 +47,26 @@ def ingestctl(*args: str, env: dict | None = None, timeout: float = 900) -> subp
     """Run the real `ingestctl` console script from the checkout, capturing its output."""
     executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
     return subprocess.run(
-        [executable, *args], cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}, capture_output=True,
-        text=True, timeout=timeout, check=False,
+        [executable, *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def run_ingestctl() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_ingestctl("testbed", "status", "--json", env={...})`: the real console script, output captured."""
+    return ingestctl
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A docker SDK client for the local engine; skips with how to get Docker when there is none."""
+    return docker_or_skip()
 
 
 @pytest.fixture(scope="session")

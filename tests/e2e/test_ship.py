@@ -1,14 +1,12 @@
 """Image shipping end to end: real sandbox hosts over SSH, real `docker save`/`load`, real faults.
 
-Needs the Docker engine and the sandbox (`ingestctl testbed up`, started by the fixture if needed).
+Needs the Docker engine; the session's sandbox comes from the shared `testbed` fixture (tests/e2e/conftest.py).
 The registry path (`registry` inventory data) is covered only by command-string unit tests: no image
 registry can be reached on this kind of machine, and none is started here.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,27 +16,6 @@ pytestmark = pytest.mark.e2e
 
 APP_VERSION = "e2e-ship"
 CORRUPT_VERSION = "e2e-ship-corrupt"
-
-
-def _docker_answers() -> str | None:
-    if shutil.which("docker") is None:
-        return "docker CLI missing: apt-get install docker.io, then start `dockerd`"
-    import subprocess
-
-    result = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"the Docker engine does not answer ({result.stderr.strip()[:200]}): start `dockerd`"
-    return None
-
-
-@pytest.fixture(scope="module")
-def testbed():
-    reason = _docker_answers()
-    if reason:
-        pytest.skip(reason)
-    from ingestctl.testbed import lifecycle
-
-    return lifecycle.up(lambda message: print(f"testbed: {message}")).state
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +38,7 @@ def _ssh(testbed, host_name: str, command: str) -> tuple[int, str, str]:
     from ingestctl.testbed import probe
 
     host = testbed.host(host_name)
-    return probe.run_ssh(host.address, host.ssh_port, testbed.ssh_user, testbed.ssh_key, command, timeout=30)
+    return probe.run_ssh(host.address, host.ssh_port, testbed.ssh_user, testbed.ssh_key, command, timeout=60)
 
 
 def _host_image_id(testbed, host_name: str, image: str) -> str | None:
@@ -70,7 +47,11 @@ def _host_image_id(testbed, host_name: str, image: str) -> str | None:
 
 
 def _host_images(testbed, host_name: str) -> str:
-    status, out, err = _ssh(testbed, host_name, "docker images --all --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' | sort")
+    status, out, err = _ssh(
+        testbed,
+        host_name,
+        "docker images --all --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' | sort",
+    )
     assert status == 0, err
     return out
 
@@ -108,12 +89,14 @@ def test_ship_to_all_hosts_then_reship_is_a_noop(testbed, inventory, app_image):
     result, first_s = _ship(inventory, app_image.name)
     assert sorted(result.hosts) == sorted(hosts)
     assert all(r.success for r in result.hosts.values())
-    assert sorted(result.changed_hosts) == sorted(hosts), "every host lacked the app image, so every host changes"
+    assert sorted(result.changed_hosts) == sorted(hosts), (
+        "every host lacked the app image, so every host changes"
+    )
 
     # Identity survives save/upload/load: each host resolves the name to the very image ID built here.
     for name in hosts:
         assert _host_image_id(testbed, name, app_image.name) == app_image.id
-        status, out, _ = _ssh(testbed, name, "ls /tmp | grep -c ingestctl-image- || true")
+        _status, out, _ = _ssh(testbed, name, "ls /tmp | grep -c ingestctl-image- || true")
         assert out.strip() == "0", f"{name}: the uploaded archive must be removed after loading"
     for db_host in testbed.hosts_with_role("db"):
         for image in sidecars:

@@ -21,7 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "after_deploy: checks state a deploy creates; deselect with -m 'not after_deploy' on bare hosts"
+        "markers",
+        "after_deploy: checks state a deploy creates; deselect with -m 'not after_deploy' on bare hosts",
     )
     if config.option.hosts:
         return

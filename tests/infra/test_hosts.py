@@ -50,7 +50,7 @@ def test_password_login_is_disabled(host):
 
 
 def test_authorized_keys_are_private(host):
-    path = host.run("printf %s \"$HOME\"").stdout + "/.ssh/authorized_keys"
+    path = host.run('printf %s "$HOME"').stdout + "/.ssh/authorized_keys"
     keys = host.file(path)
     assert keys.exists, f"{host.backend.hostname}: {path} missing, yet we logged in by key"
     assert _private(keys.mode), f"{host.backend.hostname}: {path} has mode {keys.mode:04o}; expected 0600"

@@ -6,7 +6,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from ingestctl import images
 from ingestctl.errors import BuildError
 
@@ -28,13 +27,23 @@ def test_build_command_is_exact():
     )
 
 
+def test_build_command_without_layer_cache():
+    command = images.build_command(Path("service"), "ingest:1", "b", "1", {}, no_cache=True)
+    assert shlex.join(command) == (
+        "docker build --force-rm --file service/Dockerfile --tag ingest:1"
+        " --build-arg BASE_IMAGE=b --build-arg APP_VERSION=1 --no-cache service"
+    )
+
+
 def test_git_and_pip_commands_are_exact():
     assert shlex.join(images.describe_command()) == "git describe --tags --always --dirty"
     assert shlex.join(images.revision_command()) == "git rev-parse HEAD"
     assert shlex.join(images.source_files_command()) == (
         "git ls-files -z --cached --others --exclude-standard -- service"
     )
-    command = images.wheelhouse_command("/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse"))
+    command = images.wheelhouse_command(
+        "/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse")
+    )
     assert shlex.join(command) == (
         "/venv/bin/python -m pip wheel --quiet -r service/requirements.txt -w service/wheelhouse"
     )
@@ -158,7 +167,10 @@ def test_missing_requirements_follow_the_images_interpreter_not_the_builders():
 
 def test_missing_requirements_honours_extras_only_when_requested():
     without_extra = {**REQUIRES, "psycopg-binary": ["never-installed==1"]}
-    assert images.missing_requirements(["psycopg==3.3.9"], without_extra, images.target_environment("3.11.7")) == []
+    assert (
+        images.missing_requirements(["psycopg==3.3.9"], without_extra, images.target_environment("3.11.7"))
+        == []
+    )
     assert images.missing_requirements(
         ["psycopg[binary]==3.3.9"], without_extra, images.target_environment("3.11.7")
     ) == ["never-installed==1"]
@@ -169,5 +181,7 @@ def test_requirement_lines_skip_comments_and_reject_pip_options(tmp_path):
     requirements.write_text("# pins\nredis==8.1.0  # cache\n\npsycopg[binary]==3.3.9\n")
     assert images.requirement_lines(requirements) == ["redis==8.1.0", "psycopg[binary]==3.3.9"]
     requirements.write_text("--index-url http://example\n")
-    with pytest.raises(BuildError, match="pip options such as '--index-url http://example' are not supported"):
+    with pytest.raises(
+        BuildError, match="pip options such as '--index-url http://example' are not supported"
+    ):
         images.requirement_lines(requirements)

@@ -7,12 +7,11 @@ changed vs noop, errors naming host and operation, host subsets, repeated runs i
 from __future__ import annotations
 
 import pytest
+from ingestctl import pyinfra_runner as runner
+from ingestctl.errors import ConfigError, HostError
 from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.operations import server
-
-from ingestctl import pyinfra_runner as runner
-from ingestctl.errors import ConfigError, HostError
 
 
 @operation()
@@ -55,8 +54,12 @@ def test_changed_then_noop_across_two_runs_in_one_process(local_env, tmp_path):
 
 def test_failure_names_host_operation_and_stderr(local_env, tmp_path):
     calls = [
-        runner.OperationCall(server.shell, kwargs={"commands": ["echo broken-step >&2; exit 3"], "name": "Break on purpose"}),
-        runner.OperationCall(server.shell, kwargs={"commands": [f"touch {tmp_path / 'after'}"], "name": "After"}),
+        runner.OperationCall(
+            server.shell, kwargs={"commands": ["echo broken-step >&2; exit 3"], "name": "Break on purpose"}
+        ),
+        runner.OperationCall(
+            server.shell, kwargs={"commands": [f"touch {tmp_path / 'after'}"], "name": "After"}
+        ),
     ]
     with pytest.raises(HostError, match=r"host @local: operation 'Break on purpose' failed: broken-step"):
         runner.run_operations("unit", calls)
@@ -98,7 +101,9 @@ def test_host_subset_and_unknown_hosts(local_env, tmp_path):
 
 
 def test_missing_and_broken_inventories_are_config_errors(local_env):
-    with pytest.raises(ConfigError, match=r"inventory for environment 'nowhere' not found .*expected one of: unit"):
+    with pytest.raises(
+        ConfigError, match=r"inventory for environment 'nowhere' not found .*expected one of: unit"
+    ):
         runner.load_inventory("nowhere")
     (local_env / "inventories" / "broken.py").write_text("raise RuntimeError('bad inventory data')\n")
     with pytest.raises(ConfigError, match="broken.py failed to load: RuntimeError: bad inventory data"):

@@ -55,6 +55,10 @@ class IngestState(FactBase[dict | None]):
 class ConfigVersions(FactBase[list[str]]):
     """Config versions fully written on the host (a version dir without its .complete marker is ignored)."""
 
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
     def command(self) -> str:
         return f"for d in {BASE}/config/*/; do [ -f \"$d.complete\" ] && basename \"$d\"; done 2>/dev/null; true"
 
@@ -75,3 +79,25 @@ class SchemaHead(FactBase[str | None]):
     def process(self, output: list[str]) -> str | None:
         heads = [line.strip() for line in output if line.strip()]
         return heads[0] if heads else None
+
+
+class RunningServices(FactBase[dict[str, str]]):
+    """Running containers of the ingest compose project: {service: image}."""
+
+    @staticmethod
+    def default() -> dict[str, str]:
+        return {}
+
+    def command(self) -> str:
+        return (
+            "docker ps --filter label=com.docker.compose.project=ingest --filter status=running "
+            "--format '{{.Label \"com.docker.compose.service\"}} {{.Image}}'"
+        )
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        services = {}
+        for line in output:
+            parts = line.split()
+            if len(parts) == 2:
+                services[parts[0]] = parts[1]
+        return services

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import shlex
 
+from ingestctl.facts.docker import DockerImage
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, StringCommand, operation
-
-from ingestctl.facts.docker import DockerImage
 
 
 def image_loaded_name(image: str) -> str:

@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import deploy, operation
 from pyinfra.operations import files
 
 from ingestctl import hostlayout as layout
 from ingestctl.errors import HostError
-from ingestctl.facts.release import ComposeBinary, ConfigVersions, IngestState
+from ingestctl.facts.release import ComposeBinary, ConfigVersions, IngestState, RunningServices
 
 
 def compose_binary() -> str:
@@ -36,9 +36,13 @@ def dotenv(infra_images: Mapping[str, str], slots: Mapping[str, Mapping[str, str
 
 
 @operation()
-def layout_present(compose_text: str, infra_images: Mapping[str, str], app_uid: int, ports: layout.Ports,
+def layout_present(compose_for: Mapping[str, str], infra_images: Mapping[str, str], app_uid: int, ports: layout.Ports,
                    max_body_bytes: int):
-    """Ensure the ingest directory, compose file, compose .env and proxy config exist on the host."""
+    """Ensure the ingest directory, compose file, compose .env and proxy config exist on the host.
+
+    + compose_for: the rendered compose file for each host name (hosts differ by role)
+    """
+    compose_text = compose_for[host.name]
     state = host.get_fact(IngestState) or {}
     yield from files.directory._inner(path=layout.BASE, mode="755")
     for sub, mode in (("config", "711"), ("backups", "700"), ("proxy", "755"), ("db", "700")):
@@ -82,11 +86,19 @@ def config_version_present(version: str, env_text: str, secret_files: Mapping[st
 @operation()
 def database_running(password: str, postgres_uid: int, infra_images: Mapping[str, str]):
     """Ensure PostgreSQL and Redis run on the db host and PostgreSQL accepts connections."""
+    if "db" not in host.groups:
+        host.noop("not the db host")
+        return
     binary = compose_binary()
     yield from files.put._inner(
         src=StringIO(password), dest=f"{layout.BASE}/db/secrets/postgres_password", mode="600",
         user=str(postgres_uid), group=str(postgres_uid),
     )
+    running = host.get_fact(RunningServices)
+    wanted = {"postgres": infra_images["POSTGRES_IMAGE"], "redis": infra_images["REDIS_IMAGE"]}
+    if all(running.get(service) == image for service, image in wanted.items()):
+        host.noop("postgres and redis already running")
+        return
     yield layout.start_db(binary)
     yield layout.wait_db_healthy(binary)
 
@@ -160,3 +172,11 @@ def schema_migrated(image: str, config_version: str, infra_images: Mapping[str, 
     binary = compose_binary()
     yield layout.restore_point(binary, restore_point)
     yield layout.run_migrate(binary, image, config_version, *alembic_args)
+
+
+@deploy("Ship the images this host needs")
+def images_for_role_shipped(images_for: Mapping[str, list[str]]):
+    """The app and proxy images everywhere, the database images on the db host: one run for the fleet."""
+    from ingestctl.operations.shipping import images_shipped
+
+    images_shipped(images=images_for[host.name])

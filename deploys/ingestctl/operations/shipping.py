@@ -13,12 +13,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from pyinfra import host
-from pyinfra.api import deploy
-
 from ingestctl import image_archive
 from ingestctl.errors import ConfigError
 from ingestctl.operations.images import image_loaded, image_loaded_name, image_pulled
+from pyinfra import host
+from pyinfra.api import deploy
 
 DB_GROUP = "db"
 _push_lock = threading.Lock()

@@ -22,6 +22,7 @@ from ingestctl.errors import HostError
 SANDBOX_HOST_IMAGE = "ingest-sandbox-host:latest"
 POSTGRES_IMAGE = "ingest-postgres:15"
 REDIS_IMAGE = "ingest-redis:7"
+PROXY_IMAGE = "ingest-proxy:1"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ SANDBOX_IMAGES: dict[str, ImageRecipe] = {
     "sandbox-host": ImageRecipe(SANDBOX_HOST_IMAGE, "sandbox-host", "trixie"),
     "postgres": ImageRecipe(POSTGRES_IMAGE, "postgres", "bookworm-python"),
     "redis": ImageRecipe(REDIS_IMAGE, "redis", "bookworm-python"),
+    "proxy": ImageRecipe(PROXY_IMAGE, "proxy", "bookworm-python"),
 }
 
 

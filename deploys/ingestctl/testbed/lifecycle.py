@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from ingestctl.testbed.hostspec import DEFAULT_HOSTS, EXPLICIT_CAPS, PRIVILEGED,
 from ingestctl.testbed.state import HostState, TestbedState
 
 READY_DEADLINE_S = 180.0
+STORAGE_ENV = "INGESTCTL_TESTBED_STORAGE"
+STORAGE_CHOICES = ("auto", "overlay2", "vfs")
 SSH_USER = "root"
 
 
@@ -25,6 +29,27 @@ class UpResult:
     state: TestbedState
     health: list[probe.HostHealth]
     already_up: bool
+
+
+def _storage_choice() -> str:
+    """INGESTCTL_TESTBED_STORAGE: auto (overlay2 on the volume, else vfs), overlay2 or vfs."""
+    choice = os.environ.get(STORAGE_ENV, "auto")
+    if choice not in STORAGE_CHOICES:
+        raise ConfigError(f"{STORAGE_ENV}={choice!r}: expected one of {', '.join(STORAGE_CHOICES)}")
+    return choice
+
+
+@contextmanager
+def _testbed_lock(name: str):
+    """Two `up`/`down` runs on one testbed take turns instead of racing for container names."""
+    lock_path = paths.state_dir() / "locks" / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -40,12 +65,18 @@ def _engine_errors(name: str, action: str):
 
 def up(progress: Progress, name: str | None = None) -> UpResult:
     name = name or hostspec.testbed_name()
+    _storage_choice()  # a bad value fails before anything is built
     client = docker_client(progress)
     with _engine_errors(name, "testbed up"):
         quick, unhealthy = _already_up(client, name, progress)
         if quick is not None:
             return quick
-        return _bring_up(client, name, progress, restart=unhealthy)
+        with _testbed_lock(name):
+            # Another `up` may have finished while we waited: then this one has nothing to do.
+            quick, unhealthy = _already_up(client, name, progress)
+            if quick is not None:
+                return quick
+            return _bring_up(client, name, progress, restart=unhealthy)
 
 
 def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = frozenset()) -> UpResult:
@@ -90,7 +121,7 @@ def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = f
     if not_ready:
         details = "; ".join(f"{h.name}: {h.detail or 'not answering'}" for h in not_ready)
         raise HostError(
-            f"testbed {name}: hosts did not answer within {READY_DEADLINE_S:.0f}s ({details}); "
+            f"testbed {name}: hosts not ready (waited up to {READY_DEADLINE_S:.0f}s): {details}; "
             f"inspect with `docker logs {hostspec.container_name(name, not_ready[0].name)}` and "
             f"`docker exec {hostspec.container_name(name, not_ready[0].name)} cat /var/log/dockerd.log`"
         )
@@ -180,7 +211,7 @@ def _ensure_container(
     modes = [mode] if mode else [PRIVILEGED, EXPLICIT_CAPS]
     last_error = None
     for candidate in modes:
-        spec = hostspec.container_spec(name, host, candidate, public_key)
+        spec = hostspec.container_spec(name, host, candidate, public_key, storage_driver=_storage_choice())
         container = client.containers.get(client.api.create_container(**spec.create_kwargs())["Id"])
         try:
             container.start()
@@ -236,7 +267,7 @@ def down(progress: Progress, name: str | None = None, purge: bool = False) -> Do
     """Remove every container, volume and network labelled for (or named after) the testbed, and its state."""
     name = name or hostspec.testbed_name()
     client = docker_client(progress)
-    with _engine_errors(name, "testbed down"):
+    with _engine_errors(name, "testbed down"), _testbed_lock(name):
         return _take_down(client, name, purge, progress)
 
 

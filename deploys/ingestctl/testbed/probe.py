@@ -78,9 +78,11 @@ def check_host(
         status, out, err = run_ssh(address, port, user, key_path, PROBE_COMMAND, timeout=timeout + 5)
     except (paramiko.SSHException, OSError, EOFError) as exc:
         return HostHealth(name, address, port, False, False, detail=f"SSH login failed: {exc}")
-    if status != 0:
-        return HostHealth(name, address, port, True, False, detail=f"docker info: {err.strip()[-200:]}")
     version, _, driver = out.strip().partition(" ")
+    # `docker info --format` exits 0 with empty server fields when the engine is down: judge by the output.
+    if status != 0 or not version:
+        reason = err.strip().splitlines()[-1] if err.strip() else "no server version (engine not answering)"
+        return HostHealth(name, address, port, True, False, detail=f"docker info: {reason[-200:]}")
     return HostHealth(name, address, port, True, True, docker_version=version, storage_driver=driver)
 
 

@@ -85,7 +85,7 @@ class LocalPostgres:
         return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
     def _run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(self._as_owner(args), capture_output=True, text=True, **kwargs)
+        result = subprocess.run(self._as_owner(args), check=False, capture_output=True, text=True, **kwargs)
         if result.returncode != 0:
             raise LocalServerError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip()[-800:]}")
         return result
@@ -96,7 +96,7 @@ class LocalPostgres:
         self.root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
-            if subprocess.run(self._as_owner(["test", "-w", str(self.root)])).returncode != 0:
+            if subprocess.run(self._as_owner(["test", "-w", str(self.root)]), check=False).returncode != 0:
                 raise LocalServerError(f"{self.root}: the postgres user cannot reach this directory; "
                                        "pick one whose parents are traversable (e.g. under /tmp)")
         if not (self.datadir / "PG_VERSION").exists():
@@ -119,7 +119,7 @@ class LocalPostgres:
     def stop(self) -> None:
         if self._bindir and (self.datadir / "postmaster.pid").exists():
             subprocess.run(self._as_owner([str(self._bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast",
-                                           "-w", "stop"]), capture_output=True)
+                                           "-w", "stop"]), check=False, capture_output=True)
         if self._owns_root and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -1,0 +1,85 @@
+"""The release's image is on every host by its digest (the image ID `docker save`/`load` preserve), labelled.
+
+Which image: INGEST_IMAGE (e.g. `ingest:1.4.2`), else `ingest:<git describe>` of this checkout, the
+default `ingestctl deploy` ships. Which digest: INGEST_IMAGE_ID (`sha256:...`), else the ID of that image
+in this machine's Docker engine when it has it; with neither, presence and labels are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.after_deploy
+
+REQUIRED_LABELS = (
+    "org.opencontainers.image.version",
+    "org.opencontainers.image.revision",
+    "org.opencontainers.image.created",
+    "io.ingest.schema-head",
+    "io.ingest.source-hash",
+)
+
+
+@pytest.fixture(scope="module")
+def expected_image() -> tuple[str, str | None]:
+    from ingestctl.images import checkout_version, image_name
+    from ingestctl.paths import project_root
+
+    name = os.environ.get("INGEST_IMAGE") or image_name(checkout_version(project_root()))
+    image_id = os.environ.get("INGEST_IMAGE_ID")
+    if not image_id:
+        try:
+            local = subprocess.run(
+                ["docker", "image", "inspect", "--format", "{{.Id}}", name],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except FileNotFoundError:
+            local = None
+        if local is not None and local.returncode == 0:
+            image_id = local.stdout.strip()
+    return name, image_id
+
+
+def _inspect(host, image: str) -> dict | None:
+    result = host.run("docker image inspect %s", image)
+    if result.rc != 0:
+        return None
+    return json.loads(result.stdout)[0]
+
+
+def test_release_image_is_present_by_digest(host, expected_image):
+    name, image_id = expected_image
+    found = _inspect(host, name)
+    assert found is not None, (
+        f"{host.backend.hostname}: image {name} is missing; ship it with `ingestctl image ship ENV` "
+        "(or set INGEST_IMAGE to the release deployed)"
+    )
+    if image_id:
+        assert found["Id"] == image_id, (
+            f"{host.backend.hostname}: {name} is {found['Id']}, expected {image_id}"
+        )
+
+
+def test_release_image_carries_release_labels(host, expected_image):
+    name, _image_id = expected_image
+    found = _inspect(host, name)
+    if found is None:
+        pytest.fail(f"{host.backend.hostname}: image {name} is missing")
+    labels = found["Config"].get("Labels") or {}
+    missing = [label for label in REQUIRED_LABELS if not labels.get(label)]
+    assert not missing, f"{host.backend.hostname}: {name} lacks labels {', '.join(missing)}"
+    tag = name.rsplit(":", 1)[-1]
+    assert labels["org.opencontainers.image.version"] == tag, (
+        f"{host.backend.hostname}: {name} is labelled version {labels['org.opencontainers.image.version']!r}"
+    )
+
+
+def test_no_image_archive_left_in_temp(host):
+    leftovers = host.run("ls /tmp | grep '^ingestctl-image-' || true").stdout.split()
+    assert not leftovers, f"{host.backend.hostname}: upload leftovers in /tmp: {', '.join(leftovers)}"
