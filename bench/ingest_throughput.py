@@ -26,11 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "service"))
 
-import httpx  # noqa: E402
-import psycopg  # noqa: E402
-from psycopg.types.json import Jsonb  # noqa: E402
-
-from ingest.tools.localservers import LocalPostgres, LocalRedis, free_port, missing_prerequisites  # noqa: E402
+import httpx
+import psycopg
+from ingest.tools.localservers import LocalPostgres, LocalRedis, free_port, missing_prerequisites
+from psycopg.types.json import Jsonb
 
 API_KEY = "bench-" + uuid.uuid4().hex
 JWT_SECRET = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
@@ -141,7 +140,7 @@ def main() -> int:
         postgres.start()
         redis.start()
         url = postgres.create_database("bench")
-        migrate = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT / "service",
+        migrate = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], check=False, cwd=ROOT / "service",
                                  env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True)
         if migrate.returncode != 0:
             raise RuntimeError(f"alembic upgrade failed: {migrate.stderr[-500:]}")

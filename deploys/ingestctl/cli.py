@@ -21,6 +21,9 @@ from ingestctl.output import Reporter
 json_option = click.option("--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI.")
 
 
+OUTCOME_BY_EXIT = {2: "refused", 3: "rolled-back", 4: "rollback-failed", 5: "locked"}
+
+
 def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
     """Give the command a Reporter and turn IngestctlError into its exit code with a one-line reason."""
 
@@ -31,6 +34,10 @@ def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, reporter=reporter, **kwargs)
         except IngestctlError as exc:
             reporter.event("error", f"error: {exc}", error=type(exc).__name__, exit_code=exc.exit_code)
+            if reporter.json_mode:
+                # CI reads the last summary: it always comes, with the outcome the exit code stands for.
+                reporter.event("summary", outcome=OUTCOME_BY_EXIT.get(exc.exit_code, "failed"),
+                               exit_code=exc.exit_code, error=str(exc))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             reporter.event("error", "interrupted", exit_code=130)
@@ -136,6 +143,119 @@ def history_command(env: str, reporter: Reporter) -> None:
     from ingestctl import fleetview
 
     fleetview.show_history(env, reporter)
+
+
+def _finish(run, reporter: Reporter) -> None:
+    from ingestctl import pipeline
+
+    if run.facts.get("outcome"):
+        pipeline.summarise(run, reporter)
+
+
+lock_wait_option = click.option("--lock-wait", "lock_wait", metavar="S", help="Wait up to S seconds for the lock.")
+
+
+@main.group("rollback")
+def rollback_group() -> None:
+    """One-shot rollbacks of the application, the schema or the configuration."""
+
+
+@rollback_group.command("app")
+@click.argument("env")
+@click.option("--to", "to", metavar="RELEASE", help="Release to go back to. Default: the previous known-good one.")
+@lock_wait_option
+@json_option
+@reporting
+def rollback_app_command(env: str, to: str | None, lock_wait: str | None, reporter: Reporter) -> None:
+    """Put ENV's app hosts back on the previous known-good release (or --to RELEASE), gated by health."""
+    from ingestctl import rollbacks
+
+    _finish(rollbacks.rollback_app(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+
+
+@rollback_group.command("schema")
+@click.argument("env")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, help="Migrations to undo.")
+@lock_wait_option
+@json_option
+@reporting
+def rollback_schema_command(env: str, steps: int, lock_wait: str | None, reporter: Reporter) -> None:
+    """`alembic downgrade -N` made safe: only data-safe downgrades the running release does not need."""
+    from ingestctl import rollbacks
+
+    _finish(rollbacks.rollback_schema(env, reporter, steps=steps, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+
+
+@rollback_group.command("config")
+@click.argument("env")
+@click.option("--to", "to", metavar="CONFIG_VERSION", help="Config version (or unique prefix). Default: previous.")
+@lock_wait_option
+@json_option
+@reporting
+def rollback_config_command(env: str, to: str | None, lock_wait: str | None, reporter: Reporter) -> None:
+    """Restore ENV's previous config version (or --to VERSION), gated; a failing one is undone (exit 3)."""
+    from ingestctl import rollbacks
+
+    _finish(rollbacks.rollback_config(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Gated config rollouts and the live config per host."""
+
+
+@config_group.command("set")
+@click.argument("env")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@lock_wait_option
+@json_option
+@reporting
+def config_set_command(env: str, assignments: tuple[str, ...], lock_wait: str | None, reporter: Reporter) -> None:
+    """Roll out a new config version (e.g. a lower INGEST_MAX_BATCH_ITEMS in a surge) in gated batches."""
+    from ingestctl import rollbacks
+
+    _finish(rollbacks.config_set(env, reporter, list(assignments), lock_wait_s=parse_lock_wait(lock_wait)),
+            reporter)
+
+
+@config_group.command("show")
+@click.argument("env")
+@json_option
+@reporting
+def config_show_command(env: str, reporter: Reporter) -> None:
+    """The config version live on each host and its values, secrets masked."""
+    from ingestctl import rollbacks
+
+    rollbacks.config_show(env, reporter)
+
+
+@main.group("lock")
+def lock_group() -> None:
+    """The deploy lock: see who holds it, break a stale one on purpose."""
+
+
+@lock_group.command("break")
+@click.argument("env")
+@json_option
+@reporting
+def lock_break_command(env: str, reporter: Reporter) -> None:
+    """Break ENV's deploy lock on purpose (after checking that its run is really gone)."""
+    from ingestctl import pipeline
+
+    pipeline.break_lock(env, reporter)
+
+
+@main.command("verify")
+@click.argument("env")
+@click.argument("pytest_args", nargs=-1)
+@reporting
+def verify_command(env: str, pytest_args: tuple[str, ...], reporter: Reporter) -> None:
+    """Run the testinfra suite (tests/infra) against ENV's hosts over SSH."""
+    from ingestctl import verify
+
+    code = verify.run(env, reporter, list(pytest_args))
+    if code != 0:
+        sys.exit(code)
 
 
 def _attach_optional_groups() -> None:

@@ -65,6 +65,8 @@ def run_commands(env: str, command_for: Mapping[str, str] | Callable[[str], str]
         results = {}
         for name, host in active.items():
             command = command_for[name] if isinstance(command_for, Mapping) else command_for(name)
-            ok, output = host.run_shell_command(command, print_output=False, print_input=False)
+            # The inventory's `sudo: True` (pyinfra's `_sudo` data) applies here as it does to operations.
+            ok, output = host.run_shell_command(command, print_output=False, print_input=False,
+                                                _sudo=bool(host.data.get("_sudo")))
             results[name] = CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
         return results

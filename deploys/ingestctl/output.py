@@ -20,6 +20,9 @@ class Reporter:
         self.started = time.monotonic()
         # soft_wrap: long lines (errors, summaries) stay whole when piped into logs or CI output.
         self.console = Console(stderr=False, highlight=False, soft_wrap=True)
+        if not self.console.is_terminal:
+            # Piped into a CI log: rich would squeeze tables into 80 columns.
+            self.console.width = 200
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 2)

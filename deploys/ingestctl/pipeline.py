@@ -143,6 +143,7 @@ def switch_calls(ctx: Context, release: Release, config_version: str) -> list[ru
                 max_body_bytes=ctx.max_body_bytes,
                 ready_timeout_s=int(ctx.env.data.health_timeout_s),
                 drain_grace_s=ctx.env.data.drain_grace_s,
+                schema_head=release.schema_head,
             ),
         )
     ]
@@ -163,11 +164,12 @@ def config_calls(ctx: Context, cfg: config_mod.ServiceConfig) -> list[runner.Ope
     ]
 
 
-def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None]) -> list[gates.GateResult]:
+def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
+               metrics: bool = True) -> list[gates.GateResult]:
     """Health, then live metrics, on the hosts just switched. Returns results; the first failure ends it."""
     urls = {host: ctx.base_url(host) for host in hosts}
     results = [gates.health_gate(urls, ctx.env.data.health_timeout_s, on_wait=on_wait)]
-    if results[-1].passed:
+    if metrics and results[-1].passed:
         results.append(
             gates.metric_gate(
                 urls,
@@ -211,7 +213,7 @@ def rollback_hosts(ctx: Context, before: Mapping[str, dict | None], hosts: list[
         if not previous or not previous.get("release"):
             failures.append(f"{host}: had no previous release to return to (first deploy)")
             continue
-        release = Release(previous["release"], previous["image"], previous["image_id"])
+        release = Release(previous["release"], previous["image"], previous["image_id"], previous.get("schema_head"))
         result = runner.run_operations(
             ctx.name, switch_calls(ctx, release, previous["config_version"]), hosts=[host], raise_on_error=False
         )
@@ -470,8 +472,9 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
 
 
 def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, config_version: str,
-            checkpoints: Checkpoints, switched: list[str]) -> None:
-    """Switch batch after batch to RELEASE with CONFIG_VERSION, each batch gated on health and live metrics.
+            checkpoints: Checkpoints, switched: list[str], metrics: bool = True) -> None:
+    """Switch batch after batch to RELEASE with CONFIG_VERSION, each batch gated on health and live metrics
+    (health only with `metrics=False`: an app rollback returns to a known-good release as fast as it can).
 
     SWITCHED grows as hosts change, so the caller can roll exactly those back when this raises.
     """
@@ -492,7 +495,7 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
             reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
             run.step(f"batch {number}", started)
             continue
-        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m)):
+        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m), metrics=metrics):
             run.gates.append({**gate.as_dict(), "batch": number})
             report_gate(reporter, gate, batch=number)
             if not gate.passed:
@@ -691,3 +694,17 @@ def finish(ctx: Context, run: Run, *_modules: Any) -> None:
         release_lock(ctx, run)
     except Exception as exc:
         ctx.reporter.event("error", f"could not release the deploy lock: {exc}; run `ingestctl lock break {ctx.name}`")
+
+
+def break_lock(env_name: str, reporter: Reporter) -> None:
+    """Break the deploy lock on every host on purpose, printing whose lock it was."""
+    from ingestctl import lock as lock_mod
+
+    env = inventory_mod.load(env_name)
+    results = fleet.run_commands(env_name, lambda _h: lock_mod.break_command(None), hosts=env.all_hosts)
+    for host, result in results.items():
+        status = lock_mod.parse_output(result.stdout, host)
+        holder = status.record
+        what = f"broke the lock of {holder.who} (pid {holder.pid} on {holder.machine}, `{holder.command}`)" \
+            if holder else ("no lock held" if status.state == "absent" else "broke an unreadable lock")
+        reporter.event("step", f"{host}: {what}", host=host, state=status.state)

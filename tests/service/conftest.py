@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICE_DIR = ROOT / "service"
 sys.path.insert(0, str(SERVICE_DIR))
 
-from ingest.tools.localservers import (  # noqa: E402
+from ingest.tools.localservers import (
     LocalPostgres,
     LocalRedis,
     free_port,
@@ -43,7 +43,7 @@ def mint_token(scope: str = "events:read", secret: str = JWT_SECRET, expires_in:
 def run_alembic(database_url: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "DATABASE_URL"))}
     env["DATABASE_URL"] = database_url
-    return subprocess.run([sys.executable, "-m", "alembic", *args], cwd=SERVICE_DIR, env=env,
+    return subprocess.run([sys.executable, "-m", "alembic", *args], check=False, cwd=SERVICE_DIR, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

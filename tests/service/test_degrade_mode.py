@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 from conftest import API_KEY, service_env
-
 from ingest.tools.localservers import LocalRedis
 
 pytestmark = pytest.mark.service

@@ -72,18 +72,25 @@ def test_repeated_id_inside_one_batch_is_a_duplicate(client, ingest_headers, dat
     assert stored_count(database_url, [event["id"]]) == 1
 
 
+def _event_json(**fields) -> str:
+    event = {"id": str(uuid.uuid4()), "source": "a", "type": "b", "timestamp": "2024-01-01T00:00:00Z", **fields}
+    return json.dumps({k: v for k, v in event.items() if v is not None})
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ('{"id": "not-a-uuid", "source": "a", "type": "b", "timestamp": "2024-01-01T00:00:00Z"}', "id"),
-        ('{"id": "%s", "source": "a", "type": "b", "timestamp": "2024-01-01T00:00:00"}' % uuid.uuid4(), "timestamp"),
-        ('{"id": "%s", "type": "b", "timestamp": "2024-01-01T00:00:00Z"}' % uuid.uuid4(), "source"),
-        ('[{"id": "%s", "source": "a", "type": "b", "timestamp": "2024-01-01T00:00:00Z", "payload": [1]}]'
-         % uuid.uuid4(), "0.payload"),
-        ('{"id": "%s", "source": "a\\u0000", "type": "b", "timestamp": "2024-01-01T00:00:00Z"}' % uuid.uuid4(),
-         "source"),
-        ('{"id": "%s", "source": "a", "type": "b", "timestamp": "2024-01-01T00:00:00Z", "extra": 1}'
-         % uuid.uuid4(), "extra"),
+        (_event_json(id="not-a-uuid"), "id"),
+        (_event_json(timestamp="2024-01-01T00:00:00"), "timestamp"),
+        (_event_json(timestamp="0001-01-01T00:00:00+05:00"), "timestamp"),
+        (_event_json(source=None), "source"),
+        (_event_json(source=""), "source"),
+        ("[" + _event_json(payload=[1]) + "]", "0.payload"),
+        (_event_json(source="a\u0000"), "source"),
+        (_event_json(payload={"k": "v\u0000"}), "payload"),
+        (_event_json(extra=1), "extra"),
+        (_event_json(payload={"x": 1}).replace('"x": 1', '"x": NaN'), "malformed JSON"),
+        (_event_json(payload={"x": 1}).replace('"x": 1', '"x": 1e400'), "payload: numbers must be finite"),
         ('{"id": ', "malformed JSON"),
         ('"just a string"', "expected an event object"),
     ],

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from conftest import API_KEY, JWT_SECRET, service_env
-
 from ingest.tools.localservers import free_port
 
 pytestmark = pytest.mark.service
@@ -21,7 +20,7 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BENCH_", "API_KEY", "JWT_SECRET"))}
     clean.update(env or {})
-    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], check=False, capture_output=True, text=True,
                           timeout=240, env=clean)
 
 

@@ -13,9 +13,9 @@ import pytest
 SERVICE_DIR = Path(__file__).resolve().parents[2] / "service"
 sys.path.insert(0, str(SERVICE_DIR))
 
-from ingest.ratelimit import MemoryBuckets  # noqa: E402
-from ingest.repository import InvalidCursor, decode_cursor, encode_cursor  # noqa: E402
-from ingest.schema_status import CodeSchema, DatabaseSchema, code_schema, judge  # noqa: E402
+from ingest.ratelimit import MemoryBuckets
+from ingest.repository import InvalidCursor, decode_cursor, encode_cursor
+from ingest.schema_status import CodeSchema, DatabaseSchema, code_schema, judge
 
 CODE = CodeSchema("0002", frozenset({"0001", "0002"}))
 
@@ -48,9 +48,9 @@ def _declarations(path: Path) -> dict[str, object]:
     tree = ast.parse(path.read_text())
     found = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if isinstance(node.value, ast.Constant):
-                found[node.targets[0].id] = node.value.value
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Constant)):
+            found[node.targets[0].id] = node.value.value
     return found
 
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "service"))
 
-from ingest.settings import ConfigurationError, load_database_settings, load_settings  # noqa: E402
+from ingest.settings import ConfigurationError, load_database_settings, load_settings
 
 GOOD = {"API_KEY": "ak-3f9c1d2e8b7a6f5e4d3c", "JWT_SECRET": "js-" + "9a8b7c6d5e4f3a2b1c0d" * 2,
         "POSTGRES_PASSWORD": "pg-5d4c3b2a1f0e9d8c"}
@@ -29,8 +29,8 @@ def env(monkeypatch):
 
 
 def test_secrets_from_files_strip_the_trailing_newline(env, tmp_path):
-    for name in GOOD:
-        (tmp_path / name).write_text(GOOD[name] + "\n")
+    for name, value in GOOD.items():
+        (tmp_path / name).write_text(value + "\n")
     env(**{f"{name}_FILE": str(tmp_path / name) for name in GOOD})
     settings = load_settings()
     assert settings.api_key.get_secret_value() == GOOD["API_KEY"]

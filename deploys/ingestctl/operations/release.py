@@ -114,6 +114,7 @@ def release_live(
     max_body_bytes: int,
     ready_timeout_s: int = 60,
     drain_grace_s: int = 30,
+    schema_head: str | None = None,
 ):
     """Ensure RELEASE runs live with CONFIG_VERSION, switching slots behind the proxy without downtime.
 
@@ -151,7 +152,8 @@ def release_live(
             src=StringIO(layout.render_proxy([new], [], ports, max_body_bytes)), dest=proxy_conf, mode="644"
         )
         yield layout.reload_proxy(binary)
-    previous = {key: state[key] for key in ("release", "image", "image_id", "config_version") if key in state}
+    previous = {key: state[key] for key in ("release", "image", "image_id", "config_version", "schema_head")
+                if key in state}
     yield layout.write_state(
         {
             "slot": new,
@@ -159,6 +161,7 @@ def release_live(
             "image": image,
             "image_id": image_id,
             "config_version": config_version,
+            "schema_head": schema_head,
             "slots": {new: slots[new]},
             "previous": previous or None,
         }

@@ -1,0 +1,272 @@
+"""One-shot rollbacks (application, schema, configuration) and gated config rollouts.
+
+Each is the runbook's step made safe: decided from the ledger, the hosts' facts and the checkout's migrations
+before any host changes (refusals exit 2 and change nothing), then run inside `pipeline.guarded`, which takes
+the lock, puts switched hosts back on any failure (exit 3, or 4 if that fails) and writes the ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+
+from ingestctl import config as config_mod
+from ingestctl import fleet, fleetview, gates, hostlayout, migrations, paths, plan
+from ingestctl import pyinfra_runner as runner
+from ingestctl.errors import ConfigError, GateFailed
+from ingestctl.facts.release import SchemaHead
+from ingestctl.operations import release as release_ops
+from ingestctl.output import Reporter
+from ingestctl.pipeline import (
+    Context,
+    Release,
+    Run,
+    guarded,
+    host_states,
+    new_run_id,
+    prepare,
+    report_gate,
+    rollout,
+    ship_images,
+)
+
+
+def live_release(ctx: Context, states: Mapping[str, dict | None]) -> dict:
+    """What the app hosts run now. Mixed versions (a half-finished run) are named, host by host."""
+    app_states = {h: states.get(h) for h in ctx.env.app_hosts}
+    missing = [h for h, s in app_states.items() if not s]
+    if missing:
+        raise ConfigError(f"nothing to roll back on {', '.join(missing)}: no release is live there; "
+                          f"deploy first (`ingestctl deploy {ctx.name}`)")
+    releases = Counter((s["release"], s["config_version"]) for s in app_states.values())
+    if len(releases) > 1:
+        detail = ", ".join(f"{h}: {s['release']} / config {s['config_version']}" for h, s in app_states.items())
+        raise ConfigError(f"the fleet is mixed ({detail}); finish or redo the last deploy before rolling back")
+    return next(iter(app_states.values()))
+
+
+def all_at_once(ctx: Context) -> list[list[str]]:
+    """Rollbacks switch every app host in one batch: the fastest way back, still gated by health."""
+    return [plan.rollout_order(ctx.env)]
+
+
+def health_only(ctx: Context, run: Run, hosts: list[str]) -> float:
+    """Health gate after a rollback switch; returns seconds from the run's start to every host healthy."""
+    gate = gates.health_gate({h: ctx.base_url(h) for h in hosts}, ctx.env.data.health_timeout_s)
+    run.gates.append(gate.as_dict())
+    report_gate(ctx.reporter, gate)
+    if not gate.passed:
+        raise GateFailed(gate.message)
+    return round(time.time() - run.started, 2)
+
+
+def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: str, metrics: bool) -> None:
+    """Every app host to RELEASE + CONFIG_VERSION at once, gated on health (and live metrics if asked)."""
+    rollout(ctx, run, all_at_once(ctx), release, config_version, guard.checkpoints, guard.switched, metrics)
+
+
+# ----- rollback app -----------------------------------------------------------------------------------------
+
+def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
+    run = Run(new_run_id(), "rollback-app", env_name, "")
+    ctx = prepare(env_name, reporter)
+    run.who = ctx.who
+    entries = fleetview.read_ledger(env_name)
+    states = host_states(ctx)
+    current = live_release(ctx, states)
+    target = plan.rollback_target(entries, to, current=current["release"])
+    if not target.image_id:
+        raise ConfigError(f"release {target.release}: the ledger has no image ID for it; deploy it by version instead")
+    revisions = migrations.load_revisions(paths.project_root() / "service" / "alembic" / "versions")
+    db_head = fleet.get_facts(env_name, SchemaHead, hosts=[ctx.env.db_host])[ctx.env.db_host]
+    migrations.check_app_rollback(revisions, db_head, target.code_schema_head(), env=env_name)
+    release = Release(target.release, f"ingest:{target.release}", target.image_id, target.code_schema_head())
+    run.facts.update(release=release.version, image_id=release.image_id, config_version=current["config_version"],
+                     previous={h: (s or {}).get("release") for h, s in states.items()},
+                     release_schema_head=release.schema_head, schema_before=db_head, schema_after=db_head)
+    reporter.event("plan", f"rollback app {env_name}: {current['release']} -> {release.version} "
+                   f"(config {current['config_version']} kept, schema {db_head} compatible)",
+                   from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts)
+    with guarded(ctx, run, lock_wait_s, f"rollback app {env_name} -> {release.version}") as guard:
+        started = time.time()
+        ensure_image_available(ctx, release)
+        run.step("images", started)
+        started = time.time()
+        switch_all(ctx, run, guard, release, current["config_version"], metrics=False)
+        run.facts["time_to_healthy_s"] = round(time.time() - run.started, 2)
+        run.step("switch", started)
+    return run
+
+
+def ensure_image_available(ctx: Context, release: Release) -> None:
+    """The target image is normally still on every host; if it was pruned, ship it again from this machine."""
+    from ingestctl.image_archive import local_image_id
+
+    try:
+        local = local_image_id(release.image)
+    except Exception:  # not on this machine either: hosts must still have it, which shipping verifies
+        local = None
+    if local is not None and local != release.image_id:
+        raise ConfigError(f"{release.image} on this machine is {local[:19]}, not the ledger's "
+                          f"{release.image_id[:19]}; rebuild or retag it before rolling back")
+    ship_images(ctx, release)
+
+
+# ----- rollback schema --------------------------------------------------------------------------------------
+
+def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait_s: float = 0.0) -> Run:
+    run = Run(new_run_id(), "rollback-schema", env_name, "")
+    ctx = prepare(env_name, reporter)
+    run.who = ctx.who
+    revisions = migrations.load_revisions(paths.project_root() / "service" / "alembic" / "versions")
+    db = ctx.env.db_host
+    db_head = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
+    states = host_states(ctx)
+    running_heads = {s.get("schema_head") for s in states.values() if s}
+    to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
+    new_head = migrations_new_head(revisions, db_head, steps)
+    # The one-off container must know the revisions it removes: use a live image whose code is at db_head.
+    carrier = next((s for s in states.values() if s and s.get("schema_head") == db_head), None) \
+        or next((s for s in states.values() if s), None)
+    if carrier is None:
+        raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
+    restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
+    run.facts.update(schema_before=db_head, release=carrier["release"], config_version=carrier["config_version"],
+                     restore_point=restore_point)
+    names = ", ".join(m.name for m in to_undo)
+    reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names})",
+                   schema_before=db_head, schema_after=new_head, undo=[m.name for m in to_undo])
+    with guarded(ctx, run, lock_wait_s, f"rollback schema {env_name} --steps {steps}"):
+        started = time.time()
+        result = runner.run_operations(
+            env_name,
+            [runner.OperationCall(
+                release_ops.schema_migrated,
+                kwargs=dict(name=f"Ensure schema is at {new_head or 'empty'}", image=carrier["image"],
+                            config_version=carrier["config_version"], infra_images=ctx.infra_images,
+                            restore_point=restore_point, alembic_args=("downgrade", f"-{steps}")),
+            )],
+            hosts=[db], raise_on_error=False,
+        )
+        after = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
+        run.facts["schema_after"] = after
+        run.step("downgrade", started)
+        if result.failed:
+            raise GateFailed(f"schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
+                             f"{after}; restore point {restore_point}")
+        reporter.event("step", f"schema at {after} (restore point {restore_point})", step="downgrade",
+                       schema_after=after, restore_point=restore_point)
+        run.facts["time_to_healthy_s"] = health_only(ctx, run, ctx.env.app_hosts)
+    return run
+
+
+def migrations_new_head(revisions, db_head: str | None, steps: int) -> str | None:
+    order = [m.revision for m in revisions]
+    position = order.index(db_head)
+    return order[position - steps] if position - steps >= 0 else None
+
+
+# ----- config set / rollback config / show ------------------------------------------------------------------
+
+def read_live_config(ctx: Context, host: str, version: str) -> config_mod.ServiceConfig:
+    """The full config VERSION as written on HOST, secrets included (read into memory, never printed)."""
+    base = f"{hostlayout.BASE}/config/{version}"
+    command = (f"cat {base}/app.env && for f in {base}/secrets/*; do [ -f \"$f\" ] || continue; "
+               "printf '\\n#ingestctl-secret %s\\n' \"$(basename \"$f\")\"; cat \"$f\"; done")
+    result = fleet.run_commands(ctx.name, {host: command})[host]
+    if not result.ok:
+        raise ConfigError(f"{host}: config {version} is not readable at {base}: {result.stderr.strip()[:200]}")
+    env_part, *secret_parts = result.stdout.split("\n#ingestctl-secret ")
+    tunables = config_mod.tunables_from_env_file(env_part, where=f"{host}:{base}/app.env")
+    secret_values = {}
+    for part in secret_parts:
+        name, _, value = part.partition("\n")
+        secret_values[name.strip()] = value.rstrip("\n")
+    return config_mod.ServiceConfig.build(tunables, secret_values)
+
+
+def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
+    from ingestctl.pipeline import config_calls
+
+    run = Run(new_run_id(), "config-set", env_name, "")
+    ctx = prepare(env_name, reporter)
+    run.who = ctx.who
+    changes = config_mod.parse_assignments(assignments, ctx.config.secrets)
+    if "POSTGRES_PASSWORD" in changes:
+        raise ConfigError("POSTGRES_PASSWORD: the database's own password cannot be rotated by a config rollout; "
+                          "change it with ALTER ROLE on the database first, then update the secrets file and deploy")
+    states = host_states(ctx)
+    current = live_release(ctx, states)
+    host = ctx.env.app_hosts[0]
+    live = read_live_config(ctx, host, current["config_version"])
+    new = live.with_changes(changes)
+    diff = plan.config_diff(live.masked(), new.masked())
+    if new.version == live.version:
+        reporter.event("summary", f"config {live.version} already has these values: nothing to do",
+                       config_version=live.version)
+        return run
+    release = Release(current["release"], current["image"], current["image_id"], current.get("schema_head"))
+    run.facts.update(release=release.version, image_id=release.image_id, config_version=new.version,
+                     previous_config_version=live.version, release_schema_head=release.schema_head)
+    reporter.event("plan", f"config {live.version} -> {new.version}: " + "; ".join(map(str, diff)),
+                   config_before=live.version, config_after=new.version,
+                   changes=[{"key": c.key, "old": c.old, "new": c.new} for c in diff])
+    with guarded(ctx, run, lock_wait_s, f"config set {env_name}") as guard:
+        started = time.time()
+        runner.run_operations(env_name, config_calls(ctx, new))
+        run.step("config", started)
+        from ingestctl.plan import parse_batch_spec, rollout_order
+
+        rollout(ctx, run, parse_batch_spec(None, rollout_order(ctx.env)), release, new.version,
+                guard.checkpoints, guard.switched)
+    return run
+
+
+def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
+    run = Run(new_run_id(), "rollback-config", env_name, "")
+    ctx = prepare(env_name, reporter)
+    run.who = ctx.who
+    entries = fleetview.read_ledger(env_name)
+    states = host_states(ctx)
+    current = live_release(ctx, states)
+    target = plan.config_rollback_target(entries, to, current=current["config_version"])
+    present = fleet.run_commands(
+        env_name, lambda _h: f"test -f {hostlayout.BASE}/config/{target}/.complete", hosts=ctx.env.app_hosts)
+    absent = [h for h, r in present.items() if not r.ok]
+    if absent:
+        raise ConfigError(f"config {target} is no longer on {', '.join(absent)}; set the values again with "
+                          f"`ingestctl config set {env_name} KEY=VALUE...`")
+    release = Release(current["release"], current["image"], current["image_id"], current.get("schema_head"))
+    run.facts.update(release=release.version, image_id=release.image_id, config_version=target,
+                     previous_config_version=current["config_version"], release_schema_head=release.schema_head)
+    reporter.event("plan", f"rollback config {env_name}: {current['config_version']} -> {target}",
+                   config_before=current["config_version"], config_after=target)
+    with guarded(ctx, run, lock_wait_s, f"rollback config {env_name} -> {target}") as guard:
+        started = time.time()
+        switch_all(ctx, run, guard, release, target, metrics=True)
+        run.facts["time_to_healthy_s"] = round(time.time() - run.started, 2)
+        run.step("switch", started)
+    return run
+
+
+def config_show(env_name: str, reporter: Reporter) -> list[dict]:
+    ctx = prepare(env_name, reporter)
+    states = host_states(ctx)
+    rows = []
+    for host in ctx.env.all_hosts:
+        state = states.get(host)
+        if not state:
+            rows.append({"host": host, "config_version": None, "config": {}})
+            continue
+        live = read_live_config(ctx, host, state["config_version"])
+        rows.append({"host": host, "config_version": live.version, "config": live.masked()})
+    if reporter.json_mode:
+        for row in rows:
+            reporter.event("config", **row)
+    else:
+        keys = sorted({k for row in rows for k in row["config"]})
+        reporter.table(f"{env_name}: live config (secrets masked)", ["key", *[r["host"] for r in rows]],
+                       [["version", *[r["config_version"] or "-" for r in rows]]]
+                       + [[k, *[r["config"].get(k, "") for r in rows]] for k in keys])
+    return rows

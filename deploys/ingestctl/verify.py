@@ -1,0 +1,51 @@
+"""`ingestctl verify ENV`: the testinfra suite in tests/infra, pointed at ENV's hosts over SSH."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ingestctl import inventory, paths
+from ingestctl.output import Reporter
+
+
+def ssh_config_text(env: inventory.Environment) -> str:
+    """One Host block per inventory host, so test output names hosts and SSH gets the inventory's options."""
+    blocks = []
+    for name, spec in env.hosts.items():
+        lines = [f"Host {name}", f"  HostName {spec.ssh_hostname}", f"  Port {spec.ssh_port}"]
+        if spec.ssh_user:
+            lines.append(f"  User {spec.ssh_user}")
+        if spec.ssh_key:
+            lines += [f"  IdentityFile {spec.ssh_key}", "  IdentitiesOnly yes"]
+        if spec.ssh_known_hosts_file:
+            lines.append(f"  UserKnownHostsFile {spec.ssh_known_hosts_file}")
+        if spec.ssh_strict_host_key_checking:
+            lines.append(f"  StrictHostKeyChecking {spec.ssh_strict_host_key_checking}")
+        lines += ["  BatchMode yes", "  LogLevel ERROR"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def pytest_command(env: inventory.Environment, ssh_config: Path, extra: list[str]) -> list[str]:
+    root = paths.project_root()
+    hosts = ",".join(f"ssh://{name}" for name in env.hosts)
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(root / "tests" / "infra"),
+            f"--hosts={hosts}", f"--ssh-config={ssh_config}", f"--ingest-env={env.name}", *extra]
+
+
+def run(env_name: str, reporter: Reporter, extra: list[str]) -> int:
+    env = inventory.load(env_name)
+    with tempfile.TemporaryDirectory(prefix="ingestctl-verify-") as tmp:
+        config = Path(tmp) / "ssh_config"
+        config.write_text(ssh_config_text(env))
+        config.chmod(0o600)
+        command = pytest_command(env, config, extra)
+        reporter.event("step", f"verify {env_name}: testinfra on {', '.join(env.hosts)}", step="verify")
+        completed = subprocess.run(command, cwd=paths.project_root(), env={**os.environ}, check=False)
+    reporter.event("summary", f"verify {env_name}: " + ("passed" if completed.returncode == 0 else "FAILED"),
+                   exit_code=completed.returncode)
+    return completed.returncode
