@@ -9,6 +9,7 @@ back to what it ran before, re-checks its health and exits 3; a failing rollback
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import signal
 import socket
@@ -94,8 +95,14 @@ def prepare(env_name: str, reporter: Reporter, overrides: Mapping[str, str] | No
 
 
 def abort_flag(env_name: str):
-    """Where `ingestctl abort ENV` leaves its request for the running deploy (checked between steps)."""
-    return paths.state_dir() / f"abort-{env_name}"
+    """Where `ingestctl abort ENV` leaves its request for the running deploy (checked between steps).
+
+    Keyed by the environment's hosts too: several sandboxes (INGESTCTL_TESTBED) share one state directory, and
+    an abort meant for one of them must neither stop nor be swallowed by a deploy to another.
+    """
+    env = inventory_mod.load(env_name)
+    target = ",".join(f"{spec.ssh_hostname}:{spec.ssh_port}" for spec in env.hosts.values())
+    return paths.state_dir() / f"abort-{env_name}-{hashlib.sha256(target.encode()).hexdigest()[:12]}"
 
 
 class Checkpoints:
@@ -491,7 +498,10 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
         switched += changed
         if failed:
             raise GateFailed("switch failed: " + "; ".join(r.describe_failure() for r in result.failed))
-        if not changed:
+        if changed:
+            reporter.event("step", f"batch {number}: {', '.join(changed)} live on {release.version}", step="switched",
+                           batch=number, hosts=changed, release=release.version, config_version=config_version)
+        else:
             reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
             run.step(f"batch {number}", started)
             continue

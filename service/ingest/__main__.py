@@ -24,7 +24,7 @@ def main() -> int:
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
         lifespan="on", server_header=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        timeout_keep_alive=5,
+        timeout_keep_alive=5, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
     ))
     # uvicorn re-raises the stop signal after its graceful shutdown, which would make the process die with
     # -SIGTERM (exit 143). A drained shutdown is a clean exit, so the re-raised signal lands on a no-op.

@@ -164,6 +164,8 @@ class Settings(DatabaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", alias="LOG_LEVEL")
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600, alias="SHUTDOWN_GRACE_SECONDS")
     app_version: str = Field("dev", min_length=1, max_length=128, alias="APP_VERSION")
+    # Peers whose X-Forwarded-For is believed (a per-host proxy): the rate limiter keys on the real client.
+    forwarded_allow_ips: str = Field("127.0.0.1", alias="FORWARDED_ALLOW_IPS")
 
     # Secrets
     api_key: SecretStr | None = Field(None, alias="API_KEY")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
@@ -101,3 +102,22 @@ class RunningServices(FactBase[dict[str, str]]):
             if len(parts) == 2:
                 services[parts[0]] = parts[1]
         return services
+
+
+class FileDigests(FactBase[dict[str, str | None]]):
+    """sha256 of each path (None when absent): one round trip to tell whether a set of files is as wanted."""
+
+    @staticmethod
+    def default() -> dict[str, str | None]:
+        return {}
+
+    def command(self, paths: list[str]) -> str:
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        return f"for f in {quoted}; do if [ -f \"$f\" ]; then sha256sum \"$f\"; else echo \"- $f\"; fi; done"
+
+    def process(self, output: list[str]) -> dict[str, str | None]:
+        digests: dict[str, str | None] = {}
+        for line in output:
+            digest, _, path = line.strip().partition(" ")
+            digests[path.strip()] = None if digest == "-" else digest
+        return digests

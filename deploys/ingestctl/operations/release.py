@@ -6,6 +6,7 @@ They read the host only through facts (`ingestctl.facts.release`), yield the com
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from io import StringIO
 
@@ -15,7 +16,14 @@ from pyinfra.operations import files
 
 from ingestctl import hostlayout as layout
 from ingestctl.errors import HostError
-from ingestctl.facts.release import ComposeBinary, ConfigVersions, IngestState, RunningServices
+from ingestctl.facts.release import (
+    ComposeBinary,
+    ConfigVersions,
+    FileDigests,
+    IngestState,
+    RunningServices,
+    SchemaHead,
+)
 
 
 def compose_binary() -> str:
@@ -26,6 +34,10 @@ def compose_binary() -> str:
             "install Docker Compose (Debian: apt-get install docker-compose)"
         )
     return binary
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dotenv(infra_images: Mapping[str, str], slots: Mapping[str, Mapping[str, str]]) -> str:
@@ -44,21 +56,24 @@ def layout_present(compose_for: Mapping[str, str], infra_images: Mapping[str, st
     """
     compose_text = compose_for[host.name]
     state = host.get_fact(IngestState) or {}
+    live = [state["slot"]] if state.get("slot") else []
+    wanted = {
+        f"{layout.BASE}/compose.yml": compose_text,
+        f"{layout.BASE}/.env": dotenv(infra_images, state.get("slots", {})),
+        f"{layout.BASE}/proxy/nginx.conf": layout.render_proxy(live or ["blue"], [], ports, max_body_bytes),
+    }
+    # One round trip for the common case, a re-deploy: every file already as wanted.
+    if host.get_fact(FileDigests, paths=sorted(wanted)) == {path: sha256(text) for path, text in wanted.items()}:
+        host.noop("ingest host layout already in place")
+        return
     yield from files.directory._inner(path=layout.BASE, mode="755")
     for sub, mode in (("config", "711"), ("backups", "700"), ("proxy", "755"), ("db", "700")):
         yield from files.directory._inner(path=f"{layout.BASE}/{sub}", mode=mode)
     # An empty config keeps compose happy for slots that have never run.
     yield from files.directory._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/secrets", mode="700")
     yield from files.file._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/app.env", mode="600")
-    yield from files.put._inner(src=StringIO(compose_text), dest=f"{layout.BASE}/compose.yml", mode="644")
-    yield from files.put._inner(
-        src=StringIO(dotenv(infra_images, state.get("slots", {}))), dest=f"{layout.BASE}/.env", mode="644"
-    )
-    live = [state["slot"]] if state.get("slot") else []
-    yield from files.put._inner(
-        src=StringIO(layout.render_proxy(live or ["blue"], [], ports, max_body_bytes)),
-        dest=f"{layout.BASE}/proxy/nginx.conf", mode="644",
-    )
+    for path, text in wanted.items():
+        yield from files.put._inner(src=StringIO(text), dest=path, mode="644")
 
 
 @operation()
@@ -89,16 +104,17 @@ def database_running(password: str, postgres_uid: int, infra_images: Mapping[str
     if "db" not in host.groups:
         host.noop("not the db host")
         return
-    binary = compose_binary()
-    yield from files.put._inner(
-        src=StringIO(password), dest=f"{layout.BASE}/db/secrets/postgres_password", mode="600",
-        user=str(postgres_uid), group=str(postgres_uid),
-    )
+    password_file = f"{layout.BASE}/db/secrets/postgres_password"
     running = host.get_fact(RunningServices)
     wanted = {"postgres": infra_images["POSTGRES_IMAGE"], "redis": infra_images["REDIS_IMAGE"]}
-    if all(running.get(service) == image for service, image in wanted.items()):
+    in_place = host.get_fact(FileDigests, paths=[password_file]).get(password_file) == sha256(password)
+    if in_place and all(running.get(service) == image for service, image in wanted.items()):
         host.noop("postgres and redis already running")
         return
+    binary = compose_binary()
+    yield from files.put._inner(
+        src=StringIO(password), dest=password_file, mode="600", user=str(postgres_uid), group=str(postgres_uid),
+    )
     yield layout.start_db(binary)
     yield layout.wait_db_healthy(binary)
 
@@ -162,7 +178,8 @@ def release_live(
             "image_id": image_id,
             "config_version": config_version,
             "schema_head": schema_head,
-            "slots": {new: slots[new]},
+            # Both slots, exactly as .env has them, so the layout's .env render matches and stays a noop.
+            "slots": slots,
             "previous": previous or None,
         }
     )
@@ -170,8 +187,14 @@ def release_live(
 
 @operation()
 def schema_migrated(image: str, config_version: str, infra_images: Mapping[str, str], restore_point: str,
-                    alembic_args: tuple[str, ...] = ("upgrade", "head")):
-    """Take a restore point (pg_dump -Fc), then run alembic in a one-off container of IMAGE on the db host."""
+                    alembic_args: tuple[str, ...] = ("upgrade", "head"), target_head: str | None = None):
+    """Take a restore point (pg_dump -Fc), then run alembic in a one-off container of IMAGE on the db host.
+
+    + target_head: when given and the database is already there, nothing runs (a noop).
+    """
+    if target_head is not None and host.get_fact(SchemaHead) == target_head:
+        host.noop(f"schema already at {target_head}")
+        return
     binary = compose_binary()
     yield layout.restore_point(binary, restore_point)
     yield layout.run_migrate(binary, image, config_version, *alembic_args)

@@ -1,0 +1,105 @@
+"""Real releases for end-to-end tests, good and deliberately broken.
+
+A release is this checkout, optionally with files changed, built into `ingest:<version>` and deployed by the
+real `ingestctl`. A broken release is a genuinely broken build (a readiness check that fails, a slow query
+path, a migration that errors), not a mock: `variant()` copies the checkout into a temporary directory, applies
+the changes, and points `ingestctl` at the copy with INGESTCTL_ROOT. The copy shares the sandbox state
+(`.testbed/`) and the secrets (`secrets/`) through symlinks, so it deploys to the same session testbed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SHARED = (".testbed", "secrets")
+SKIP = {".git", ".venv", ".testbed", "secrets", ".build", "wheelhouse", "__pycache__", ".pytest_cache",
+        ".ruff_cache"}
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict]:
+        """The --json event stream (one JSON object per stdout line)."""
+        found = []
+        for line in self.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return found
+
+    def summary(self) -> dict:
+        summaries = [e for e in self.events if e.get("type") == "summary"]
+        assert summaries, f"no summary event in output:\n{self.stdout[-2000:]}\n{self.stderr[-2000:]}"
+        return summaries[-1]
+
+    def explain(self) -> str:
+        return f"exit {self.code}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-4000:]}"
+
+
+def ingestctl(*args: str, root: Path = PROJECT_ROOT, env: Mapping[str, str] | None = None,
+              timeout: float = 1200) -> Result:
+    """Run the real console script against ROOT (a checkout), output captured."""
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    completed = subprocess.run(
+        [executable, *args], cwd=root, env={**os.environ, "INGESTCTL_ROOT": str(root), **(env or {})},
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -> Path:
+    """A copy of the checkout with CHANGES applied: {relative path: new text, or a function of the old text}."""
+    root = tmp_path / "checkout"
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in SKIP or n.endswith(".pyc")}
+
+    shutil.copytree(PROJECT_ROOT, root, ignore=ignore, symlinks=True)
+    for name in SHARED:
+        (PROJECT_ROOT / name).mkdir(exist_ok=True)
+        (root / name).symlink_to(PROJECT_ROOT / name)
+    # The wheelhouse is big and identical: hard links instead of copies (a symlink would leave the build context).
+    wheelhouse = PROJECT_ROOT / "service" / "wheelhouse"
+    if wheelhouse.exists():
+        shutil.copytree(wheelhouse, root / "service" / "wheelhouse", copy_function=os.link)
+    for relative, change in changes.items():
+        path = root / relative
+        old = path.read_text() if path.exists() else ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(change(old) if callable(change) else change)
+    # The image build hashes git-tracked files: make the copy its own repository with the change committed.
+    git = ["git", "-c", "user.name=e2e", "-c", "user.email=e2e@localhost", "-C", str(root)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "e2e variant"], check=True)
+    return root
+
+
+def version_of(base_url: str) -> str | None:
+    import httpx
+
+    try:
+        return httpx.get(base_url + "/version", timeout=5).json().get("version")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def app_urls(testbed) -> dict[str, str]:
+    """Each app host's public URL (the proxy on port 8000) on the sandbox network."""
+    return {h.name: f"http://{h.address}:8000" for h in testbed.hosts if "app" in h.roles}
