@@ -54,5 +54,5 @@ if "app" in host.groups:
         release=release.version, image=release.image, image_id=release.image_id, config_version=cfg.version,
         infra_images=ctx.infra_images, ports=ctx.ports, max_body_bytes=ctx.max_body_bytes,
         ready_timeout_s=int(ctx.env.data.health_timeout_s), drain_grace_s=ctx.env.data.drain_grace_s,
-        schema_head=release.schema_head,
+        schema_head=release.schema_head, keep_standby=ctx.env.data.keep_standby,
     )

@@ -119,8 +119,17 @@ def stop_slot(binary: str, slot: str, grace_s: int) -> str:
     )
 
 
-def wait_slot_ready(binary: str, slot: str, port: int, timeout_s: int) -> str:
-    """Poll the slot's readiness from inside its own container (the image has python; the host may not)."""
+def container_of(service: str) -> str:
+    """The running container of a compose service, found by compose's labels (same for v1 and v2)."""
+    return (f"$(docker ps -q --filter label=com.docker.compose.project={PROJECT} "
+            f"--filter label=com.docker.compose.service={service})")
+
+
+def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
+    """Poll the slot's readiness from inside its own container (the image has python; the host may not).
+
+    Plain `docker exec` rather than `compose exec`: this is the hot path of every switch and rollback.
+    """
     probe = (
         "import sys,urllib.request\n"
         "try:\n"
@@ -128,20 +137,23 @@ def wait_slot_ready(binary: str, slot: str, port: int, timeout_s: int) -> str:
         "except Exception:\n"
         "    sys.exit(1)"
     )
-    tries = max(1, timeout_s * 4)
-    exec_probe = compose(binary, "exec", "-T", f"api_{slot}", "python", "-c", shlex.quote(probe))
+    tries = max(1, timeout_s * 10)
     return (
-        f"for i in $(seq 1 {tries}); do ({exec_probe}) >/dev/null 2>&1 && exit 0; sleep 0.25; done; "
+        f"c={container_of(f'api_{slot}')}; "
+        f"for i in $(seq 1 {tries}); do docker exec \"$c\" python -c {shlex.quote(probe)} >/dev/null 2>&1 "
+        f"&& exit 0; sleep 0.1; done; "
         f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; "
-        + compose(binary, "logs", "--tail", "30", f"api_{slot}")
-        + " >&2; exit 1"
+        f"docker logs --tail 30 \"$c\" >&2; exit 1"
     )
 
 
 def reload_proxy(binary: str) -> str:
     """Graceful reload when the proxy runs; start it otherwise."""
-    reload = compose(binary, "exec", "-T", "proxy", "nginx", "-c", "/etc/ingest-proxy/nginx.conf", "-s", "reload")
-    return f"({reload}) || ({compose(binary, 'up', '-d', '--no-deps', 'proxy')})"
+    return (
+        f"c={container_of('proxy')}; if [ -n \"$c\" ]; then "
+        "docker exec \"$c\" nginx -c /etc/ingest-proxy/nginx.conf -s reload; "
+        f"else {compose(binary, 'up', '-d', '--no-deps', 'proxy')}; fi"
+    )
 
 
 def start_db(binary: str) -> str:

@@ -101,6 +101,9 @@ class EnvData(BaseModel):
     postgres_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
     # How long a draining api slot may finish in-flight requests after SIGTERM.
     drain_grace_s: Integer = Field(default=30, ge=1, le=600)
+    # Keep the previous release running, out of traffic, in the other slot: an app rollback to it is then a
+    # proxy reload. Costs one idle api process per host.
+    keep_standby: bool = True
     registry: str | None = None
     keep_releases: Integer = Field(default=5, ge=1, le=100)
     bench_profile: str = "staging"

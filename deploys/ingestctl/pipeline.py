@@ -32,6 +32,10 @@ from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 
 
+# What `hostlayout.wait_slot_ready` prints when a new slot never answers ready within the timeout.
+SLOT_NOT_READY = "not ready after"
+
+
 class Aborted(IngestctlError):
     """`ingestctl abort ENV` or Ctrl-C asked the running deploy to stop and roll back (exit 3)."""
 
@@ -151,6 +155,7 @@ def switch_calls(ctx: Context, release: Release, config_version: str) -> list[ru
                 ready_timeout_s=int(ctx.env.data.health_timeout_s),
                 drain_grace_s=ctx.env.data.drain_grace_s,
                 schema_head=release.schema_head,
+                keep_standby=ctx.env.data.keep_standby,
             ),
         )
     ]
@@ -497,7 +502,21 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
         changed = [h for h in hosts if h in result.changed_hosts or h in failed]
         switched += changed
         if failed:
-            raise GateFailed("switch failed: " + "; ".join(r.describe_failure() for r in result.failed))
+            failures = {r.host: r.describe_failure() for r in result.failed}
+            not_ready = [h for h, text in failures.items() if SLOT_NOT_READY in text]
+            if not_ready:
+                # The switch waits on the host for the new slot's readiness before the proxy moves to it, so a
+                # release that never gets ready fails inside the switch: that is the health gate failing.
+                timeout = ctx.env.data.health_timeout_s
+                gate = gates.GateResult(
+                    "health", False,
+                    f"health gate failed: {', '.join(not_ready)} not ready within {timeout:g}s; "
+                    "traffic never moved to the new release",
+                    numbers={"timeout_s": timeout, "not_ready": ", ".join(not_ready)},
+                )
+                run.gates.append({**gate.as_dict(), "batch": number})
+                report_gate(reporter, gate, batch=number)
+            raise GateFailed("switch failed: " + "; ".join(failures.values()))
         if changed:
             reporter.event("step", f"batch {number}: {', '.join(changed)} live on {release.version}", step="switched",
                            batch=number, hosts=changed, release=release.version, config_version=config_version)

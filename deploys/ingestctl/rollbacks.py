@@ -28,7 +28,6 @@ from ingestctl.pipeline import (
     prepare,
     report_gate,
     rollout,
-    ship_images,
 )
 
 
@@ -110,7 +109,9 @@ def ensure_image_available(ctx: Context, release: Release) -> None:
     if local is not None and local != release.image_id:
         raise ConfigError(f"{release.image} on this machine is {local[:19]}, not the ledger's "
                           f"{release.image_id[:19]}; rebuild or retag it before rolling back")
-    ship_images(ctx, release)
+    from ingestctl.operations.shipping import images_shipped
+
+    runner.run_deploy(ctx.name, images_shipped, images=[release.image], hosts=ctx.env.app_hosts)
 
 
 # ----- rollback schema --------------------------------------------------------------------------------------

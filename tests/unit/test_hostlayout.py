@@ -47,18 +47,20 @@ def test_stop_slot_drains_with_sigterm_grace_then_removes():
     )
 
 
-def test_reload_proxy_falls_back_to_starting_it():
+def test_reload_proxy_reloads_a_running_proxy_else_starts_it():
     assert layout.reload_proxy("docker compose") == (
-        "(cd /opt/ingest && docker compose -p ingest -f compose.yml exec -T proxy nginx -c "
-        "/etc/ingest-proxy/nginx.conf -s reload) || (cd /opt/ingest && docker compose -p ingest -f compose.yml "
-        "up -d --no-deps proxy)"
+        "c=$(docker ps -q --filter label=com.docker.compose.project=ingest "
+        "--filter label=com.docker.compose.service=proxy); if [ -n \"$c\" ]; then docker exec \"$c\" nginx -c "
+        "/etc/ingest-proxy/nginx.conf -s reload; else cd /opt/ingest && docker compose -p ingest -f compose.yml "
+        "up -d --no-deps proxy; fi"
     )
 
 
 def test_wait_slot_ready_is_bounded_and_names_the_slot():
-    command = layout.wait_slot_ready("docker compose", "green", 8002, 30)
-    assert "seq 1 120" in command, "30 s at 4 tries a second"
+    command = layout.wait_slot_ready("green", 8002, 30)
+    assert "seq 1 300" in command, "30 s at 10 tries a second"
     assert "http://127.0.0.1:8002/health/ready" in command
+    assert "label=com.docker.compose.service=api_green" in command
     assert "api_green on port 8002 not ready after 30s" in command
 
 

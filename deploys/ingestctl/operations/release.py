@@ -119,6 +119,9 @@ def database_running(password: str, postgres_uid: int, infra_images: Mapping[str
     yield layout.wait_db_healthy(binary)
 
 
+RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
+
+
 @operation()
 def release_live(
     release: str,
@@ -131,56 +134,56 @@ def release_live(
     ready_timeout_s: int = 60,
     drain_grace_s: int = 30,
     schema_head: str | None = None,
+    keep_standby: bool = True,
 ):
     """Ensure RELEASE runs live with CONFIG_VERSION, switching slots behind the proxy without downtime.
 
-    Start the idle slot, wait until it is ready, point the proxy at it (graceful reload, the old slot kept as
-    backup), drain the old slot with SIGTERM, then drop it from the proxy and record the new state.
+    The idle slot gets the release (unless it already runs it, warm, as the standby), must answer ready, then
+    the proxy is pointed at it with a graceful reload: requests in flight on the old slot finish there. The old
+    slot stays up as the warm standby (`keep_standby`), so rolling back to it is a proxy reload; without
+    `keep_standby` it is drained with SIGTERM and removed.
     """
     state = host.get_fact(IngestState) or {}
-    if (
-        state.get("release") == release
-        and state.get("image_id") == image_id
-        and state.get("config_version") == config_version
-    ):
+    wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version,
+              "schema_head": schema_head}
+    if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
         host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
         return
     binary = compose_binary()
     live = state.get("slot")
     new = layout.other_slot(live)
-    slots = dict(state.get("slots", {}))
-    slots[new] = layout.slot_env(new, image, release, config_version)
-    yield from files.put._inner(
-        src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
+    standby = state.get("standby") or {}
+    warm = (
+        standby.get("slot") == new
+        and all(standby.get(key) == wanted[key] for key in ("release", "image_id", "config_version"))
+        and host.get_fact(RunningServices).get(f"api_{new}") == image
     )
-    yield layout.start_slot(binary, new)
-    yield layout.wait_slot_ready(binary, new, ports[new], ready_timeout_s)
-    proxy_conf = f"{layout.BASE}/proxy/nginx.conf"
-    draining = [live] if live else []
+    slots = dict(state.get("slots", {}))
+    if warm:
+        host.noop(f"ingest {release} already runs warm in standby slot {new}: switching the proxy only")
+    else:
+        slots[new] = layout.slot_env(new, image, release, config_version)
+        yield from files.put._inner(
+            src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
+        )
+        yield layout.start_slot(binary, new)
+    yield layout.wait_slot_ready(new, ports[new], ready_timeout_s)
     yield from files.put._inner(
-        src=StringIO(layout.render_proxy([new], draining, ports, max_body_bytes)), dest=proxy_conf, mode="644"
+        src=StringIO(layout.render_proxy([new], [], ports, max_body_bytes)),
+        dest=f"{layout.BASE}/proxy/nginx.conf", mode="644",
     )
     yield layout.reload_proxy(binary)
-    if live:
+    previous = {key: state[key] for key in RELEASE_KEYS if key in state}
+    if live and not keep_standby:
         yield layout.stop_slot(binary, live, drain_grace_s)
-        # Same path, new content: the put above already changed it, so this one always uploads.
-        yield from files.put._inner(
-            src=StringIO(layout.render_proxy([new], [], ports, max_body_bytes)), dest=proxy_conf, mode="644"
-        )
-        yield layout.reload_proxy(binary)
-    previous = {key: state[key] for key in ("release", "image", "image_id", "config_version", "schema_head")
-                if key in state}
     yield layout.write_state(
         {
+            **wanted,
             "slot": new,
-            "release": release,
-            "image": image,
-            "image_id": image_id,
-            "config_version": config_version,
-            "schema_head": schema_head,
             # Both slots, exactly as .env has them, so the layout's .env render matches and stays a noop.
             "slots": slots,
             "previous": previous or None,
+            "standby": {**previous, "slot": live} if (live and keep_standby) else None,
         }
     )
 
