@@ -89,6 +89,21 @@ def parse_lock_wait(value: str | None) -> float:
     return seconds
 
 
+def ensure_sandbox(reporter: Reporter) -> None:
+    """`deploy local` on a machine with nothing: start the sandbox first (its first start builds images)."""
+    from ingestctl.errors import ConfigError
+    from ingestctl.testbed import lifecycle
+    from ingestctl.testbed import state as testbed_state
+
+    try:
+        testbed_state.load()
+        return
+    except ConfigError:
+        pass
+    reporter.event("step", "no sandbox running: starting it (`ingestctl testbed up`)", step="testbed")
+    lifecycle.up(lambda message: reporter.event("progress", message, step="testbed"))
+
+
 @main.command("deploy")
 @click.argument("env")
 @click.option("--version", "version", help="Release version (image tag). Default: the checkout's git describe.")
@@ -103,6 +118,8 @@ def deploy_command(env: str, version: str | None, batch: str | None, skip_bench:
     """Build, ship, migrate and roll out ENV in gated batches; roll back by itself on any gate failure."""
     from ingestctl import pipeline
 
+    if env == "local":
+        ensure_sandbox(reporter)
     run = pipeline.deploy(env, reporter, version=version, batch=batch, skip_bench=skip_bench, dry=dry,
                           lock_wait_s=parse_lock_wait(lock_wait))
     if not dry:

@@ -177,21 +177,23 @@ def config_calls(ctx: Context, cfg: config_mod.ServiceConfig) -> list[runner.Ope
 
 
 def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
-               metrics: bool = True) -> list[gates.GateResult]:
-    """Health, then live metrics, on the hosts just switched. Returns results; the first failure ends it."""
+               metrics: bool = True) -> Iterator[gates.GateResult]:
+    """Health, then live metrics, on the hosts just switched; the first failure ends it.
+
+    Yields each result as soon as it is known, so the event stream shows the health gate before the metric
+    window starts (CI and `ingestctl abort` react to it), not both at once at the end.
+    """
     urls = {host: ctx.base_url(host) for host in hosts}
-    results = [gates.health_gate(urls, ctx.env.data.health_timeout_s, on_wait=on_wait)]
-    if metrics and results[-1].passed:
-        results.append(
-            gates.metric_gate(
-                urls,
-                ctx.env.data.metric_window_s,
-                ctx.env.data.max_error_ratio,
-                ctx.env.data.max_p95_ms,
-                probe=query_probe(ctx),
-            )
+    health = gates.health_gate(urls, ctx.env.data.health_timeout_s, on_wait=on_wait)
+    yield health
+    if metrics and health.passed:
+        yield gates.metric_gate(
+            urls,
+            ctx.env.data.metric_window_s,
+            ctx.env.data.max_error_ratio,
+            ctx.env.data.max_p95_ms,
+            probe=query_probe(ctx),
         )
-    return results
 
 
 def query_probe(ctx: Context) -> Callable[[Any, str], None]:
@@ -331,12 +333,15 @@ def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
                        step="config", config_version=cfg.version)
 
 
-def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_id: str) -> dict[str, Any]:
-    """Restore point, then `alembic upgrade head` in a one-off container of the new image, on the db host."""
+def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_id: str,
+            before: str | None) -> dict[str, Any]:
+    """Restore point, then `alembic upgrade head` in a one-off container of the new image, on the db host.
+
+    BEFORE is the database's head as read under the lock.
+    """
     from ingestctl.operations.release import schema_migrated
 
     db = ctx.env.db_host
-    before = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
     if before == release.schema_head:
         ctx.reporter.event("step", f"schema already at {before}: no migration", step="migrate",
                            schema_before=before, schema_after=before)
@@ -420,7 +425,7 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
 
         guard.checkpoints.check("migrating")
         started = time.time()
-        run.facts.update(migrate(ctx, release, ctx.config, run.id))
+        run.facts.update(migrate(ctx, release, ctx.config, run.id, guard.schema_head))
         run.step("migrate", started)
 
         rollout(ctx, run, batches, release, ctx.config.version, guard.checkpoints, guard.switched)
@@ -448,6 +453,7 @@ class Guard:
     before: dict[str, dict | None]
     checkpoints: Checkpoints
     switched: list[str] = field(default_factory=list)
+    schema_head: str | None = None
 
 
 @contextmanager
@@ -456,11 +462,14 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
     host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock."""
     checkpoints = Checkpoints(ctx.name)
     checkpoints.install()
-    acquire_lock(ctx, run, lock_wait_s, command)
     guard = Guard(before={}, checkpoints=checkpoints)
+    # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback.
+    with fleet.connected(ctx.name) as active:
+        acquire_lock(ctx, run, lock_wait_s, command, active)
+        guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
+        guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
     outcome = "failed"
     try:
-        guard.before = host_states(ctx)
         yield guard
         outcome = "success" if guard.switched else "noop"
     except RollbackFailed:
@@ -589,8 +598,9 @@ def summarise(run: Run, reporter: Reporter) -> None:
 
 # ----- lock and ledger ---------------------------------------------------------------------------------------
 
-def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str) -> None:
-    """Take the deploy lock on every host, or none: a partial take is released before waiting or failing."""
+def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Mapping[str, Any]) -> None:
+    """Take the deploy lock on every (connected) host, or none: a partial take is released before waiting or
+    failing."""
     from datetime import UTC, datetime
 
     from ingestctl import lock as lock_mod
@@ -600,7 +610,7 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str) -> None:
     run.facts["lock_token"] = record.token
     deadline = time.monotonic() + wait_s
     while True:
-        results = fleet.run_commands(ctx.name, lambda _h: lock_mod.acquire_command(record), hosts=ctx.env.all_hosts)
+        results = fleet.run_on(active, lambda _h: lock_mod.acquire_command(record))
         statuses = {h: lock_mod.parse_output(r.stdout, h) for h, r in results.items()}
         held = {h: s for h, s in statuses.items() if s.state != "acquired"}
         if not held:
@@ -608,7 +618,7 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str) -> None:
             return
         taken = [h for h, s in statuses.items() if s.state == "acquired"]
         if taken:
-            fleet.run_commands(ctx.name, lambda _h: lock_mod.release_command(record.token), hosts=taken)
+            fleet.run_on({h: active[h] for h in taken}, lambda _h: lock_mod.release_command(record.token))
         host, status = sorted(held.items())[0]
         if time.monotonic() >= deadline:
             holder = status.record
@@ -629,14 +639,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def release_lock(ctx: Context, run: Run) -> None:
-    from ingestctl import lock as lock_mod
-
-    token = run.facts.get("lock_token")
-    if token:
-        fleet.run_commands(ctx.name, lambda _h: lock_mod.release_command(token), hosts=ctx.env.all_hosts)
 
 
 OUTCOMES = {"noop": "success", "rollback-failed": "failed"}
@@ -702,27 +704,30 @@ def _flat_numbers(numbers: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     return flat
 
 
-def append_ledger(ctx: Context, run: Run) -> None:
+def finish(ctx: Context, run: Run) -> None:
+    """Always: record the run in every host's ledger, then release the lock (one command per host). Failures
+    here are reported, never allowed to hide the run's own outcome."""
     from ingestctl import ledger as ledger_mod
+    from ingestctl import lock as lock_mod
 
-    line = ledger_mod.serialise(ledger_entry(ctx, run), ctx.config.secrets)
-    results = fleet.run_commands(ctx.name, lambda _h: ledger_mod.append_command(line), hosts=ctx.env.all_hosts)
+    token = run.facts.get("lock_token")
+    try:
+        line = ledger_mod.serialise(ledger_entry(ctx, run), ctx.config.secrets)
+        append = ledger_mod.append_command(line)
+    except Exception as exc:  # the ledger must not mask the deploy's result, nor keep the lock held
+        ctx.reporter.event("error", f"could not write the ledger: {exc}")
+        append = "false"
+    unlock = lock_mod.release_command(token) if token else "true"
+    try:
+        results = fleet.run_commands(ctx.name, lambda _h: f"({append}); ledger=$?; {unlock}; exit $ledger",
+                                     hosts=ctx.env.all_hosts)
+    except Exception as exc:
+        ctx.reporter.event("error", f"could not record the run or release the deploy lock: {exc}; "
+                           f"run `ingestctl lock break {ctx.name}` once you have checked the hosts")
+        return
     failed = [f"{h}: {r.stderr.strip()[:200]}" for h, r in results.items() if not r.ok]
     if failed:
         ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))
-
-
-def finish(ctx: Context, run: Run, *_modules: Any) -> None:
-    """Always: record the run in every host's ledger, then release the lock. Failures here are reported,
-    never allowed to hide the run's own outcome."""
-    try:
-        append_ledger(ctx, run)
-    except Exception as exc:  # the ledger must not mask the deploy's result
-        ctx.reporter.event("error", f"could not write the ledger: {exc}")
-    try:
-        release_lock(ctx, run)
-    except Exception as exc:
-        ctx.reporter.event("error", f"could not release the deploy lock: {exc}; run `ingestctl lock break {ctx.name}`")
 
 
 def break_lock(env_name: str, reporter: Reporter) -> None:

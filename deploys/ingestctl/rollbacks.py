@@ -127,13 +127,12 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
     running_heads = {s.get("schema_head") for s in states.values() if s}
     to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
     new_head = migrations_new_head(revisions, db_head, steps)
-    # The one-off container must know the revisions it removes: use a live image whose code is at db_head.
-    carrier = next((s for s in states.values() if s and s.get("schema_head") == db_head), None) \
-        or next((s for s in states.values() if s), None)
-    if carrier is None:
+    live = next((s for s in states.values() if s), None)
+    if live is None:
         raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
+    carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name), states, db_head)
     restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
-    run.facts.update(schema_before=db_head, release=carrier["release"], config_version=carrier["config_version"],
+    run.facts.update(schema_before=db_head, release=live["release"], config_version=live["config_version"],
                      restore_point=restore_point)
     names = ", ".join(m.name for m in to_undo)
     reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names})",
@@ -144,8 +143,8 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
             env_name,
             [runner.OperationCall(
                 release_ops.schema_migrated,
-                kwargs=dict(name=f"Ensure schema is at {new_head or 'empty'}", image=carrier["image"],
-                            config_version=carrier["config_version"], infra_images=ctx.infra_images,
+                kwargs=dict(name=f"Ensure schema is at {new_head or 'empty'}", image=carrier_image,
+                            config_version=live["config_version"], infra_images=ctx.infra_images,
                             restore_point=restore_point, alembic_args=("downgrade", f"-{steps}")),
             )],
             hosts=[db], raise_on_error=False,
@@ -160,6 +159,26 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
                        schema_after=after, restore_point=restore_point)
         run.facts["time_to_healthy_s"] = health_only(ctx, run, ctx.env.app_hosts)
     return run
+
+
+def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db_head: str) -> str:
+    """An image whose migrations include DB_HEAD, present on the db host: the one-off downgrade container must
+    know the revisions it removes. The normal case is an older release live (rolled back first, as the refusal
+    asks), so the image is the latest known-good release built for DB_HEAD, found in the ledger."""
+    from ingestctl.images import image_name
+    from ingestctl.ledger import RELEASE_KINDS
+
+    candidates = [s["image"] for s in states.values() if s and s.get("schema_head") == db_head]
+    candidates += [image_name(e.release) for e in sorted(entries, key=lambda e: (e.started, e.id), reverse=True)
+                   if e.succeeded and e.kind in RELEASE_KINDS and e.release and e.code_schema_head() == db_head]
+    db = ctx.env.db_host
+    for image in dict.fromkeys(candidates):
+        if fleet.run_commands(ctx.name, {db: f"docker image inspect {image} >/dev/null 2>&1"})[db].ok:
+            return image
+    raise ConfigError(
+        f"no image that knows schema head {db_head!r} is on {db} (looked for: {', '.join(candidates) or 'none'}); "
+        f"the downgrade must run with the release that added it: ship it with `ingestctl image ship {ctx.name}` "
+        "or deploy that release again, then retry")
 
 
 def migrations_new_head(revisions, db_head: str | None, steps: int) -> str | None:
