@@ -11,7 +11,6 @@ Other code asks for a base by recipe name, e.g. the app image build:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -97,14 +96,8 @@ def import_changes(base: BaseRecipe) -> list[str]:
 @contextmanager
 def build_lock() -> Iterator[None]:
     """Serialise image builds across processes: two `testbed up` runs must not debootstrap the same suite twice."""
-    lock_path = paths.state_dir() / "images.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with paths.file_lock(paths.state_dir() / "images.lock"):
+        yield
 
 
 def image_label(client, image: str, label: str) -> str | None:

@@ -5,45 +5,15 @@ Subcommand groups live beside the code they drive and are attached here, so each
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import click
 
 from ingestctl import paths
 from ingestctl import secrets as secrets_mod
-from ingestctl.errors import IngestctlError
+from ingestctl.clikit import json_option, reporting
 from ingestctl.output import Reporter
-
-json_option = click.option("--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI.")
-
-
-OUTCOME_BY_EXIT = {2: "refused", 3: "rolled-back", 4: "rollback-failed", 5: "locked"}
-
-
-def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give the command a Reporter and turn IngestctlError into its exit code with a one-line reason."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, json_mode: bool = False, **kwargs: Any) -> Any:
-        reporter = Reporter(json_mode=json_mode)
-        try:
-            return func(*args, reporter=reporter, **kwargs)
-        except IngestctlError as exc:
-            reporter.event("error", f"error: {exc}", error=type(exc).__name__, exit_code=exc.exit_code)
-            if reporter.json_mode:
-                # CI reads the last summary: it always comes, with the outcome the exit code stands for.
-                reporter.event("summary", outcome=OUTCOME_BY_EXIT.get(exc.exit_code, "failed"),
-                               exit_code=exc.exit_code, error=str(exc))
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            reporter.event("error", "interrupted", exit_code=130)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,18 +6,8 @@ import time
 
 import click
 
+from ingestctl.clikit import json_option, reporting
 from ingestctl.output import Reporter
-
-json_option = click.option(
-    "--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI."
-)
-
-
-def _reporting(func):
-    # Fetched at decoration time: cli.py imports this module after defining `reporting` (no import cycle).
-    from ingestctl.cli import reporting
-
-    return reporting(func)
 
 
 @click.group("image")
@@ -34,7 +24,7 @@ def image() -> None:
 )
 @click.option("--no-cache", is_flag=True, help="Rebuild every layer even when the sources are unchanged.")
 @json_option
-@_reporting
+@reporting
 def build_command(version: str | None, no_cache: bool, reporter: Reporter) -> None:
     """Build ingest:VERSION from service/ (skipped when its sources are unchanged)."""
     from ingestctl.images import build_app_image
@@ -59,7 +49,7 @@ def build_command(version: str | None, no_cache: bool, reporter: Reporter) -> No
 @click.option("--version", "version", default=None, help="App image tag to ship; defaults to the checkout's.")
 @click.option("--host", "hosts", multiple=True, help="Ship only to this host (repeatable).")
 @json_option
-@_reporting
+@reporting
 def ship_command(env: str, version: str | None, hosts: tuple[str, ...], reporter: Reporter) -> None:
     """Make every host of ENV hold its images by ID: the app image, plus PostgreSQL/Redis on the db host."""
     from ingestctl import pyinfra_runner

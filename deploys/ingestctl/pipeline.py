@@ -20,9 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-
-from ingestctl import fleet, gates, hostlayout, paths
 from ingestctl import config as config_mod
+from ingestctl import fleet, gates, hostlayout, paths
 from ingestctl import inventory as inventory_mod
 from ingestctl import pyinfra_runner as runner
 from ingestctl import secrets as secrets_mod
@@ -30,7 +29,6 @@ from ingestctl.errors import GateFailed, IngestctlError, RollbackFailed
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
-
 
 # What `hostlayout.wait_slot_ready` prints when a new slot never answers ready within the timeout.
 SLOT_NOT_READY = "not ready after"

@@ -10,10 +10,6 @@ import hashlib
 from collections.abc import Mapping
 from io import StringIO
 
-from pyinfra import host
-from pyinfra.api import deploy, operation
-from pyinfra.operations import files
-
 from ingestctl import hostlayout as layout
 from ingestctl.errors import HostError
 from ingestctl.facts.release import (
@@ -24,6 +20,9 @@ from ingestctl.facts.release import (
     RunningServices,
     SchemaHead,
 )
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.operations import files
 
 
 def compose_binary() -> str:

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ingestctl.clikit import json_option, reporting
 from ingestctl.errors import HostError
 from ingestctl.output import Reporter
 from ingestctl.testbed import hostspec
-
-# cli.py imports this module at its end, so its `reporting` decorator is fetched at decoration time
-# (by then cli.py has defined it) rather than imported at the top, which would be a cycle.
-json_option = click.option(
-    "--json", "json_mode", is_flag=True, help="One JSON object per line on stdout, for CI."
-)
-
-
-def _reporting(func):
-    from ingestctl.cli import reporting
-
-    return reporting(func)
 
 
 @click.group("testbed")
@@ -76,7 +65,7 @@ def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
 
 @testbed.command("up")
 @json_option
-@_reporting
+@reporting
 def up_command(reporter: Reporter) -> None:
     """Build missing images, start db1, app2, app3 and wait until sshd and Docker answer on each."""
     from ingestctl.testbed import lifecycle
@@ -99,7 +88,7 @@ def up_command(reporter: Reporter) -> None:
 @testbed.command("down")
 @click.option("--purge", is_flag=True, help="Also remove the cached base and sandbox images.")
 @json_option
-@_reporting
+@reporting
 def down_command(purge: bool, reporter: Reporter) -> None:
     """Remove the testbed's containers, volumes, network and state (cached images stay unless --purge)."""
     from ingestctl.testbed import lifecycle
@@ -120,7 +109,7 @@ def down_command(purge: bool, reporter: Reporter) -> None:
 
 @testbed.command("status")
 @json_option
-@_reporting
+@reporting
 def status_command(reporter: Reporter) -> None:
     """Each host's name, address, SSH port, key path and whether sshd and Docker answer (exit 2 if not)."""
     from ingestctl.testbed import lifecycle

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from contextlib import contextmanager
@@ -42,14 +41,8 @@ def _storage_choice() -> str:
 @contextmanager
 def _testbed_lock(name: str):
     """Two `up`/`down` runs on one testbed take turns instead of racing for container names."""
-    lock_path = paths.state_dir() / "locks" / f"{name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with paths.file_lock(paths.state_dir() / "locks" / f"{name}.lock"):
+        yield
 
 
 @contextmanager
