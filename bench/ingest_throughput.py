@@ -37,15 +37,23 @@ JWT_SECRET = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 def make_events(count: int, round_no: int, side: str) -> list[dict]:
     start = datetime(2020, 1, 1, tzinfo=UTC)
-    return [{"id": str(uuid.uuid4()), "source": f"svc-{i % 13}", "type": f"type.{i % 7}",
-             "timestamp": (start + timedelta(milliseconds=i)).isoformat(),
-             "payload": {"round": round_no, "side": side, "seq": i, "amount": (i * 37) % 1000, "tags": ["a", "b"]}}
-            for i in range(count)]
+    return [
+        {
+            "id": str(uuid.uuid4()),
+            "source": f"svc-{i % 13}",
+            "type": f"type.{i % 7}",
+            "timestamp": (start + timedelta(milliseconds=i)).isoformat(),
+            "payload": {"round": round_no, "side": side, "seq": i, "amount": (i * 37) % 1000, "tags": ["a", "b"]},
+        }
+        for i in range(count)
+    ]
 
 
 def copy_events(url: str, events: list[dict]) -> float:
-    rows = [(uuid.UUID(e["id"]), e["source"], e["type"], datetime.fromisoformat(e["timestamp"]), Jsonb(e["payload"]))
-            for e in events]
+    rows = [
+        (uuid.UUID(e["id"]), e["source"], e["type"], datetime.fromisoformat(e["timestamp"]), Jsonb(e["payload"]))
+        for e in events
+    ]
     with psycopg.connect(url) as conn:
         started = time.perf_counter()
         with conn.cursor() as cur, cur.copy("COPY events (id, source, type, timestamp, payload) FROM STDIN") as copy:
@@ -59,11 +67,13 @@ async def post_events(port: int, events: list[dict], batch: int, concurrency: in
     """POST the batches over `concurrency` keep-alive connections. A minimal HTTP/1.1 client on asyncio
     streams, with requests encoded up front: on a 2-core machine the load generator shares the CPU with the
     service and PostgreSQL, and httpx would spend more CPU per batch than the service does."""
-    head = (f"POST /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {API_KEY}\r\n"
-            "Content-Type: application/json\r\n").encode()
+    head = (
+        f"POST /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-API-Key: {API_KEY}\r\n"
+        "Content-Type: application/json\r\n"
+    ).encode()
     requests = []
     for i in range(0, len(events), batch):
-        body = json.dumps(events[i:i + batch]).encode()
+        body = json.dumps(events[i : i + batch]).encode()
         requests.append(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for request in requests:
@@ -103,11 +113,22 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def start_service(url: str, redis_url: str, port: int, log) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url, "API_KEY": API_KEY, "JWT_SECRET": JWT_SECRET,
-           "PORT": str(port), "HOST": "127.0.0.1", "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING",
-           "MAX_REQUEST_BODY_BYTES": str(16 * 1024 * 1024), "INGEST_MAX_BATCH_ITEMS": "10000"}
-    proc = subprocess.Popen([sys.executable, "-m", "ingest"], cwd=ROOT / "service", env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "REDIS_URL": redis_url,
+        "API_KEY": API_KEY,
+        "JWT_SECRET": JWT_SECRET,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "LOG_LEVEL": "WARNING",
+        "MAX_REQUEST_BODY_BYTES": str(16 * 1024 * 1024),
+        "INGEST_MAX_BATCH_ITEMS": "10000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingest"], cwd=ROOT / "service", env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -140,8 +161,14 @@ def main() -> int:
         postgres.start()
         redis.start()
         url = postgres.create_database("bench")
-        migrate = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], check=False, cwd=ROOT / "service",
-                                 env={**os.environ, "DATABASE_URL": url}, capture_output=True, text=True)
+        migrate = subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            check=False,
+            cwd=ROOT / "service",
+            env={**os.environ, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+        )
         if migrate.returncode != 0:
             raise RuntimeError(f"alembic upgrade failed: {migrate.stderr[-500:]}")
         port = free_port()
@@ -162,9 +189,12 @@ def main() -> int:
                     raise RuntimeError(f"API stored {stored} of {args.events} events")
                 copy_rates.append(args.events / copy_seconds)
                 api_rates.append(args.events / api_seconds)
-                print(f"round {round_no + 1}: COPY {copy_rates[-1]:,.0f} events/s, API {api_rates[-1]:,.0f} "
-                      f"events/s (API phase {api_seconds:.1f}s: service CPU {service_cpu:.1f}s, "
-                      f"client CPU {client_cpu:.1f}s)", file=sys.stderr)
+                print(
+                    f"round {round_no + 1}: COPY {copy_rates[-1]:,.0f} events/s, API {api_rates[-1]:,.0f} "
+                    f"events/s (API phase {api_seconds:.1f}s: service CPU {service_cpu:.1f}s, "
+                    f"client CPU {client_cpu:.1f}s)",
+                    file=sys.stderr,
+                )
     finally:
         if service is not None:
             service.terminate()
@@ -174,19 +204,31 @@ def main() -> int:
 
     copy_rate, api_rate = max(copy_rates), max(api_rates)
     round_ratios = sorted(api / copy for api, copy in zip(api_rates, copy_rates, strict=True))
-    result = {"events": args.events, "batch": args.batch, "concurrency": args.concurrency, "rounds": args.rounds,
-              "cores": os.cpu_count(), "copy_events_per_s": round(copy_rate), "api_events_per_s": round(api_rate),
-              "ratio": round(api_rate / copy_rate, 3), "median_round_ratio": round(round_ratios[len(round_ratios) // 2], 3),
-              "target_ratio": 0.5}
+    result = {
+        "events": args.events,
+        "batch": args.batch,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "cores": os.cpu_count(),
+        "copy_events_per_s": round(copy_rate),
+        "api_events_per_s": round(api_rate),
+        "ratio": round(api_rate / copy_rate, 3),
+        "median_round_ratio": round(round_ratios[len(round_ratios) // 2], 3),
+        "target_ratio": 0.5,
+    }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"cores {result['cores']}, {args.events} events per side, API batches of {args.batch} from "
-              f"{args.concurrency} clients")
+        print(
+            f"cores {result['cores']}, {args.events} events per side, API batches of {args.batch} from "
+            f"{args.concurrency} clients"
+        )
         print(f"raw psycopg COPY : {copy_rate:>10,.0f} events/s")
         print(f"API (HTTP batch) : {api_rate:>10,.0f} events/s")
-        print(f"ratio API/COPY   : {result['ratio']:.3f} best vs best, {result['median_round_ratio']:.3f} median "
-              "of same-round pairs (target >= 0.5)")
+        print(
+            f"ratio API/COPY   : {result['ratio']:.3f} best vs best, {result['median_round_ratio']:.3f} median "
+            "of same-round pairs (target >= 0.5)"
+        )
     return 0 if result["ratio"] >= 0.5 else 1
 
 

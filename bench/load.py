@@ -42,13 +42,22 @@ class LoadResult:
 class Load:
     """Workers round-robin over the base URLs, alternating a batch ingest and a query."""
 
-    def __init__(self, base_urls: list[str], api_key: str, jwt_secret: str, workers: int = 4,
-                 max_seconds: float = 600.0, max_requests: int = 200_000, batch: int = 5,
-                 keepalive: bool = True):
+    def __init__(
+        self,
+        base_urls: list[str],
+        api_key: str,
+        jwt_secret: str,
+        workers: int = 4,
+        max_seconds: float = 600.0,
+        max_requests: int = 200_000,
+        batch: int = 5,
+        keepalive: bool = True,
+    ):
         self.base_urls = base_urls
         self.api_key = api_key
-        self.token = jwt.encode({"scope": "events:read", "sub": "bench", "exp": int(time.time()) + 7200},
-                                jwt_secret, algorithm="HS256")
+        self.token = jwt.encode(
+            {"scope": "events:read", "sub": "bench", "exp": int(time.time()) + 7200}, jwt_secret, algorithm="HS256"
+        )
         self.workers = workers
         self.max_seconds = max_seconds
         self.max_requests = max_requests
@@ -109,8 +118,10 @@ class Load:
 
     def _ingest(self, client: httpx.Client, base: str) -> None:
         now = datetime.now(UTC).isoformat()
-        events = [{"id": str(uuid.uuid4()), "source": "bench", "type": "load", "timestamp": now,
-                   "payload": {"n": i}} for i in range(self.batch)]
+        events = [
+            {"id": str(uuid.uuid4()), "source": "bench", "type": "load", "timestamp": now, "payload": {"n": i}}
+            for i in range(self.batch)
+        ]
         try:
             response = client.post(base + "/api/v1/events", json=events, headers={"X-API-Key": self.api_key})
         except httpx.HTTPError as exc:
@@ -123,13 +134,17 @@ class Load:
 
     def _query(self, client: httpx.Client, base: str) -> None:
         try:
-            response = client.get(base + "/api/v1/events", params={"source": "bench", "limit": 20},
-                                  headers={"Authorization": f"Bearer {self.token}"})
+            response = client.get(
+                base + "/api/v1/events",
+                params={"source": "bench", "limit": 20},
+                headers={"Authorization": f"Bearer {self.token}"},
+            )
         except httpx.HTTPError as exc:
             self._record(None, f"{type(exc).__name__} on GET {base}")
             return
-        self._record(response.status_code, None if response.status_code == 200 else
-                     f"HTTP {response.status_code} on GET {base}")
+        self._record(
+            response.status_code, None if response.status_code == 200 else f"HTTP {response.status_code} on GET {base}"
+        )
 
 
 def count_in_database(dsn: str, ids: list[str]) -> tuple[int, int]:

@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+import httpx
 
-from tests.e2e.releases import ingestctl  # noqa: E402
+from tests.e2e.releases import ingestctl
 
 HAND_PORT = 8009
 HAND_NAME = "ingest-hand-start"
@@ -106,23 +106,39 @@ def main() -> int:
         wall = round(time.monotonic() - started, 2)
         if result.code != 0:
             raise SystemExit(result.explain())
-        entries = json.loads(
-            ssh(state, db, "tail -n 1 /var/lib/ingest/ledger.jsonl") or "{}")
+        entries = json.loads(ssh(state, db, "tail -n 1 /var/lib/ingest/ledger.jsonl") or "{}")
         healthy = entries.get("time_to_healthy_s")
-        rounds.append({"round": number, "hand_start_s": hand, "rollback_wall_s": wall,
-                       "ledger_time_to_healthy_s": healthy, "ratio": round(wall / hand, 2)})
-        print(f"  round {number}: hand start {hand}s, rollback {wall}s (ledger: healthy after {healthy}s), "
-              f"ratio {wall / hand:.2f}", file=sys.stderr)
-    report = {"bench": "rollback_speed", "app_hosts": len(app_hosts), "rounds": rounds,
-              "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 2), "target_ratio": 1.5}
+        rounds.append(
+            {
+                "round": number,
+                "hand_start_s": hand,
+                "rollback_wall_s": wall,
+                "ledger_time_to_healthy_s": healthy,
+                "ratio": round(wall / hand, 2),
+            }
+        )
+        print(
+            f"  round {number}: hand start {hand}s, rollback {wall}s (ledger: healthy after {healthy}s), "
+            f"ratio {wall / hand:.2f}",
+            file=sys.stderr,
+        )
+    report = {
+        "bench": "rollback_speed",
+        "app_hosts": len(app_hosts),
+        "rounds": rounds,
+        "median_ratio": round(statistics.median(r["ratio"] for r in rounds), 2),
+        "target_ratio": 1.5,
+    }
     if args.json:
         print(json.dumps(report))
     else:
         print("| round | hand start (s) | rollback app (s) | ledger time to healthy (s) | ratio |")
         print("|---|---|---|---|---|")
         for r in rounds:
-            print(f"| {r['round']} | {r['hand_start_s']} | {r['rollback_wall_s']} | "
-                  f"{r['ledger_time_to_healthy_s']} | {r['ratio']} |")
+            print(
+                f"| {r['round']} | {r['hand_start_s']} | {r['rollback_wall_s']} | "
+                f"{r['ledger_time_to_healthy_s']} | {r['ratio']} |"
+            )
         print(f"\nmedian ratio {report['median_ratio']} (target <= 1.5)")
     return 0 if report["median_ratio"] <= 1.5 else 1
 

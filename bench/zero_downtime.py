@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.load import Load, count_in_database  # noqa: E402
-from tests.e2e.releases import ingestctl  # noqa: E402
+from bench.load import Load, count_in_database
+from tests.e2e.releases import ingestctl
 
 
 def sandbox():
@@ -55,8 +55,11 @@ def phase(name: str, urls, secrets, workers: int, action) -> dict:
         duration = action()
         time.sleep(2)
     result = load.result
-    print(f"  {name}: {result.requests} requests, {result.failures} failed, "
-          f"{len(result.acknowledged)} events acknowledged, action {duration}s", file=sys.stderr)
+    print(
+        f"  {name}: {result.requests} requests, {result.failures} failed, "
+        f"{len(result.acknowledged)} events acknowledged, action {duration}s",
+        file=sys.stderr,
+    )
     return {"phase": name, "action_s": duration, **result.as_dict(), "_acked": result.acknowledged}
 
 
@@ -71,12 +74,21 @@ def main() -> int:
     must("deploy", "local", "--version", "zd-v1", "--skip-bench")
     phases = [
         phase("baseline (no change)", urls, secrets, args.workers, lambda: (time.sleep(10), 10.0)[1]),
-        phase("deploy zd-v1 -> zd-v2", urls, secrets, args.workers,
-              lambda: must("deploy", "local", "--version", "zd-v2", "--skip-bench")),
+        phase(
+            "deploy zd-v1 -> zd-v2",
+            urls,
+            secrets,
+            args.workers,
+            lambda: must("deploy", "local", "--version", "zd-v2", "--skip-bench"),
+        ),
         phase("rollback app -> zd-v1", urls, secrets, args.workers, lambda: must("rollback", "app", "local")),
-        phase("config set + rollback config", urls, secrets, args.workers,
-              lambda: must("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=900")
-              + must("rollback", "config", "local")),
+        phase(
+            "config set + rollback config",
+            urls,
+            secrets,
+            args.workers,
+            lambda: must("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=900") + must("rollback", "config", "local"),
+        ),
     ]
     acked = [event_id for p in phases for event_id in p.pop("_acked")]
     distinct, rows = count_in_database(dsn, acked)
@@ -97,10 +109,14 @@ def main() -> int:
         print("| phase | requests | failed | req/s | events acked | action (s) |")
         print("|---|---|---|---|---|---|")
         for p in phases:
-            print(f"| {p['phase']} | {p['requests']} | {p['failures']} | {p['requests_per_s']} | "
-                  f"{p['acknowledged_events']} | {p['action_s']} |")
-        print(f"\nacknowledged {len(acked)} events; in PostgreSQL: {distinct} distinct, {rows} rows "
-              f"({'exactly once' if report['exactly_once'] else 'MISMATCH'})")
+            print(
+                f"| {p['phase']} | {p['requests']} | {p['failures']} | {p['requests_per_s']} | "
+                f"{p['acknowledged_events']} | {p['action_s']} |"
+            )
+        print(
+            f"\nacknowledged {len(acked)} events; in PostgreSQL: {distinct} distinct, {rows} rows "
+            f"({'exactly once' if report['exactly_once'] else 'MISMATCH'})"
+        )
     return 0 if report["failed_requests"] == 0 and report["exactly_once"] else 1
 
 

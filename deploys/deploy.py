@@ -8,12 +8,11 @@ noop for every step already in place. What it leaves to `ingestctl deploy`: the 
 metric and benchmark gates between them, automatic rollback, and the ledger.
 """
 
-from pyinfra import host
-
 from ingestctl import config as config_mod
 from ingestctl import hostlayout, images, pipeline
 from ingestctl.operations import release as ops
 from ingestctl.output import Reporter
+from pyinfra import host
 
 ctx = pipeline.prepare(host.data.env, Reporter())
 built = images.build_app_image(host.data.get("version"))

@@ -57,20 +57,24 @@ def get_facts(env: str, fact_cls: type, hosts: Iterable[str] | None = None, **fa
         return {name: host.get_fact(fact_cls, **fact_kwargs) for name, host in active.items()}
 
 
-def run_on(active: Mapping[str, Any], command_for: Mapping[str, str] | Callable[[str], str]) -> dict[str, CommandResult]:
+def run_on(
+    active: Mapping[str, Any], command_for: Mapping[str, str] | Callable[[str], str]
+) -> dict[str, CommandResult]:
     """Run one shell command per already-connected host. Never raises on exit codes."""
     results = {}
     for name, host in active.items():
         command = command_for[name] if isinstance(command_for, Mapping) else command_for(name)
         # The inventory's `sudo: True` (pyinfra's `_sudo` data) applies here as it does to operations.
-        ok, output = host.run_shell_command(command, print_output=False, print_input=False,
-                                            _sudo=bool(host.data.get("_sudo")))
+        ok, output = host.run_shell_command(
+            command, print_output=False, print_input=False, _sudo=bool(host.data.get("_sudo"))
+        )
         results[name] = CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
     return results
 
 
-def run_commands(env: str, command_for: Mapping[str, str] | Callable[[str], str],
-                 hosts: Iterable[str] | None = None) -> dict[str, CommandResult]:
+def run_commands(
+    env: str, command_for: Mapping[str, str] | Callable[[str], str], hosts: Iterable[str] | None = None
+) -> dict[str, CommandResult]:
     """Run one shell command per host (same or per-host) and return its output. Never raises on exit codes."""
     selected = list(command_for) if isinstance(command_for, Mapping) and hosts is None else hosts
     with connected(env, selected) as active:

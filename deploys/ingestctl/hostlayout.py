@@ -71,15 +71,25 @@ def _templates() -> jinja2.Environment:
 def render_compose(
     host: str, roles: Iterable[str], db_address: str, app_uid: int, ports: Ports, stop_grace_s: int = 30
 ) -> str:
-    return _templates().get_template("host-compose.yml.j2").render(
-        host=host, roles=sorted(roles), db_address=db_address, app_uid=app_uid, ports=ports,
-        stop_grace_s=stop_grace_s,
+    return (
+        _templates()
+        .get_template("host-compose.yml.j2")
+        .render(
+            host=host,
+            roles=sorted(roles),
+            db_address=db_address,
+            app_uid=app_uid,
+            ports=ports,
+            stop_grace_s=stop_grace_s,
+        )
     )
 
 
 def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int) -> str:
-    return _templates().get_template("nginx.conf.j2").render(
-        live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes
+    return (
+        _templates()
+        .get_template("nginx.conf.j2")
+        .render(live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes)
     )
 
 
@@ -98,6 +108,7 @@ def slot_env(slot: str, image: str, version: str, config_version: str) -> dict[s
 
 # ----- command builders -------------------------------------------------------------------------------------
 
+
 def compose(binary: str, *args: str, env: Mapping[str, str] | None = None) -> str:
     """A compose command in the project directory. `binary` is `docker compose` or `docker-compose` (a fact).
 
@@ -114,15 +125,17 @@ def start_slot(binary: str, slot: str) -> str:
 
 def stop_slot(binary: str, slot: str, grace_s: int) -> str:
     # SIGTERM, then the service drains in-flight requests for up to grace_s before compose kills it.
-    return compose(binary, "stop", "-t", str(grace_s), f"api_{slot}") + " && " + compose(
-        binary, "rm", "-f", f"api_{slot}"
+    return (
+        compose(binary, "stop", "-t", str(grace_s), f"api_{slot}") + " && " + compose(binary, "rm", "-f", f"api_{slot}")
     )
 
 
 def container_of(service: str) -> str:
     """The running container of a compose service, found by compose's labels (same for v1 and v2)."""
-    return (f"$(docker ps -q --filter label=com.docker.compose.project={PROJECT} "
-            f"--filter label=com.docker.compose.service={service})")
+    return (
+        f"$(docker ps -q --filter label=com.docker.compose.project={PROJECT} "
+        f"--filter label=com.docker.compose.service={service})"
+    )
 
 
 def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
@@ -133,25 +146,26 @@ def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
     probe = (
         "import sys,urllib.request\n"
         "try:\n"
-        f"    sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{port}/health/ready', timeout=1).status == 200 else 1)\n"
+        f"    r = urllib.request.urlopen('http://127.0.0.1:{port}/health/ready', timeout=1)\n"
+        "    sys.exit(0 if r.status == 200 else 1)\n"
         "except Exception:\n"
         "    sys.exit(1)"
     )
     tries = max(1, timeout_s * 10)
     return (
         f"c={container_of(f'api_{slot}')}; "
-        f"for i in $(seq 1 {tries}); do docker exec \"$c\" python -c {shlex.quote(probe)} >/dev/null 2>&1 "
+        f'for i in $(seq 1 {tries}); do docker exec "$c" python -c {shlex.quote(probe)} >/dev/null 2>&1 '
         f"&& exit 0; sleep 0.1; done; "
         f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; "
-        f"docker logs --tail 30 \"$c\" >&2; exit 1"
+        f'docker logs --tail 30 "$c" >&2; exit 1'
     )
 
 
 def reload_proxy(binary: str) -> str:
     """Graceful reload when the proxy runs; start it otherwise."""
     return (
-        f"c={container_of('proxy')}; if [ -n \"$c\" ]; then "
-        "docker exec \"$c\" nginx -c /etc/ingest-proxy/nginx.conf -s reload; "
+        f'c={container_of("proxy")}; if [ -n "$c" ]; then '
+        'docker exec "$c" nginx -c /etc/ingest-proxy/nginx.conf -s reload; '
         f"else {compose(binary, 'up', '-d', '--no-deps', 'proxy')}; fi"
     )
 
@@ -171,23 +185,44 @@ def wait_db_healthy(binary: str, timeout_s: int = 120) -> str:
 def restore_point(binary: str, path: str) -> str:
     """pg_dump -Fc inside the database container, written atomically on the host."""
     dump = compose(binary, "exec", "-T", "postgres", "pg_dump", "-Fc", "-U", "ingest", "-d", "ingest")
-    return f"mkdir -p {BASE}/backups && ({dump}) > {shlex.quote(path)}.part && mv {shlex.quote(path)}.part {shlex.quote(path)}"
+    target = shlex.quote(path)
+    return f"mkdir -p {BASE}/backups && ({dump}) > {target}.part && mv {target}.part {target}"
 
 
 def run_migrate(binary: str, image: str, config_version: str, *alembic_args: str) -> str:
     """alembic in a one-off container of IMAGE; its image and config come from the command's environment,
     not from .env, so the api slots' settings stay untouched."""
     return compose(
-        binary, "run", "--rm", "--no-deps", "migrate", "python", "-m", "alembic", *alembic_args,
+        binary,
+        "run",
+        "--rm",
+        "--no-deps",
+        "migrate",
+        "python",
+        "-m",
+        "alembic",
+        *alembic_args,
         env={"MIGRATE_IMAGE": image, "MIGRATE_CONFIG": config_version},
     )
 
 
 def db_schema_head(binary: str) -> str:
-    return compose(
-        binary, "exec", "-T", "postgres", "psql", "-U", "ingest", "-d", "ingest", "-tAc",
-        shlex.quote("SELECT version_num FROM alembic_version"),
-    ) + " 2>/dev/null || true"
+    return (
+        compose(
+            binary,
+            "exec",
+            "-T",
+            "postgres",
+            "psql",
+            "-U",
+            "ingest",
+            "-d",
+            "ingest",
+            "-tAc",
+            shlex.quote("SELECT version_num FROM alembic_version"),
+        )
+        + " 2>/dev/null || true"
+    )
 
 
 def write_state(state: Mapping[str, object]) -> str:

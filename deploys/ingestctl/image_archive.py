@@ -56,7 +56,10 @@ def save_command(image_id: str) -> list[str]:
 
 
 def registry_reference(registry: str, image: str) -> str:
-    """Where IMAGE lives in REGISTRY: `registry.example:5000` + `ingest:1.4.2` -> `registry.example:5000/ingest:1.4.2`."""
+    """Where IMAGE lives in REGISTRY.
+
+    `registry.example:5000` + `ingest:1.4.2` -> `registry.example:5000/ingest:1.4.2`.
+    """
     return f"{registry.rstrip('/')}/{image}"
 
 

@@ -152,7 +152,9 @@ def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, boo
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()), "")
-        return f"expected a value {sign} {bound:g}" if isinstance(bound, float) else f"expected a value {sign} {bound}", True
+        return f"expected a value {sign} {bound:g}" if isinstance(
+            bound, float
+        ) else f"expected a value {sign} {bound}", True
     if kind in ("too_short", "string_too_short"):
         return "expected a non-empty value", True
     if kind == "value_error" and "duplicate role" in str(error.get("msg")):
@@ -232,8 +234,13 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-def environment(*, name: str, data: Mapping[str, Any] | None = None,
-                hosts: Mapping[str, Mapping[str, Any]], source: str | None = None) -> Environment:
+def environment(
+    *,
+    name: str,
+    data: Mapping[str, Any] | None = None,
+    hosts: Mapping[str, Mapping[str, Any]],
+    source: str | None = None,
+) -> Environment:
     """Validate an environment's data and hosts. Every problem is reported at once, each with its path."""
     where = _caller_source() if source is None else source
     label = f"{where}: " if where else ""
@@ -286,8 +293,10 @@ def load(env: str) -> Environment:
     """Import `inventories/ENV.py` from the checkout and return its validated environment."""
     names = available()
     if not isinstance(env, str) or not ENV_NAME.match(env):
-        raise ConfigError(f"environment name: expected lower-case letters, digits, '-' or '_', found {env!r}; "
-                          f"available: {', '.join(names) or 'none'}")
+        raise ConfigError(
+            f"environment name: expected lower-case letters, digits, '-' or '_', found {env!r}; "
+            f"available: {', '.join(names) or 'none'}"
+        )
     path = paths.project_root() / "inventories" / f"{env}.py"
     shown = f"inventories/{env}.py"
     if not path.is_file():

@@ -26,15 +26,36 @@ def restore_hint(env: str = "ENV") -> str:
         f"with a fixed release: `ingestctl deploy {env} --version <fixed>`."
     )
 
+
 # Raw SQL: what follows DROP decides. These lose no rows (an index or constraint can be rebuilt).
-_SAFE_DROP_KINDS = frozenset({"INDEX", "CONSTRAINT", "TRIGGER", "VIEW", "MATERIALIZED", "FUNCTION", "PROCEDURE",
-                              "EXTENSION", "TYPE", "RULE", "POLICY", "DEFAULT", "NOT", "IDENTITY", "EXPRESSION"})
+_SAFE_DROP_KINDS = frozenset(
+    {
+        "INDEX",
+        "CONSTRAINT",
+        "TRIGGER",
+        "VIEW",
+        "MATERIALIZED",
+        "FUNCTION",
+        "PROCEDURE",
+        "EXTENSION",
+        "TYPE",
+        "RULE",
+        "POLICY",
+        "DEFAULT",
+        "NOT",
+        "IDENTITY",
+        "EXPRESSION",
+    }
+)
 _NAMED_DROP_KINDS = frozenset({"TABLE", "COLUMN", "SCHEMA", "DATABASE", "SEQUENCE", "OWNED"})
 _DROP = re.compile(r"\bDROP\s+(?:IF\s+EXISTS\s+)?(\w+)(?:\s+(?:IF\s+EXISTS\s+)?([\w.]+))?", re.IGNORECASE)
 _OTHER_UNSAFE_SQL = [
     (re.compile(r"\bTRUNCATE\b(?:\s+TABLE)?(?:\s+ONLY)?\s*([\w.]+)?", re.IGNORECASE), "truncates {0}"),
     (re.compile(r"\bDELETE\s+FROM\s+(?:ONLY\s+)?([\w.]+)", re.IGNORECASE), "deletes rows from {0}"),
-    (re.compile(r"\bALTER\s+COLUMN\s+(\w+)\s+(?:SET\s+DATA\s+)?TYPE\b", re.IGNORECASE), "changes the type of column {0}"),
+    (
+        re.compile(r"\bALTER\s+COLUMN\s+(\w+)\s+(?:SET\s+DATA\s+)?TYPE\b", re.IGNORECASE),
+        "changes the type of column {0}",
+    ),
 ]
 
 
@@ -140,8 +161,12 @@ class _DowngradeChecker(ast.NodeVisitor):
     def visit_With(self, node: ast.With) -> None:
         for item in node.items:
             call = item.context_expr
-            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                    and call.func.attr == "batch_alter_table" and isinstance(item.optional_vars, ast.Name)):
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "batch_alter_table"
+                and isinstance(item.optional_vars, ast.Name)
+            ):
                 self.batch_tables[item.optional_vars.id] = _string_arg(call, 0, "table_name") or "?"
         self.generic_visit(node)
 
@@ -218,11 +243,12 @@ def read_migration(path: Path) -> Migration:
     assigned = _module_assignments(tree)
     revision = _literal(assigned.get("revision", (None, 0))[0])
     if not isinstance(revision, str) or not revision:
-        raise ConfigError(f"{shown}: expected a module-level `revision = \"...\"` string, found {revision!r}")
+        raise ConfigError(f'{shown}: expected a module-level `revision = "..."` string, found {revision!r}')
     down = _literal(assigned.get("down_revision", (None, 0))[0])
     if isinstance(down, (tuple, list)):
-        raise ConfigError(f"{shown}: down_revision is a merge point {tuple(down)}; ingestctl supports a linear "
-                          "migration history only")
+        raise ConfigError(
+            f"{shown}: down_revision is a merge point {tuple(down)}; ingestctl supports a linear migration history only"
+        )
     if down is not None and not isinstance(down, str):
         raise ConfigError(f"{shown}: expected down_revision to be a string or None, found {down!r}")
     flags: dict[str, bool | None] = {}
@@ -232,14 +258,22 @@ def read_migration(path: Path) -> Migration:
             continue
         value = _literal(assigned[name][0])
         if not isinstance(value, bool):
-            raise ConfigError(f"{shown}:{assigned[name][1]}: expected `{name} = True` or `False` (a literal), "
-                              f"found {ast.unparse(assigned[name][0]) if assigned[name][0] else None}")
+            raise ConfigError(
+                f"{shown}:{assigned[name][1]}: expected `{name} = True` or `False` (a literal), "
+                f"found {ast.unparse(assigned[name][0]) if assigned[name][0] else None}"
+            )
         flags[name] = value
     has_downgrade, unsafe = _check_downgrade(tree)
-    return Migration(name=path.stem, revision=revision, down_revision=down, path=shown,
-                     backward_compatible=flags["backward_compatible"],
-                     downgrade_data_safe=flags["downgrade_data_safe"],
-                     unsafe_operations=unsafe, has_downgrade=has_downgrade)
+    return Migration(
+        name=path.stem,
+        revision=revision,
+        down_revision=down,
+        path=shown,
+        backward_compatible=flags["backward_compatible"],
+        downgrade_data_safe=flags["downgrade_data_safe"],
+        unsafe_operations=unsafe,
+        has_downgrade=has_downgrade,
+    )
 
 
 def order_chain(migrations: Iterable[Migration]) -> list[Migration]:
@@ -247,20 +281,26 @@ def order_chain(migrations: Iterable[Migration]) -> list[Migration]:
     by_revision: dict[str, Migration] = {}
     for migration in migrations:
         if migration.revision in by_revision:
-            raise ConfigError(f"revision {migration.revision!r} is declared twice: "
-                              f"{by_revision[migration.revision].name} and {migration.name}")
+            raise ConfigError(
+                f"revision {migration.revision!r} is declared twice: "
+                f"{by_revision[migration.revision].name} and {migration.name}"
+            )
         by_revision[migration.revision] = migration
     children: dict[str | None, list[Migration]] = {}
     for migration in by_revision.values():
         if migration.down_revision is not None and migration.down_revision not in by_revision:
-            raise ConfigError(f"{migration.name}: down_revision {migration.down_revision!r} is not a known "
-                              "revision; a migration file is missing")
+            raise ConfigError(
+                f"{migration.name}: down_revision {migration.down_revision!r} is not a known "
+                "revision; a migration file is missing"
+            )
         children.setdefault(migration.down_revision, []).append(migration)
     for parent, kids in children.items():
         if len(kids) > 1:
             names = ", ".join(sorted(k.name for k in kids))
-            raise ConfigError(f"migrations {names} all follow {parent or 'the base'!s}: the history forks; "
-                              "make them a single line (alembic merge is not supported)")
+            raise ConfigError(
+                f"migrations {names} all follow {parent or 'the base'!s}: the history forks; "
+                "make them a single line (alembic merge is not supported)"
+            )
     ordered: list[Migration] = []
     current: str | None = None
     while current in children:
@@ -292,8 +332,10 @@ def _index(revisions: Sequence[Migration], revision: str | None, what: str) -> i
         if migration.revision == revision:
             return position
     known = ", ".join(m.revision for m in revisions) or "none"
-    raise ConfigError(f"{what} {revision!r} is not a revision this checkout knows (known: {known}); "
-                      "run ingestctl from a checkout that has every migration applied to the database")
+    raise ConfigError(
+        f"{what} {revision!r} is not a revision this checkout knows (known: {known}); "
+        "run ingestctl from a checkout that has every migration applied to the database"
+    )
 
 
 def revisions_between(revisions: Sequence[Migration], from_head: str | None, to_head: str | None) -> list[Migration]:
@@ -301,8 +343,10 @@ def revisions_between(revisions: Sequence[Migration], from_head: str | None, to_
     start = _index(revisions, from_head, "schema head")
     end = _index(revisions, to_head, "target schema head")
     if start > end:
-        raise ConfigError(f"the database is at {from_head!r}, newer than the target {to_head!r}; an upgrade "
-                          "cannot go backwards (use `ingestctl rollback schema ENV`)")
+        raise ConfigError(
+            f"the database is at {from_head!r}, newer than the target {to_head!r}; an upgrade "
+            "cannot go backwards (use `ingestctl rollback schema ENV`)"
+        )
     return list(revisions[start + 1 : end + 1])
 
 
@@ -310,8 +354,13 @@ def _undeclared(flag: str) -> str:
     return f"does not declare `{flag}`; add `{flag} = True` or `False` at module level once you have checked it"
 
 
-def plan_schema_rollback(revisions: Sequence[Migration], current_head: str | None, steps: int = 1,
-                         running_release_heads: Iterable[str | None] = (), env: str = "ENV") -> list[Migration]:
+def plan_schema_rollback(
+    revisions: Sequence[Migration],
+    current_head: str | None,
+    steps: int = 1,
+    running_release_heads: Iterable[str | None] = (),
+    env: str = "ENV",
+) -> list[Migration]:
     """The migrations to undo, newest first, or ConfigError naming the migration and operation that forbid it.
 
     `running_release_heads` are the schema heads the releases running on the app hosts were built for:
@@ -323,8 +372,10 @@ def plan_schema_rollback(revisions: Sequence[Migration], current_head: str | Non
         raise ConfigError("nothing to roll back: the database has no migration applied")
     position = _index(revisions, current_head, "database schema head")
     if steps > position + 1:
-        raise ConfigError(f"--steps {steps}: only {position + 1} migration(s) are applied "
-                          f"(head {current_head!r}); use --steps {position + 1} or fewer")
+        raise ConfigError(
+            f"--steps {steps}: only {position + 1} migration(s) are applied "
+            f"(head {current_head!r}); use --steps {position + 1} or fewer"
+        )
     to_undo = list(reversed(revisions[position - steps + 1 : position + 1]))
     new_head = revisions[position - steps].revision if position - steps >= 0 else None
     removed = {m.revision for m in to_undo}
@@ -344,8 +395,9 @@ def plan_schema_rollback(revisions: Sequence[Migration], current_head: str | Non
 def _require_data_safe(migration: Migration, hint: str) -> None:
     ops = "; ".join(map(str, migration.unsafe_operations))
     if not migration.has_downgrade:
-        raise ConfigError(f"{migration.name}: has no working downgrade() (missing, or it raises); it cannot be "
-                          f"undone. {hint}")
+        raise ConfigError(
+            f"{migration.name}: has no working downgrade() (missing, or it raises); it cannot be undone. {hint}"
+        )
     if migration.downgrade_data_safe is None:
         found = f" The static check finds: {ops}." if ops else ""
         raise ConfigError(f"{migration.name}: {_undeclared('downgrade_data_safe')}.{found} {hint}")
@@ -373,8 +425,9 @@ class AppRollbackCheck:
     newer_migrations: tuple[Migration, ...]
 
 
-def check_app_rollback(revisions: Sequence[Migration], db_head: str | None,
-                       target_release_head: str | None, env: str = "ENV") -> AppRollbackCheck:
+def check_app_rollback(
+    revisions: Sequence[Migration], db_head: str | None, target_release_head: str | None, env: str = "ENV"
+) -> AppRollbackCheck:
     """OK when the target release can run on the database's schema; else ConfigError naming the blocker."""
     db_position = _index(revisions, db_head, "database schema head")
     target_position = _index(revisions, target_release_head, "the target release's schema head")
@@ -388,16 +441,23 @@ def check_app_rollback(revisions: Sequence[Migration], db_head: str | None,
     blocking = [m for m in newer if not m.backward_compatible]
     if blocking:
         first = blocking[0]
-        reason = ("declares backward_compatible = False" if first.backward_compatible is False
-                  else _undeclared("backward_compatible"))
+        reason = (
+            "declares backward_compatible = False"
+            if first.backward_compatible is False
+            else _undeclared("backward_compatible")
+        )
         steps = db_position - target_position
         names = ", ".join(m.name for m in blocking)
         if all(m.downgrade_data_safe and m.statically_safe for m in newer):
-            instead = (f"run `ingestctl rollback schema {env} --steps {steps}` first (its downgrade is data-safe), "
-                       "then roll the application back")
+            instead = (
+                f"run `ingestctl rollback schema {env} --steps {steps}` first (its downgrade is data-safe), "
+                "then roll the application back"
+            )
         else:
-            instead = (f"roll forward instead with a fixed release: `ingestctl deploy {env} --version <fixed>`; "
-                       "the schema cannot be rolled back without data loss")
+            instead = (
+                f"roll forward instead with a fixed release: `ingestctl deploy {env} --version <fixed>`; "
+                "the schema cannot be rolled back without data loss"
+            )
         raise ConfigError(
             f"{first.name}: {reason}: the target release (schema {target_release_head or 'empty'}) cannot run "
             f"on the database's schema {db_head}. Blocking migration(s): {names}. Instead, {instead}."

@@ -37,9 +37,7 @@ class Reporter:
             sys.stdout.flush()
             return
         if message:
-            style = {"error": "bold red", "gate": "cyan", "rollback": "yellow", "summary": "bold green"}.get(
-                type_, ""
-            )
+            style = {"error": "bold red", "gate": "cyan", "rollback": "yellow", "summary": "bold green"}.get(type_, "")
             prefix = f"[dim]{self.elapsed():7.1f}s[/dim] "
             self.console.print(prefix + (f"[{style}]{message}[/{style}]" if style else message))
 
@@ -47,7 +45,7 @@ class Reporter:
         """A table for humans; in --json mode each row becomes one event of type `row`."""
         if self.json_mode:
             for row in rows:
-                self.event("row", table=title, **dict(zip(columns, row)))
+                self.event("row", table=title, **dict(zip(columns, row, strict=True)))
             return
         from rich.table import Table
 

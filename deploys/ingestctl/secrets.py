@@ -19,8 +19,24 @@ from ingestctl.errors import ConfigError
 REQUIRED = ("POSTGRES_PASSWORD", "API_KEY", "JWT_SECRET")
 MIN_BYTES = {"POSTGRES_PASSWORD": 12, "API_KEY": 16, "JWT_SECRET": 32}
 PLACEHOLDERS = frozenset(
-    {"changeme", "change-me", "change_me", "changethis", "password", "secret", "example", "default",
-     "todo", "xxx", "test", "dummy", "placeholder", "replace-me", "replaceme", "your-secret-here"}
+    {
+        "changeme",
+        "change-me",
+        "change_me",
+        "changethis",
+        "password",
+        "secret",
+        "example",
+        "default",
+        "todo",
+        "xxx",
+        "test",
+        "dummy",
+        "placeholder",
+        "replace-me",
+        "replaceme",
+        "your-secret-here",
+    }
 )
 MASK = "********"
 
@@ -90,7 +106,9 @@ def problems(values: Mapping[str, str]) -> list[SecretProblem]:
             found.append(SecretProblem(name, "is required; set it in the environment, NAME_FILE, or the secrets file"))
             continue
         if value.strip().lower() in PLACEHOLDERS or value.strip().lower().startswith("changeme"):
-            found.append(SecretProblem(name, "is a placeholder value; generate a real one (e.g. `openssl rand -hex 32`)"))
+            found.append(
+                SecretProblem(name, "is a placeholder value; generate a real one (e.g. `openssl rand -hex 32`)")
+            )
         size = len(value.encode())
         if size < MIN_BYTES[name]:
             found.append(SecretProblem(name, f"must be at least {MIN_BYTES[name]} bytes, found {size} bytes"))

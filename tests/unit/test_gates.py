@@ -1,7 +1,6 @@
 """The gates' arithmetic on Prometheus samples: error ratio and p95 over a window, per host."""
 
 import pytest
-
 from ingestctl.gates import MetricSnapshot, bench_command, judge_window, quantile
 
 SCRAPE = """\

@@ -2,7 +2,6 @@
 
 import pytest
 import yaml
-
 from ingestctl import hostlayout as layout
 
 PORTS = layout.Ports(public=8000)

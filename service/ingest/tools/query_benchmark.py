@@ -38,10 +38,12 @@ class Profile:
 
 PROFILES = {
     "local": Profile("local", seed_events=2_000, concurrency=4, requests_per_endpoint=200, max_seconds_per_endpoint=30),
-    "staging": Profile("staging", seed_events=20_000, concurrency=8, requests_per_endpoint=500,
-                       max_seconds_per_endpoint=60),
-    "production": Profile("production", seed_events=100_000, concurrency=16, requests_per_endpoint=1_000,
-                          max_seconds_per_endpoint=120),
+    "staging": Profile(
+        "staging", seed_events=20_000, concurrency=8, requests_per_endpoint=500, max_seconds_per_endpoint=60
+    ),
+    "production": Profile(
+        "production", seed_events=100_000, concurrency=16, requests_per_endpoint=1_000, max_seconds_per_endpoint=120
+    ),
 }
 
 # Seed data lives in a fixed, old window so it never mixes with live traffic's time ranges.
@@ -76,12 +78,20 @@ def percentile(samples: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-def summarize(name: str, base_url: str, latencies_ms: list[float], errors: int, avg_limit: float | None,
-              p95_limit: float | None) -> EndpointResult:
+def summarize(
+    name: str, base_url: str, latencies_ms: list[float], errors: int, avg_limit: float | None, p95_limit: float | None
+) -> EndpointResult:
     avg = sum(latencies_ms) / len(latencies_ms) if latencies_ms else 0.0
-    result = EndpointResult(name, base_url, len(latencies_ms), errors, round(avg, 2),
-                            round(percentile(latencies_ms, 95), 2), round(percentile(latencies_ms, 99), 2),
-                            round(max(latencies_ms, default=0.0), 2))
+    result = EndpointResult(
+        name,
+        base_url,
+        len(latencies_ms),
+        errors,
+        round(avg, 2),
+        round(percentile(latencies_ms, 95), 2),
+        round(percentile(latencies_ms, 99), 2),
+        round(max(latencies_ms, default=0.0), 2),
+    )
     if avg_limit is not None and avg > avg_limit:
         result.breaches.append(f"avg {avg:.1f} ms > BENCH_FAIL_THRESHOLD_MS {avg_limit:g}")
     if p95_limit is not None and result.p95_ms > p95_limit:
@@ -95,12 +105,17 @@ def summarize(name: str, base_url: str, latencies_ms: list[float], errors: int, 
 
 def render_table(profile: Profile, results: list[EndpointResult]) -> str:
     header = f"{'endpoint':<16} {'base url':<28} {'n':>6} {'err':>4} {'avg ms':>8} {'p95 ms':>8} {'p99 ms':>8}  result"
-    lines = [f"profile {profile.name}: {profile.seed_events} events, concurrency {profile.concurrency}", header,
-             "-" * len(header)]
+    lines = [
+        f"profile {profile.name}: {profile.seed_events} events, concurrency {profile.concurrency}",
+        header,
+        "-" * len(header),
+    ]
     for r in results:
         verdict = "ok" if not r.breaches else "FAIL: " + "; ".join(r.breaches)
-        lines.append(f"{r.name:<16} {r.base_url[-28:]:<28} {r.count:>6} {r.errors:>4} {r.avg_ms:>8.1f} "
-                     f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f}  {verdict}")
+        lines.append(
+            f"{r.name:<16} {r.base_url[-28:]:<28} {r.count:>6} {r.errors:>4} {r.avg_ms:>8.1f} "
+            f"{r.p95_ms:>8.1f} {r.p99_ms:>8.1f}  {verdict}"
+        )
     return "\n".join(lines)
 
 
@@ -119,11 +134,16 @@ def _threshold(name: str) -> float | None:
 
 def seed_events(profile: Profile) -> list[dict]:
     source = f"bench-{profile.name}"
-    return [{
-        "id": str(uuid.uuid5(SEED_NAMESPACE, f"{profile.name}:{i}")), "source": source, "type": TYPES[i % len(TYPES)],
-        "timestamp": (WINDOW_START + timedelta(seconds=i)).isoformat(),
-        "payload": {"seq": i, "amount": (i * 37) % 1000, "region": ("eu", "us", "ap")[i % 3]},
-    } for i in range(profile.seed_events)]
+    return [
+        {
+            "id": str(uuid.uuid5(SEED_NAMESPACE, f"{profile.name}:{i}")),
+            "source": source,
+            "type": TYPES[i % len(TYPES)],
+            "timestamp": (WINDOW_START + timedelta(seconds=i)).isoformat(),
+            "payload": {"seq": i, "amount": (i * 37) % 1000, "region": ("eu", "us", "ap")[i % 3]},
+        }
+        for i in range(profile.seed_events)
+    ]
 
 
 class Runner:
@@ -148,8 +168,12 @@ class Runner:
 
     async def seeded_count(self) -> int:
         until = WINDOW_START + timedelta(seconds=self.profile.seed_events + 1)
-        response = await self.request("GET", "/api/v1/stats", headers=self.read_headers,
-                                      params={"since": WINDOW_START.isoformat(), "until": until.isoformat()})
+        response = await self.request(
+            "GET",
+            "/api/v1/stats",
+            headers=self.read_headers,
+            params={"since": WINDOW_START.isoformat(), "until": until.isoformat()},
+        )
         response.raise_for_status()
         return response.json()["by_source"].get(f"bench-{self.profile.name}", 0)
 
@@ -159,7 +183,7 @@ class Runner:
         events = seed_events(self.profile)
         batch, stored, offset = 500, 0, 0
         while offset < len(events):
-            chunk = events[offset:offset + batch]
+            chunk = events[offset : offset + batch]
             response = await self.request("POST", "/api/v1/events", json=chunk, headers={"X-API-Key": self.api_key})
             if response.status_code == 413 and batch > 1:
                 batch //= 2  # the service's INGEST_MAX_BATCH_ITEMS or body limit is lower than our batch
@@ -175,14 +199,31 @@ class Runner:
         windows = [WINDOW_START + timedelta(seconds=(i * 7919) % max(span, 1)) for i in range(64)]
         return {
             "events_by_source": [{"path": "/api/v1/events", "params": {"source": source, "limit": 100}}],
-            "events_filtered": [{"path": "/api/v1/events", "params": {
-                "source": source, "type": TYPES[i % len(TYPES)], "since": w.isoformat(),
-                "until": (w + timedelta(seconds=3600)).isoformat(), "limit": 50}} for i, w in enumerate(windows)],
-            "events_page": [{"path": "/api/v1/events", "params": {"since": w.isoformat(), "limit": 200}}
-                            for w in windows],
-            "stats": [{"path": "/api/v1/stats", "params": {
-                "since": WINDOW_START.isoformat(),
-                "until": (WINDOW_START + timedelta(seconds=span)).isoformat()}}],
+            "events_filtered": [
+                {
+                    "path": "/api/v1/events",
+                    "params": {
+                        "source": source,
+                        "type": TYPES[i % len(TYPES)],
+                        "since": w.isoformat(),
+                        "until": (w + timedelta(seconds=3600)).isoformat(),
+                        "limit": 50,
+                    },
+                }
+                for i, w in enumerate(windows)
+            ],
+            "events_page": [
+                {"path": "/api/v1/events", "params": {"since": w.isoformat(), "limit": 200}} for w in windows
+            ],
+            "stats": [
+                {
+                    "path": "/api/v1/stats",
+                    "params": {
+                        "since": WINDOW_START.isoformat(),
+                        "until": (WINDOW_START + timedelta(seconds=span)).isoformat(),
+                    },
+                }
+            ],
         }
 
     async def measure(self, name: str, variants: list[dict]) -> tuple[list[float], int]:
@@ -201,8 +242,7 @@ class Runner:
                     return
                 started = time.perf_counter()
                 try:
-                    response = await self.request("GET", spec["path"], params=spec["params"],
-                                                  headers=self.read_headers)
+                    response = await self.request("GET", spec["path"], params=spec["params"], headers=self.read_headers)
                     ok = response.status_code == 200
                 except httpx.HTTPError:
                     ok = False
@@ -218,8 +258,14 @@ class Runner:
         await self.client.aclose()
 
 
-async def run(base_urls: list[str], profile: Profile, api_key: str, jwt_secret: str, avg_limit: float | None,
-              p95_limit: float | None) -> tuple[list[EndpointResult], dict]:
+async def run(
+    base_urls: list[str],
+    profile: Profile,
+    api_key: str,
+    jwt_secret: str,
+    avg_limit: float | None,
+    p95_limit: float | None,
+) -> tuple[list[EndpointResult], dict]:
     token = mint_read_token(jwt_secret)
     results: list[EndpointResult] = []
     info: dict = {"seeded": {}, "throttled": {}}
@@ -238,9 +284,14 @@ async def run(base_urls: list[str], profile: Profile, api_key: str, jwt_secret: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Query latency benchmark (BENCH_PROFILE, BENCH_FAIL_*_MS).")
-    parser.add_argument("--base-url", action="append", dest="base_urls", metavar="URL",
-                        help="service base URL; repeat for a fleet (default: $BENCH_BASE_URL, comma-separated, "
-                             "or http://localhost:8000)")
+    parser.add_argument(
+        "--base-url",
+        action="append",
+        dest="base_urls",
+        metavar="URL",
+        help="service base URL; repeat for a fleet (default: $BENCH_BASE_URL, comma-separated, "
+        "or http://localhost:8000)",
+    )
     parser.add_argument("--profile", help="overrides BENCH_PROFILE (local|staging|production)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every measurement")
     args = parser.parse_args(argv)
@@ -263,8 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     passed = not any(r.breaches for r in results)
     if args.json:
-        print(json.dumps({"ok": passed, "profile": asdict(profile), "thresholds_ms": {"avg": avg_limit, "p95": p95_limit},
-                          **info, "results": [asdict(r) for r in results]}))
+        print(
+            json.dumps(
+                {
+                    "ok": passed,
+                    "profile": asdict(profile),
+                    "thresholds_ms": {"avg": avg_limit, "p95": p95_limit},
+                    **info,
+                    "results": [asdict(r) for r in results],
+                }
+            )
+        )
     else:
         print(render_table(profile, results))
         print("PASS" if passed else "FAIL: a threshold was exceeded or requests failed")
