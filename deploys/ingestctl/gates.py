@@ -221,9 +221,21 @@ def bench_gate(
             break
         except json.JSONDecodeError:
             continue
+    results = (numbers.get("result") or {}).get("results") or []
+    summary = ""
+    if results:
+        worst_avg = max(r.get("avg_ms") or 0 for r in results)
+        worst_p95 = max(r.get("p95_ms") or 0 for r in results)
+        numbers.update(worst_avg_ms=worst_avg, worst_p95_ms=worst_p95)
+        summary = (f": worst avg {worst_avg} ms (limit {env.get('BENCH_FAIL_THRESHOLD_MS')}), worst p95 "
+                   f"{worst_p95} ms (limit {env.get('BENCH_FAIL_P95_THRESHOLD_MS')}) over {len(results)} "
+                   "endpoint x host")
+        breaches = [f"{r.get('name')} on {r.get('base_url')}: {', '.join(map(str, r['breaches']))}"
+                    for r in results if r.get("breaches")]
+        if breaches:
+            summary += "; breaches: " + "; ".join(breaches[:5])
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-        return GateResult(
-            "benchmark", False, f"benchmark gate failed (exit {completed.returncode}): {' '.join(tail)}", numbers
-        )
-    return GateResult("benchmark", True, "benchmark gate passed", numbers)
+        detail = summary or f": {' '.join(tail)}"
+        return GateResult("benchmark", False, f"benchmark gate failed (exit {completed.returncode}){detail}", numbers)
+    return GateResult("benchmark", True, f"benchmark gate passed{summary}", numbers)

@@ -79,3 +79,36 @@ def test_bench_command_passes_every_base_url():
     command = bench_command(["http://a:8000", "http://b:8000"], "scripts/benchmark_queries.py")
     assert command[1:] == ["scripts/benchmark_queries.py", "--json", "--base-url", "http://a:8000",
                            "--base-url", "http://b:8000"]
+
+
+def _fake_bench(tmp_path, results, code):
+    """A stand-in for scripts/benchmark_queries.py: prints its --json result line and exits with CODE."""
+    import json
+
+    script = tmp_path / "bench.py"
+    script.write_text(f"import sys\nprint({json.dumps(json.dumps({'ok': code == 0, 'results': results}))})\n"
+                      f"sys.exit({code})\n")
+    return str(script)
+
+
+def test_bench_gate_passes_and_reports_the_worst_numbers(tmp_path):
+    from ingestctl.gates import bench_gate
+
+    results = [{"name": "stats", "base_url": "http://a", "avg_ms": 12.5, "p95_ms": 40.0, "breaches": []},
+               {"name": "page", "base_url": "http://b", "avg_ms": 30.0, "p95_ms": 90.0, "breaches": []}]
+    gate = bench_gate(["http://a", "http://b"], _fake_bench(tmp_path, results, 0),
+                      {"BENCH_FAIL_THRESHOLD_MS": "250", "BENCH_FAIL_P95_THRESHOLD_MS": "400"})
+    assert gate.passed, gate.message
+    assert "worst avg 30.0 ms (limit 250), worst p95 90.0 ms (limit 400)" in gate.message
+
+
+def test_bench_gate_fails_on_nonzero_exit_and_names_the_breach(tmp_path):
+    from ingestctl.gates import bench_gate
+
+    results = [{"name": "page", "base_url": "http://b", "avg_ms": 300.0, "p95_ms": 90.0,
+                "breaches": ["avg 300.0 ms > 250 ms"]}]
+    gate = bench_gate(["http://b"], _fake_bench(tmp_path, results, 1),
+                      {"BENCH_FAIL_THRESHOLD_MS": "250", "BENCH_FAIL_P95_THRESHOLD_MS": "400"})
+    assert not gate.passed
+    assert "page on http://b: avg 300.0 ms > 250 ms" in gate.message
+    assert gate.numbers["worst_avg_ms"] == 300.0
