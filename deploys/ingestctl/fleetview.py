@@ -10,7 +10,7 @@ from ingestctl import fleet, inventory, ledger, lock
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.output import Reporter
 
-STATUS_COLUMNS = ["host", "roles", "release", "image", "config", "schema", "health", "lock"]
+STATUS_COLUMNS = ["host", "roles", "release", "image", "config", "schema", "health", "standby", "lock"]
 
 
 def readiness(base_url: str) -> str:
@@ -47,6 +47,7 @@ def status_rows(env_name: str) -> list[dict[str, Any]]:
             "schema": head,
             "health": readiness(f"http://{env.hosts[host].ssh_hostname}:{env.data.app_port}")
             if "app" in env.hosts[host].roles else "n/a",
+            "standby": (state.get("standby") or {}).get("release"),
             "lock": "free" if lock_status.state == "free" else f"held by {holder.who if holder else '?'}",
         })
     return rows

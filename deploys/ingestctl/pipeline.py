@@ -443,7 +443,34 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
         elif skip_bench:
             run.gates.append({"gate": "benchmark", "passed": None, "message": "skipped (--skip-bench)"})
             reporter.event("gate", "benchmark gate skipped (--skip-bench)", gate="benchmark", skipped=True)
+        if guard.switched:
+            started = time.time()
+            prune_images(ctx, release, guard.before)
+            run.step("prune", started)
     return run
+
+
+def prune_images(ctx: Context, release: Release, before: Mapping[str, dict | None]) -> None:
+    """Keep the last `keep_releases` releases' images on the hosts; remove older ones. Never the live release
+    or the standby, and never an image a container still uses (`docker image rm` refuses those)."""
+    from ingestctl import fleetview
+    from ingestctl import ledger as ledger_mod
+
+    protected = {release.image_id} | {
+        image_id for state in before.values() if state
+        for image_id in (state.get("image_id"), (state.get("standby") or {}).get("image_id")) if image_id
+    }
+    try:
+        items = ledger_mod.releases_to_prune(fleetview.read_ledger(ctx.name), ctx.env.data.keep_releases)
+        ids = sorted({i for item in items for i in item.image_ids} - protected)
+        if not ids:
+            return
+        command = " ".join(["for i in", *ids, '; do docker image rm "$i" >/dev/null 2>&1 || true; done'])
+        fleet.run_commands(ctx.name, lambda _h: command, hosts=ctx.env.all_hosts)
+        ctx.reporter.event("step", f"pruned {len(ids)} old release image(s) (keeping {ctx.env.data.keep_releases})",
+                           step="prune", images=ids)
+    except IngestctlError as exc:  # pruning is housekeeping: report it, never fail a good deploy over it
+        ctx.reporter.event("error", f"could not prune old images: {exc}")
 
 
 @dataclass
