@@ -25,6 +25,10 @@ fi
 # own throwaway servers, so the system ones are not needed (and may not run in a container).
 
 if ! docker info >/dev/null 2>&1; then
+  # A dockerd killed without cleanup leaves its pid file behind, and a new one refuses to start over it.
+  if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    $SUDO rm -f /var/run/docker.pid
+  fi
   echo "setup: starting dockerd (log: /var/log/ingest-dockerd.log)"
   $SUDO sh -c 'nohup dockerd >/var/log/ingest-dockerd.log 2>&1 &'
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
