@@ -152,12 +152,15 @@ def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
         "    sys.exit(1)"
     )
     tries = max(1, timeout_s * 10)
+    # Each `docker exec` takes its own time on a busy host, so the count of tries alone does not bound the
+    # wait: the wall-clock deadline does. The verdict goes last, after the container's log tail: error
+    # reports keep the end of stderr, and the pipeline reads it there (a release that never got ready).
     return (
-        f"c={container_of(f'api_{slot}')}; "
+        f"c={container_of(f'api_{slot}')}; end=$(( $(date +%s) + {timeout_s} )); "
         f'for i in $(seq 1 {tries}); do docker exec "$c" python -c {shlex.quote(probe)} >/dev/null 2>&1 '
-        f"&& exit 0; sleep 0.1; done; "
-        f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; "
-        f'docker logs --tail 30 "$c" >&2; exit 1'
+        f'&& exit 0; [ "$(date +%s)" -ge "$end" ] && break; sleep 0.1; done; '
+        f'docker logs --tail 30 "$c" >&2; '
+        f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; exit 1"
     )
 
 

@@ -137,7 +137,10 @@ def host_states(ctx: Context, hosts: Iterable[str] | None = None) -> dict[str, d
     return fleet.get_facts(ctx.name, IngestState, hosts=hosts)
 
 
-def switch_calls(ctx: Context, release: Release, config_version: str) -> list[runner.OperationCall]:
+def switch_calls(ctx: Context, release: Release, config_version: str,
+                 clear_failed_idle: bool = False, keep_standby: bool | None = None) -> list[runner.OperationCall]:
+    """The slot switch to RELEASE. `keep_standby=False` drains the slot it leaves instead of keeping it warm:
+    after an automatic rollback, the release that failed must not stay up as the standby."""
     return [
         runner.OperationCall(
             release_ops.release_live,
@@ -153,7 +156,8 @@ def switch_calls(ctx: Context, release: Release, config_version: str) -> list[ru
                 ready_timeout_s=int(ctx.env.data.health_timeout_s),
                 drain_grace_s=ctx.env.data.drain_grace_s,
                 schema_head=release.schema_head,
-                keep_standby=ctx.env.data.keep_standby,
+                keep_standby=ctx.env.data.keep_standby if keep_standby is None else keep_standby,
+                clear_failed_idle=clear_failed_idle,
             ),
         )
     ]
@@ -220,19 +224,24 @@ def rollback_hosts(ctx: Context, before: Mapping[str, dict | None], hosts: list[
     reporter.event("rollback", f"rolling back {', '.join(hosts)}: {reason}", hosts=hosts, reason=reason)
     restored: list[str] = []
     failures: list[str] = []
+    # Hosts that ran the same thing before go back together, in one parallel run.
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for host in hosts:
         previous = before.get(host)
         if not previous or not previous.get("release"):
             failures.append(f"{host}: had no previous release to return to (first deploy)")
             continue
+        groups.setdefault((previous["release"], previous["image_id"], previous["config_version"]), []).append(host)
+    for group in groups.values():
+        previous = before[group[0]]
         release = Release(previous["release"], previous["image"], previous["image_id"], previous.get("schema_head"))
         result = runner.run_operations(
-            ctx.name, switch_calls(ctx, release, previous["config_version"]), hosts=[host], raise_on_error=False
+            ctx.name,
+            switch_calls(ctx, release, previous["config_version"], clear_failed_idle=True, keep_standby=False),
+            hosts=group, raise_on_error=False,
         )
-        if result.failed:
-            failures.extend(r.describe_failure() for r in result.failed)
-        else:
-            restored.append(host)
+        failures.extend(r.describe_failure() for r in result.failed)
+        restored.extend(h for h in group if h not in {r.host for r in result.failed})
     if restored:
         health = gates.health_gate({h: ctx.base_url(h) for h in restored}, ctx.env.data.health_timeout_s)
         if not health.passed:

@@ -24,13 +24,21 @@ REQUIRED_LABELS = (
 )
 
 
-@pytest.fixture(scope="module")
-def expected_image() -> tuple[str, str | None]:
-    from ingestctl.images import checkout_version, image_name
-    from ingestctl.paths import project_root
-
-    name = os.environ.get("INGEST_IMAGE") or image_name(checkout_version(project_root()))
+@pytest.fixture
+def expected_image(host) -> tuple[str, str | None]:
+    """INGEST_IMAGE / INGEST_IMAGE_ID when given; else what the host's state.json records as live (the
+    release `ingestctl deploy` put there); else `ingest:<git describe>` and its local ID."""
+    name = os.environ.get("INGEST_IMAGE")
     image_id = os.environ.get("INGEST_IMAGE_ID")
+    if not name:
+        state = host.run("cat /opt/ingest/state.json")
+        if state.rc == 0 and state.stdout.strip():
+            live = json.loads(state.stdout)
+            return live["image"], image_id or live.get("image_id")
+        from ingestctl.images import checkout_version, image_name
+        from ingestctl.paths import project_root
+
+        name = image_name(checkout_version(project_root()))
     if not image_id:
         try:
             local = subprocess.run(

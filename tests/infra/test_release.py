@@ -69,13 +69,21 @@ def test_live_api_runs_the_image_in_state_json(host):
     )
 
 
-def test_only_the_live_api_slot_runs(host):
+def test_idle_api_slot_runs_nothing_but_the_recorded_standby(host):
     state = _state(host)
     idle = "green" if state["slot"] == "blue" else "blue"
     running = _containers(host, f"label=com.docker.compose.service=api_{idle}", "status=running")
-    assert not running, (
-        f"{_name(host)}: idle slot api_{idle} still runs ({running}) beside live api_{state['slot']}; "
-        "a switch or a rollback left it behind"
+    if not running:
+        return
+    standby = state.get("standby") or {}
+    assert standby.get("slot") == idle, (
+        f"{_name(host)}: idle slot api_{idle} runs ({running}) but {STATE_FILE} records no standby there; "
+        "a failed switch or a rollback left it behind"
+    )
+    image_id = host.run("docker inspect --format '{{.Image}}' %s", running[0]).stdout.strip()
+    assert image_id == standby.get("image_id"), (
+        f"{_name(host)}: standby api_{idle} runs image {image_id}, {STATE_FILE} records {standby.get('image_id')} "
+        f"({standby.get('release')})"
     )
 
 

@@ -134,6 +134,7 @@ def release_live(
     drain_grace_s: int = 30,
     schema_head: str | None = None,
     keep_standby: bool = True,
+    clear_failed_idle: bool = False,
 ):
     """Ensure RELEASE runs live with CONFIG_VERSION, switching slots behind the proxy without downtime.
 
@@ -141,11 +142,22 @@ def release_live(
     the proxy is pointed at it with a graceful reload: requests in flight on the old slot finish there. The old
     slot stays up as the warm standby (`keep_standby`), so rolling back to it is a proxy reload; without
     `keep_standby` it is drained with SIGTERM and removed.
+
+    + clear_failed_idle: when RELEASE is already live, also remove whatever runs in the idle slot that state.json
+      does not record as the standby: the leftover of a switch that failed (a release that never got ready).
     """
     state = host.get_fact(IngestState) or {}
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version,
               "schema_head": schema_head}
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
+        if clear_failed_idle:
+            idle = layout.other_slot(state.get("slot"))
+            standby = state.get("standby") or {}
+            running = host.get_fact(RunningServices).get(f"api_{idle}")
+            if running and not (standby.get("slot") == idle and standby.get("image") == running):
+                # No traffic ever reached it (the proxy moves only to a ready slot): no drain needed.
+                yield layout.stop_slot(compose_binary(), idle, 1)
+                return
         host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
         return
     binary = compose_binary()

@@ -1,0 +1,219 @@
+"""Genuinely broken releases are caught by the deploy's gates and rolled back by themselves (exit 3).
+
+Each bad release is a copy of this checkout with one real fault built into its image (`releases.variant`):
+readiness that fails, a query endpoint answering 500, a query path slower than the metric gate's p95, a
+stats path slow enough for the benchmark gate but invisible to the metric gate's probe, and a migration
+that raises. No mocks: the real `ingestctl deploy` builds, ships and rolls them out on the sandbox.
+
+The module starts by deploying a known-good baseline WITH the benchmark gate (so the same gate that must
+fail a slow release is shown passing a good one), and leaves the fleet on that baseline, healthy and unlocked.
+After each failure it proves from the hosts themselves that every host is back on the baseline: /version,
+state.json, the ledger entry (outcome and the failing gate with its numbers), the schema head, the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+import pytest
+from releases import Result, app_urls, ingestctl, variant, version_of
+
+pytestmark = pytest.mark.e2e
+
+BASELINE = "e2e4b-good"
+LOCK_DIR = "/var/lib/ingest/lock"
+LEDGER = "/var/lib/ingest/ledger.jsonl"
+STATE = "/opt/ingest/state.json"
+PSQL = "cd /opt/ingest && docker compose -p ingest -f compose.yml exec -T postgres psql -U ingest -d ingest -tAc"
+EVENTS_API = "service/ingest/api/events.py"
+OPERATIONS_API = "service/ingest/api/operations.py"
+
+
+def replacing(old: str, new: str, count: int = 1) -> Callable[[str], str]:
+    """A change that fails loudly when the code it breaks has moved, instead of deploying a good release."""
+
+    def change(text: str) -> str:
+        assert old in text, f"cannot build the bad release: {old!r} is no longer in the file; update this test"
+        return text.replace(old, new, count)
+
+    return change
+
+
+def with_asyncio(change: Callable[[str], str]) -> Callable[[str], str]:
+    return lambda text: change(text).replace("from __future__ import annotations\n",
+                                             "from __future__ import annotations\n\nimport asyncio\n", 1)
+
+
+# ----- host state -------------------------------------------------------------------------------------------
+
+def states(testbed, ssh) -> dict[str, str]:
+    found = {}
+    for host in testbed.hosts:
+        code, out, err = ssh(host.name, f"cat {STATE}")
+        assert code == 0, f"{host.name}: cannot read {STATE}: {err}"
+        found[host.name] = out
+    return found
+
+
+def last_ledger_entry(ssh, host: str) -> dict:
+    code, out, err = ssh(host, f"tail -n 1 {LEDGER}")
+    assert code == 0 and out.strip(), f"{host}: cannot read {LEDGER}: {err}"
+    return json.loads(out)
+
+
+def schema_head(ssh, db_host: str) -> str:
+    code, out, err = ssh(db_host, f"{PSQL} 'SELECT version_num FROM alembic_version'")
+    assert code == 0, f"{db_host}: cannot read the schema head: {err}"
+    return out.strip()
+
+
+def assert_back_on_baseline(testbed, ssh) -> None:
+    served = {host: version_of(url) for host, url in app_urls(testbed).items()}
+    assert set(served.values()) == {BASELINE}, f"expected every app host back on {BASELINE}: {served}"
+    now = states(testbed, ssh)
+    for host, text in now.items():
+        assert json.loads(text)["release"] == BASELINE, f"{host}: {STATE} records {json.loads(text)['release']}"
+    for host in testbed.hosts:
+        code, _out, _err = ssh(host.name, f"test -e {LOCK_DIR}")
+        assert code != 0, f"{host.name}: the deploy lock {LOCK_DIR} is still held after the rollback"
+
+
+def assert_rolled_back(result: Result, release: str, gate: str, testbed, ssh) -> dict:
+    """Exit 3, every host on the baseline, and a ledger entry naming the failed gate with its numbers."""
+    assert result.code == 3, result.explain()
+    assert result.summary()["outcome"] == "rolled-back", result.explain()
+    assert [e for e in result.events if e["type"] == "rollback"], f"no rollback event: {result.explain()}"
+    assert_back_on_baseline(testbed, ssh)
+    for host in testbed.hosts:
+        entry = last_ledger_entry(ssh, host.name)
+        assert entry["release"] == release and entry["outcome"] == "rolled-back", f"{host.name}: {entry}"
+        assert entry["previous_release"] == BASELINE, f"{host.name}: {entry}"
+    failed = [g for g in entry["gates"] if g["name"] == gate and not g["passed"]]
+    assert failed and failed[-1]["numbers"], f"ledger entry does not name a failed {gate} gate with numbers: {entry}"
+    return failed[-1]
+
+
+# ----- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A frozen copy of this checkout: the good baseline and every bad variant start from the same code."""
+    return variant(tmp_path_factory.mktemp("bad-releases-baseline"), {})
+
+
+@pytest.fixture(scope="module")
+def baseline(testbed, ssh, checkout) -> dict[str, str]:
+    """The fleet on the known-good BASELINE, deployed through every gate including the benchmark."""
+    result = ingestctl("deploy", "local", "--version", BASELINE, "--json", root=checkout)
+    assert result.code == 0, result.explain()
+    bench = [e for e in result.events if e["type"] == "gate" and e.get("gate") == "benchmark"]
+    if result.summary()["outcome"] != "noop":
+        assert bench and bench[-1]["passed"] is True, f"the good baseline failed the benchmark: {result.explain()}"
+    assert_back_on_baseline(testbed, ssh)
+    return states(testbed, ssh)
+
+
+def bad_release(tmp_path, name: str, changes: dict) -> tuple[str, Result]:
+    root = variant(tmp_path, changes)
+    release = f"e2e4b-{name}"
+    return release, ingestctl("deploy", "local", "--version", release, "--skip-bench", "--json", root=root)
+
+
+# ----- the bad releases ---------------------------------------------------------------------------------------
+
+def test_release_that_fails_readiness_is_rolled_back(testbed, ssh, baseline, tmp_path):
+    release, result = bad_release(tmp_path, "unready", {OPERATIONS_API: replacing(
+        'status_code=200 if status == "ok" else 503', "status_code=503")})
+    gate = assert_rolled_back(result, release, "health", testbed, ssh)
+    assert gate["numbers"].get("timeout_s") and gate["numbers"].get("not_ready"), gate
+    for host in testbed.hosts:
+        _code, running, _err = ssh(host.name, "docker ps --format '{{.Image}}'")
+        assert f"ingest:{release}" not in running.split(), f"{host.name}: the unready release still runs: {running}"
+
+
+def test_release_whose_errors_trip_the_metric_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):
+    release, result = bad_release(tmp_path, "errors", {EVENTS_API: replacing(
+        "    after = None\n", '    raise RuntimeError("e2e: this release breaks the query path")\n    after = None\n')})
+    gate = assert_rolled_back(result, release, "metrics", testbed, ssh)
+    ratios = {k: v for k, v in gate["numbers"].items() if k.endswith(".error_ratio")}
+    assert ratios and max(ratios.values()) > gate["numbers"]["thresholds.max_error_ratio"], gate
+    assert "error ratio" in result.stdout, result.explain()
+
+
+def test_release_whose_latency_trips_the_metric_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):
+    # 0.8 s per query: well above the inventory's max_p95_ms (500 ms) whatever the machine's load.
+    release, result = bad_release(tmp_path, "slow", {EVENTS_API: with_asyncio(replacing(
+        "    after = None\n", "    await asyncio.sleep(0.8)\n    after = None\n"))})
+    gate = assert_rolled_back(result, release, "metrics", testbed, ssh)
+    p95s = {k: v for k, v in gate["numbers"].items() if k.endswith(".p95_ms") and v is not None}
+    assert p95s and max(p95s.values()) > gate["numbers"]["thresholds.max_p95_ms"], gate
+    assert "p95" in result.stdout, result.explain()
+
+
+def test_release_that_fails_the_benchmark_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):
+    # 0.3 s per stats query: the metric gate's probe only reads events, so it passes; the local profile's
+    # average threshold (250 ms) catches it. Run WITHOUT --skip-bench: this is the gate under test.
+    root = variant(tmp_path, {EVENTS_API: with_asyncio(replacing(
+        "    until = until or datetime.now(UTC)\n",
+        "    await asyncio.sleep(0.3)\n    until = until or datetime.now(UTC)\n"))})
+    release = "e2e4b-slow-stats"
+    result = ingestctl("deploy", "local", "--version", release, "--json", root=root)
+    metric_gates = [e for e in result.events if e["type"] == "gate" and e.get("gate") == "metrics"]
+    assert metric_gates and all(e["passed"] for e in metric_gates), f"expected the metric gate to pass: {metric_gates}"
+    gate = assert_rolled_back(result, release, "benchmark", testbed, ssh)
+    assert gate["numbers"].get("profile") == "local", gate
+    assert "BENCH_FAIL_THRESHOLD_MS" in result.stdout, result.explain()
+
+
+def test_failed_migration_stops_before_any_app_host_changes(testbed, ssh, baseline, tmp_path):
+    db = next(h.name for h in testbed.hosts if "db" in h.roles)
+    assert schema_head(ssh, db) == "0002"
+    migration = '''"""E2E: a migration that fails half-way (its DDL must roll back with it)."""
+
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+backward_compatible = True
+downgrade_data_safe = True
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE e2e_half_done (id integer)")
+    raise RuntimeError("e2e: this migration fails on purpose")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE IF EXISTS e2e_half_done")
+'''
+    before = states(testbed, ssh)
+    release, result = bad_release(tmp_path, "bad-migration",
+                                  {"service/alembic/versions/0003_e2e_fails.py": migration})
+    assert result.code == 3, result.explain()
+    assert "migration" in result.summary().get("error", ""), result.explain()
+    assert not [e for e in result.events if e.get("step") == "rollout"], f"a batch started: {result.explain()}"
+    assert states(testbed, ssh) == before, f"an app host's {STATE} changed although the migration failed"
+    assert_back_on_baseline(testbed, ssh)
+    assert schema_head(ssh, db) == "0002", "the schema moved although its migration failed"
+    _code, leftover, _err = ssh(db, f"{PSQL} \"SELECT to_regclass('public.e2e_half_done')\"")
+    assert leftover.strip() == "", f"the failed migration's DDL was kept: {leftover!r}"
+    restore = re.search(r"restore point (/\S+?\.dump)", result.stdout)
+    assert restore, f"no restore point named: {result.explain()}"
+    code, _out, _err = ssh(db, f"test -s {restore.group(1)}")
+    assert code == 0, f"{db}: restore point {restore.group(1)} is missing or empty"
+    entry = last_ledger_entry(ssh, db)
+    assert entry["release"] == release and entry["outcome"] == "failed", entry
+    assert "migration" in (entry.get("message") or ""), entry
+
+
+def test_verify_passes_after_the_rollbacks(testbed, baseline, docker_engine):
+    """The testinfra suite on the fleet the rollbacks left: live image as recorded, no stray slot, no leak, no lock."""
+    image = f"ingest:{BASELINE}"
+    result = ingestctl("verify", "local", env={"INGEST_IMAGE": image,
+                                               "INGEST_IMAGE_ID": docker_engine.images.get(image).id})
+    assert result.code == 0, result.explain()
