@@ -28,8 +28,9 @@ class CommandResult:
 
 
 @contextmanager
-def connected(env: str, hosts: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Connected pyinfra Host objects by name. An unreachable host is a HostError naming it."""
+def connected(env: str, hosts: Iterable[str] | None = None, require_all: bool = True) -> Iterator[dict[str, Any]]:
+    """Connected pyinfra Host objects by name. An unreachable host is a HostError naming it, unless
+    `require_all=False`: then only the reachable hosts are yielded (for clean-up that must reach what it can)."""
     inventory = runner.load_inventory(env)
     limit = runner.select_hosts(inventory, hosts)
     state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=None), initial_limit=limit)
@@ -41,12 +42,12 @@ def connected(env: str, hosts: Iterable[str] | None = None) -> Iterator[dict[str
         wanted = limit if limit is not None else list(inventory)
         active = {host.name: host for host in state.inventory.get_active_hosts()}
         missing = [host.name for host in wanted if host.name not in active]
-        if missing:
+        if missing and require_all:
             raise HostError(
                 f"cannot reach host(s) {', '.join(missing)} over SSH; check the inventory and that sshd "
                 "answers (`ingestctl testbed status` for the sandbox)"
             )
-        yield {name: active[name] for name in (h.name for h in wanted)}
+        yield {name: active[name] for name in (h.name for h in wanted) if name in active}
     finally:
         disconnect_all(state)
 

@@ -753,12 +753,17 @@ def finish(ctx: Context, run: Run) -> None:
         append = "false"
     unlock = lock_mod.release_command(token) if token else "true"
     try:
-        results = fleet.run_commands(ctx.name, lambda _h: f"({append}); ledger=$?; {unlock}; exit $ledger",
-                                     hosts=ctx.env.all_hosts)
+        # Every host that answers gets the record and its lock back, even when another host dropped out.
+        with fleet.connected(ctx.name, require_all=False) as active:
+            results = fleet.run_on(active, lambda _h: f"({append}); ledger=$?; {unlock}; exit $ledger")
     except Exception as exc:
         ctx.reporter.event("error", f"could not record the run or release the deploy lock: {exc}; "
                            f"run `ingestctl lock break {ctx.name}` once you have checked the hosts")
         return
+    unreachable = sorted(set(ctx.env.all_hosts) - set(results))
+    if unreachable:
+        ctx.reporter.event("error", f"{', '.join(unreachable)} unreachable: the run is not in their ledger and "
+                           f"their deploy lock may still be held; once they answer: `ingestctl lock break {ctx.name}`")
     failed = [f"{h}: {r.stderr.strip()[:200]}" for h, r in results.items() if not r.ok]
     if failed:
         ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))

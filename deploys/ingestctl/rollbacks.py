@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from ingestctl import config as config_mod
 from ingestctl import fleet, fleetview, gates, hostlayout, migrations, paths, plan
 from ingestctl import pyinfra_runner as runner
-from ingestctl.errors import ConfigError, GateFailed
+from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import SchemaHead
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
@@ -153,7 +153,7 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
         run.facts["schema_after"] = after
         run.step("downgrade", started)
         if result.failed:
-            raise GateFailed(f"schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
+            raise RollbackFailed(f"SEV-1: schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
                              f"{after}; restore point {restore_point}")
         reporter.event("step", f"schema at {after} (restore point {restore_point})", step="downgrade",
                        schema_after=after, restore_point=restore_point)

@@ -19,8 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-
-from .releases import PROJECT_ROOT, Result, app_urls, ingestctl, variant, version_of
+from releases import PROJECT_ROOT, Result, app_urls, ingestctl, variant, version_of
 
 pytestmark = pytest.mark.e2e
 
