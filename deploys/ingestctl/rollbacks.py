@@ -31,6 +31,14 @@ from ingestctl.pipeline import (
 )
 
 
+def begin(kind: str, env_name: str, reporter: Reporter) -> tuple[Context, Run]:
+    """Preflight (inventory, secrets, config: exit 2 on any problem, no host touched) and the run's record."""
+    run = Run(new_run_id(), kind, env_name, "")  # first: time to healthy counts from the command's start
+    ctx = prepare(env_name, reporter)
+    run.who = ctx.who
+    return ctx, run
+
+
 def live_release(ctx: Context, states: Mapping[str, dict | None]) -> dict:
     """What the app hosts run now. Mixed versions (a half-finished run) are named, host by host."""
     app_states = {h: states.get(h) for h in ctx.env.app_hosts}
@@ -68,9 +76,7 @@ def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: 
 # ----- rollback app -----------------------------------------------------------------------------------------
 
 def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
-    run = Run(new_run_id(), "rollback-app", env_name, "")
-    ctx = prepare(env_name, reporter)
-    run.who = ctx.who
+    ctx, run = begin("rollback-app", env_name, reporter)
     entries = fleetview.read_ledger(env_name)
     states = host_states(ctx)
     current = live_release(ctx, states)
@@ -117,9 +123,7 @@ def ensure_image_available(ctx: Context, release: Release) -> None:
 # ----- rollback schema --------------------------------------------------------------------------------------
 
 def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait_s: float = 0.0) -> Run:
-    run = Run(new_run_id(), "rollback-schema", env_name, "")
-    ctx = prepare(env_name, reporter)
-    run.who = ctx.who
+    ctx, run = begin("rollback-schema", env_name, reporter)
     revisions = migrations.load_revisions(paths.project_root() / "service" / "alembic" / "versions")
     db = ctx.env.db_host
     db_head = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
@@ -209,9 +213,7 @@ def read_live_config(ctx: Context, host: str, version: str) -> config_mod.Servic
 def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
     from ingestctl.pipeline import config_calls
 
-    run = Run(new_run_id(), "config-set", env_name, "")
-    ctx = prepare(env_name, reporter)
-    run.who = ctx.who
+    ctx, run = begin("config-set", env_name, reporter)
     changes = config_mod.parse_assignments(assignments, ctx.config.secrets)
     if "POSTGRES_PASSWORD" in changes:
         raise ConfigError("POSTGRES_PASSWORD: the database's own password cannot be rotated by a config rollout; "
@@ -244,9 +246,7 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
 
 
 def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
-    run = Run(new_run_id(), "rollback-config", env_name, "")
-    ctx = prepare(env_name, reporter)
-    run.who = ctx.who
+    ctx, run = begin("rollback-config", env_name, reporter)
     entries = fleetview.read_ledger(env_name)
     states = host_states(ctx)
     current = live_release(ctx, states)
