@@ -33,8 +33,13 @@ def ssh_config_text(env: inventory.Environment) -> str:
 def pytest_command(env: inventory.Environment, ssh_config: Path, extra: list[str]) -> list[str]:
     root = paths.project_root()
     hosts = ",".join(f"ssh://{name}" for name in env.hosts)
-    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(root / "tests" / "infra"),
-            f"--hosts={hosts}", f"--ssh-config={ssh_config}", f"--ingest-env={env.name}", *extra]
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(root / "tests" / "infra"),
+               f"--hosts={hosts}", f"--ssh-config={ssh_config}", f"--ingest-env={env.name}"]
+    keys = {spec.ssh_key for spec in env.hosts.values()}
+    if len(keys) == 1 and None not in keys:
+        # One key for the fleet: the suite also checks that key file's mode.
+        command.append(f"--ssh-identity-file={keys.pop()}")
+    return [*command, *extra]
 
 
 def run(env_name: str, reporter: Reporter, extra: list[str]) -> int:
