@@ -129,6 +129,7 @@ def health_gate(
     pending = dict(urls)
     ready_after: dict[str, float] = {}
     last: dict[str, str] = {}
+    last_said = started
     with httpx.Client(timeout=2.0) as client:
         while pending and time.monotonic() < deadline:
             for host, base in list(pending.items()):
@@ -141,8 +142,12 @@ def health_gate(
                 except httpx.HTTPError as exc:
                     last[host] = f"{type(exc).__name__}: {exc}"
             if pending:
-                if on_wait:
-                    on_wait(f"waiting for {', '.join(sorted(pending))} to be ready")
+                # A line every 2 s at most: progress for a person watching, not a flood in CI logs.
+                if on_wait and time.monotonic() - last_said >= 2.0:
+                    waited = time.monotonic() - started
+                    on_wait(f"health gate: waiting for {', '.join(sorted(pending))} to be ready "
+                            f"({waited:.0f}s of {timeout_s:.0f}s)")
+                    last_said = time.monotonic()
                 time.sleep(0.25)
     numbers = {"ready_after_s": ready_after, "timeout_s": timeout_s}
     if pending:

@@ -112,3 +112,57 @@ def test_bench_gate_fails_on_nonzero_exit_and_names_the_breach(tmp_path):
     assert not gate.passed
     assert "page on http://b: avg 300.0 ms > 250 ms" in gate.message
     assert gate.numbers["worst_avg_ms"] == 300.0
+
+
+class _ReadyAfter:
+    """A real HTTP server on loopback whose /health/ready answers 503 until its Nth request, then 200."""
+
+    def __init__(self, ready_after: int):
+        import http.server
+        import threading
+
+        counter = {"n": 0}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                counter["n"] += 1
+                status = 200 if counter["n"] >= ready_after else 503
+                body = b'{"status": "ok"}' if status == 200 else b'{"status": "unavailable"}'
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_health_gate_waits_until_ready():
+    from ingestctl.gates import health_gate
+
+    server = _ReadyAfter(3)
+    try:
+        gate = health_gate({"app2": server.url}, timeout_s=10)
+    finally:
+        server.close()
+    assert gate.passed, gate.message
+    assert "app2" in gate.numbers["ready_after_s"]
+
+
+def test_health_gate_fails_after_timeout_with_the_last_answer():
+    from ingestctl.gates import health_gate
+
+    server = _ReadyAfter(10**9)
+    try:
+        gate = health_gate({"app3": server.url}, timeout_s=1)
+    finally:
+        server.close()
+    assert not gate.passed
+    assert "app3: HTTP 503" in gate.message and "unavailable" in gate.message
