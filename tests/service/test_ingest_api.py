@@ -153,7 +153,7 @@ def test_chunked_body_without_length_is_cut_off_at_the_limit(service):
     [
         ({}, 401),
         ({"X-API-Key": "wrong-key-0123456789"}, 401),
-        ({"Authorization": f"Bearer {mint_token()}"}, 401),  # a read token does not authorize ingest
+        ({"Authorization": f"Bearer {mint_token(expires_in=86400)}"}, 401),  # a read token does not authorize ingest
     ],
 )
 def test_ingest_needs_the_api_key(client, headers, status):
@@ -168,10 +168,12 @@ def test_ingest_needs_the_api_key(client, headers, status):
         ({}, 401, "UNAUTHORIZED"),
         ({"X-API-Key": API_KEY}, 401, "UNAUTHORIZED"),
         ({"Authorization": "Bearer not.a.jwt"}, 401, "UNAUTHORIZED"),
-        ({"Authorization": f"Bearer {mint_token(secret='another-secret-that-is-long-enough-0123')}"}, 401,
-         "UNAUTHORIZED"),
+        # Minted at collection: a long lifetime, so a long suite (CI runs the e2e tests first) cannot expire
+        # them and turn "wrong secret" or "wrong scope" into "expired".
+        ({"Authorization": f"Bearer {mint_token(secret='another-secret-that-is-long-enough-0123', expires_in=86400)}"},
+         401, "UNAUTHORIZED"),
         ({"Authorization": f"Bearer {mint_token(expires_in=-3600)}"}, 401, "UNAUTHORIZED"),
-        ({"Authorization": f"Bearer {mint_token(scope='events:write')}"}, 403, "FORBIDDEN"),
+        ({"Authorization": f"Bearer {mint_token(scope='events:write', expires_in=86400)}"}, 403, "FORBIDDEN"),
     ],
 )
 def test_queries_need_a_token_with_read_scope(client, path, headers, status, code):
