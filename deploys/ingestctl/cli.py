@@ -94,6 +94,10 @@ def deploy_command(env: str, version: str | None, batch: str | None, skip_bench:
                           lock_wait_s=parse_lock_wait(lock_wait))
     if not dry:
         pipeline.summarise(run, reporter)
+        if not reporter.json_mode:
+            from ingestctl import fleetview
+
+            fleetview.show_status(env, reporter)  # what a person wants to see next: the fleet, host by host
 
 
 @main.command("abort")

@@ -354,8 +354,9 @@ def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_i
                            schema_before=before, schema_after=before)
         return {"schema_before": before, "schema_after": before, "restore_point": None}
     restore_point = f"{hostlayout.BASE}/backups/{run_id}-{before or 'empty'}.dump"
-    ctx.reporter.event("step", f"migrating schema {before} -> {release.schema_head} (restore point {restore_point})",
-                       step="migrate", schema_before=before, target=release.schema_head)
+    ctx.reporter.event("step", f"migrating schema {before or 'empty'} -> {release.schema_head} "
+                       f"(restore point {restore_point})", step="migrate", schema_before=before,
+                       target=release.schema_head)
     result = runner.run_operations(
         ctx.name,
         [runner.OperationCall(
