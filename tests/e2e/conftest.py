@@ -40,7 +40,7 @@ def docker_or_skip():
     try:
         return docker_client()
     except EnvironmentMissing as exc:
-        pytest.skip(f"Docker is not available: {exc}; {HOW_TO_GET_DOCKER}")
+        pytest.skip(reason=f"Docker is not available: {exc}; {HOW_TO_GET_DOCKER}")
 
 
 def ingestctl(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ SECRETS = ("postgres_password", "api_key", "jwt_secret")
 def v1_config(compose_file: Path, project_dir: Path, env: dict[str, str] | None = None):
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose (v1) is not installed: `apt-get install docker-compose` (scripts/setup.sh does)")
+        pytest.skip(reason="docker-compose (v1) is not installed: `apt-get install docker-compose` (scripts/setup.sh does)")
     return subprocess.run([binary, "-f", str(compose_file), "--project-directory", str(project_dir), "config", "-q"],
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **(env or {})}, check=False)
 

@@ -63,7 +63,7 @@ def test_secret_files_on_host_are_private(host):
     ).stdout.split("\n")
     files = [line.split(" ", 1) for line in found if line.strip()]
     if not files:
-        pytest.skip(
+        pytest.skip(reason=
             f"{host.backend.hostname}: no secret files under {HOST_SECRETS_ROOT}: deploy first "
             "(`ingestctl deploy ENV`), or deselect with -m 'not after_deploy'"
         )
@@ -73,7 +73,7 @@ def test_secret_files_on_host_are_private(host):
 
 def test_controller_ssh_key_is_private(ssh_identity_file):
     if not ssh_identity_file:
-        pytest.skip("no --ssh-identity-file given: the SSH agent or ssh_config supplies the key")
+        pytest.skip(reason="no --ssh-identity-file given: the SSH agent or ssh_config supplies the key")
     path = Path(ssh_identity_file).expanduser()
     assert path.is_file(), f"{path}: SSH identity file missing"
     mode = stat.S_IMODE(path.stat().st_mode)
@@ -85,6 +85,6 @@ def test_controller_secrets_file_is_private(ingest_env):
 
     path = paths.secrets_file(ingest_env)
     if not path.exists():
-        pytest.skip(f"{path} absent: {ingest_env}'s secrets come from the environment or *_FILE")
+        pytest.skip(reason=f"{path} absent: {ingest_env}'s secrets come from the environment or *_FILE")
     mode = stat.S_IMODE(os.stat(path).st_mode)
     assert _private(mode), f"{path}: secrets file has mode {mode:04o}; expected 0600 (`chmod 600 {path}`)"

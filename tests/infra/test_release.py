@@ -30,7 +30,7 @@ def _name(host) -> str:
 def _state(host) -> dict:
     result = host.run(f"cat {STATE_FILE}")
     if result.rc != 0:
-        pytest.skip(f"{_name(host)}: no {STATE_FILE}: no release deployed on this host (`ingestctl deploy ENV`)")
+        pytest.skip(reason=f"{_name(host)}: no {STATE_FILE}: no release deployed on this host (`ingestctl deploy ENV`)")
     return json.loads(result.stdout)
 
 
@@ -55,7 +55,7 @@ def _secret_values(host) -> dict[str, str]:
         if len(value) >= SHORTEST_SECRET_CHECKED:
             values[path] = value
     if not values:
-        pytest.skip(f"{_name(host)}: no secret files under {BASE}: deploy first (`ingestctl deploy ENV`)")
+        pytest.skip(reason=f"{_name(host)}: no secret files under {BASE}: deploy first (`ingestctl deploy ENV`)")
     return values
 
 
@@ -145,7 +145,7 @@ def test_no_secret_in_the_ledger(host):
     secrets = _secret_values(host)
     ledger = host.run("cat %s", LEDGER)
     if ledger.rc != 0:
-        pytest.skip(f"{_name(host)}: no {LEDGER} yet: deploy first")
+        pytest.skip(reason=f"{_name(host)}: no {LEDGER} yet: deploy first")
     leaked = [path for path, value in secrets.items() if value in ledger.stdout]
     assert not leaked, f"{_name(host)}: {LEDGER} holds the values of {', '.join(leaked)}"
 

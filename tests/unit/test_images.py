@@ -137,7 +137,7 @@ def test_parse_migration_reads_annotated_assignments_without_importing():
 def test_schema_head_of_the_service_matches_its_migrations():
     versions = ROOT / "service" / "alembic" / "versions"
     if not any(versions.glob("*.py")):
-        pytest.skip("service/alembic/versions has no migrations yet")
+        pytest.skip(reason="service/alembic/versions has no migrations yet")
     head = images.schema_head(versions)
     revisions = {images.parse_migration(p.read_text())[0] for p in versions.glob("*.py")}
     downs = {d for p in versions.glob("*.py") for d in images.parse_migration(p.read_text())[1]}

@@ -281,7 +281,7 @@ def test_undeclared_compatibility_blocks_app_rollback(tmp_path):
 def test_the_service_migrations_read_cleanly():
     """The real service/alembic/versions: every migration declares both flags and agrees with the check."""
     if not SERVICE_VERSIONS.is_dir():
-        pytest.skip("service/alembic/versions is not in this checkout yet")
+        pytest.skip(reason="service/alembic/versions is not in this checkout yet")
     chain = migrations.load_revisions(SERVICE_VERSIONS)
     assert chain, "expected at least one migration"
     for migration in chain:
