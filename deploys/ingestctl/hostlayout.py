@@ -209,25 +209,6 @@ def run_migrate(binary: str, image: str, config_version: str, *alembic_args: str
     )
 
 
-def db_schema_head(binary: str) -> str:
-    return (
-        compose(
-            binary,
-            "exec",
-            "-T",
-            "postgres",
-            "psql",
-            "-U",
-            "ingest",
-            "-d",
-            "ingest",
-            "-tAc",
-            shlex.quote("SELECT version_num FROM alembic_version"),
-        )
-        + " 2>/dev/null || true"
-    )
-
-
 def write_state(state: Mapping[str, object]) -> str:
     body = json.dumps(dict(state), sort_keys=True)
     return f"printf '%s\\n' {shlex.quote(body)} > {STATE_FILE}.tmp && mv {STATE_FILE}.tmp {STATE_FILE}"

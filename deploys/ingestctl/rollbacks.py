@@ -130,7 +130,7 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
     states = host_states(ctx)
     running_heads = {s.get("schema_head") for s in states.values() if s}
     to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
-    new_head = migrations_new_head(revisions, db_head, steps)
+    new_head = to_undo[-1].down_revision  # to_undo is newest first: the oldest one's parent is the new head
     live = next((s for s in states.values() if s), None)
     if live is None:
         raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
@@ -183,12 +183,6 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
         f"no image that knows schema head {db_head!r} is on {db} (looked for: {', '.join(candidates) or 'none'}); "
         f"the downgrade must run with the release that added it: ship it with `ingestctl image ship {ctx.name}` "
         "or deploy that release again, then retry")
-
-
-def migrations_new_head(revisions, db_head: str | None, steps: int) -> str | None:
-    order = [m.revision for m in revisions]
-    position = order.index(db_head)
-    return order[position - steps] if position - steps >= 0 else None
 
 
 # ----- config set / rollback config / show ------------------------------------------------------------------
