@@ -1,0 +1,199 @@
+"""An oversized body is answered 413 with the JSON error, never with a connection reset or a 502.
+
+Over real TCP sockets: straight to a real uvicorn service, and through a real nginx running the project's own
+proxy template. A server that closes while the client is still uploading makes the kernel send an RST, and
+whether the client reads the 413 first is a race; each request is repeated so that race would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from conftest import API_KEY, ServiceProcess, read_http_response, service_env
+from ingest.tools.localservers import free_port
+from ingestctl.hostlayout import Ports, render_proxy
+
+pytestmark = pytest.mark.service
+
+SERVICE_LIMIT = 65536  # MAX_REQUEST_BODY_BYTES of the service under test
+PROXY_LIMIT = 64 * 1024 * 1024  # above every body sent here, so the service's own limit is the one that answers
+REPEATS = 5
+SIZES = {"2MB": 2_000_000, "20MB": 20_000_000}
+FRAMINGS = ("content-length", "chunked")
+
+
+def oversized_body(size: int) -> bytes:
+    """The runbook's check: a JSON array of one huge number."""
+    return b"[" + b"0" * (size - 2) + b"]"
+
+
+def post_body(port: int, size: int, framing: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """The plainest HTTP/1.1 client: upload the whole body over a raw socket, then read the answer.
+
+    Unlike httpx, which ignores a failed upload and still tries to read an answer, this one fails on the reset, so
+    the race shows.
+    """
+    body = oversized_body(size)
+    head = ("POST /api/v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"X-API-Key: {API_KEY}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        if framing == "content-length":
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+            sock.sendall(body)
+        else:
+            sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode())
+            for start in range(0, len(body), 65536):
+                chunk = body[start:start + 65536]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        status, response_headers, content = read_http_response(sock)
+    return httpx.Response(status, headers=response_headers, content=content)
+
+
+def assert_payload_too_large(response: httpx.Response) -> dict:
+    assert response.status_code == 413, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"code", "message", "request_id"}
+    assert error["code"] == "PAYLOAD_TOO_LARGE"
+    assert error["request_id"] == response.headers["x-request-id"]
+    return error
+
+
+def send_repeatedly(port: int, size: int, framing: str) -> None:
+    for attempt in range(REPEATS):
+        try:
+            response = post_body(port, size, framing)
+        except OSError as exc:
+            pytest.fail(f"attempt {attempt + 1}/{REPEATS}: {exc!r} instead of a 413")
+        assert_payload_too_large(response)
+
+
+def free_port_pair() -> int:
+    """A free port P whose P + 1 is free too: Ports puts the proxy on P and the blue slot on P + 1."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+@pytest.fixture(scope="module")
+def ports() -> Ports:
+    return Ports(public=free_port_pair())
+
+
+@pytest.fixture(scope="module")
+def limited_service(database_url, redis_server, tmp_path_factory, ports) -> Iterator[ServiceProcess]:
+    """A service of this module's own, on the blue slot's port so the rendered proxy reaches it."""
+    proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(SERVICE_LIMIT)),
+                          tmp_path_factory.mktemp("body-limit") / "service.log", port=ports.blue).start()
+    yield proc
+    proc.stop()
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
+    if found is None:
+        pytest.skip("nginx is not installed: apt-get install nginx (scripts/setup.sh installs it)")
+    return found
+
+
+def wait_listening(port: int, process: subprocess.Popen, log_path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nginx exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nginx not listening on {port} within {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def start_proxy(ports, tmp_path) -> Iterator[Callable[[int], int]]:
+    """Start nginx with the project's proxy template (blue live) and the given client_max_body_size.
+
+    One proxy per test: it listens on the module's public port.
+    """
+    nginx = nginx_binary()
+    started: list[subprocess.Popen] = []
+
+    def start(max_body_bytes: int) -> int:
+        conf = render_proxy(["blue"], [], ports, max_body_bytes)
+        # The template's pid file and temp dirs are fixed paths under /tmp: move them into this test's own
+        # directory so it never shares (or, on exit, deletes) another proxy's files.
+        assert "/tmp/ingest-proxy" in conf
+        conf_path = tmp_path / "nginx.conf"
+        conf_path.write_text(conf.replace("/tmp/ingest-proxy", str(tmp_path / "ingest-proxy")))
+        log_path = tmp_path / "nginx.log"
+        with log_path.open("ab") as log:
+            # Run as root, nginx would start its workers as `nobody`, who cannot enter pytest's private tmp_path
+            # to buffer bodies; run as any other user, nginx ignores the directive.
+            process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf_path),
+                                        "-g", "daemon off; user root;"], stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        wait_listening(ports.public, process, log_path)
+        return ports.public
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_service_answers_413_to_an_oversized_body(limited_service, size, framing):
+    send_repeatedly(limited_service.port, size, framing)
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+def test_proxy_passes_the_service_413_through(limited_service, start_proxy, size, framing):
+    send_repeatedly(start_proxy(PROXY_LIMIT), size, framing)
+
+
+def test_service_answers_an_expect_100_continue_client_without_asking_for_the_body(limited_service):
+    """No `100 Continue` for a body it will refuse: the client learns the answer without uploading anything."""
+    with socket.create_connection(("127.0.0.1", limited_service.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/v1/events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     + f"X-API-Key: {API_KEY}\r\nContent-Length: 20000000\r\nExpect: 100-continue\r\n\r\n".encode())
+        status, headers, body = read_http_response(sock)
+    assert status == 413, body
+    assert json.loads(body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_proxy_backstop_answers_the_same_json_error(limited_service, start_proxy, framing):
+    port = start_proxy(1024 * 1024)
+    for attempt in range(REPEATS):
+        request_id = f"backstop-{framing}-{attempt}"
+        error = assert_payload_too_large(post_body(port, SIZES["2MB"], framing, {"X-Request-Id": request_id}))
+        assert error["request_id"] == request_id
+        assert "(client_max_body_size of the proxy)" in error["message"], "answered by the service, not nginx"
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-Request-Id": 'x", "code": "OK'}], ids=["none", "unsafe"])
+def test_proxy_backstop_names_its_own_request_id_without_a_usable_one(limited_service, start_proxy, headers):
+    error = assert_payload_too_large(post_body(start_proxy(1024 * 1024), SIZES["2MB"], "content-length", headers))
+    assert re.fullmatch("[0-9a-f]{32}", error["request_id"]), error  # nginx's $request_id
