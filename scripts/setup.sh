@@ -10,17 +10,43 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   python3 python3-venv python3-dev gcc git ca-certificates
   docker.io docker-compose debootstrap
-  postgresql redis-server openssh-client curl
+  postgresql redis-server openssh-client curl nginx
 )
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+APT_UPDATED=""
+apt_update() {
+  if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+}
+
+# The `docker` CLI: Debian 13 (trixie) and later ship it as its own package, docker-cli, which docker.io only
+# recommends (and installs here skip recommends), so dockerd would run with no client to answer `docker info`.
+# On bookworm and older, docker.io carries /usr/bin/docker and there is no docker-cli package.
+needs_docker_cli() {
+  installed docker-cli && return 1
+  local codename=""
+  if [ -r /etc/os-release ]; then codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"; fi
+  case "$codename" in
+    buster|bullseye|bookworm) return 1 ;;
+  esac
+  # Anything else (trixie, forky, sid, derivatives): install it wherever the distribution has the package.
+  apt-cache show docker-cli >/dev/null 2>&1 && return 0
+  apt_update
+  apt-cache show docker-cli >/dev/null 2>&1
+}
+if needs_docker_cli; then PACKAGES+=(docker-cli); fi
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  installed "$pkg" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
-  $SUDO apt-get update -qq
+  apt_update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+command -v docker >/dev/null 2>&1 || {
+  echo "setup: the docker CLI is missing although docker.io is installed; install docker-cli" >&2; exit 1;
+}
 # The Debian packages start PostgreSQL and Redis as system services where systemd runs; the tests start their
 # own throwaway servers, so the system ones are not needed (and may not run in a container).
 

@@ -1,9 +1,10 @@
 """Build the app image `ingest:<version>` from the checkout, without network access inside the build.
 
-Steps: a wheelhouse on this machine (pip reaches PyPI here, containers cannot), then `docker build` of
-`service/` on a local debootstrap base image. The image is labelled with its version, git revision, build
-time, the Alembic head it ships and a hash of everything that went into it; a build whose inputs carry the
-same hash as the existing `ingest:<version>` is skipped.
+Steps: a wheelhouse on this machine (pip reaches PyPI here, containers cannot) holding wheels for the *image's*
+Python and platform (see WheelTarget), then `docker build` of `service/` on a local debootstrap base image.
+The image is labelled with its version, git revision, build time, the Alembic head it ships and a hash of
+everything that went into it; a build whose inputs carry the same hash as the existing `ingest:<version>` is
+skipped.
 
 Command builders are pure functions (tested by exact strings); `build_app_image` runs them.
 """
@@ -31,6 +32,29 @@ BASE_RECIPE = "bookworm-python"
 BASE_IMAGE_ENV = "INGEST_BASE_IMAGE"
 STAMP_NAME = ".requirements.sha256"
 
+# The interpreter and platform the wheelhouse is built for: the image's, never the controller's (pip on a Python
+# 3.13 controller would otherwise fetch cp313 wheels that the image's Python 3.11 cannot install). Both bases run
+# CPython 3.11 on Debian bookworm: the sandbox's debootstrap base (python3 3.11.2, glibc 2.36; see
+# baseimages.py) and production's python:3.11-slim(-bookworm). The wheelhouse step checks the base image's
+# Python against TARGET_PYTHON and takes the CPU architecture from the base image; change TARGET_PYTHON and the
+# base images together.
+TARGET_PYTHON = "3.11"
+# The newest glibc a wheel may be built against (manylinux_2_<N>): bookworm's 2.36. Newer bases (trixie, 2.41)
+# run these wheels too.
+TARGET_GLIBC = "2.36"
+# Docker's architecture names (an image's "Architecture") -> wheel platform tag suffixes.
+WHEEL_MACHINES = {
+    "amd64": "x86_64",
+    "arm64": "aarch64",
+    "386": "i686",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "arm": "armv7l",
+}
+# At most this many requirements without a wheel for the target are built here from their sdists (and only a
+# pure-Python result is accepted).
+MAX_SDIST_BUILDS = 10
+
 LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_CREATED = "org.opencontainers.image.created"
@@ -52,6 +76,59 @@ class BuiltImage:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class WheelTarget:
+    """The Python and platform the image runs: what every wheel in the wheelhouse must be installable on."""
+
+    python: str = TARGET_PYTHON  # "X.Y"
+    machine: str = "x86_64"  # wheel tag spelling (x86_64, aarch64), see wheel_machine()
+    glibc: str = TARGET_GLIBC
+
+    @property
+    def abi(self) -> str:
+        return "cp" + self.python.replace(".", "")
+
+    @property
+    def platforms(self) -> list[str]:
+        return manylinux_platforms(self.glibc, self.machine)
+
+    @property
+    def tag(self) -> str:
+        """One string naming the target, for cache keys and messages: cp311-manylinux_2_36_x86_64."""
+        return f"{self.abi}-manylinux_{self.glibc.replace('.', '_')}_{self.machine}"
+
+    def pip_options(self) -> list[str]:
+        """pip download options selecting this target's wheels (pip requires --only-binary with --platform)."""
+        options = [
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            self.python,
+            "--abi",
+            self.abi,  # pip adds abi3 and none by itself
+        ]
+        for platform_tag in self.platforms:
+            options += ["--platform", platform_tag]
+        return options
+
+    def accepts(self, wheel_filename: str) -> bool:
+        """Whether the image's pip would install this wheel: cp3Y, abi3 or pure-Python, on this platform."""
+        from packaging.tags import compatible_tags, cpython_tags
+        from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+        try:
+            _name, _version, _build, tags = parse_wheel_filename(wheel_filename)
+        except InvalidWheelFilename:
+            return False
+        version = tuple(int(part) for part in self.python.split("."))
+        supported = {
+            *cpython_tags(version, [self.abi], self.platforms),
+            *compatible_tags(version, self.abi, self.platforms),
+        }
+        return not supported.isdisjoint(tags)
+
+
 # --- pure command builders ---------------------------------------------------------------------------
 
 
@@ -68,8 +145,38 @@ def source_files_command() -> list[str]:
     return ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "service"]
 
 
-def wheelhouse_command(python: str, requirements: Path, wheelhouse: Path) -> list[str]:
-    return [python, "-m", "pip", "wheel", "--quiet", "-r", str(requirements), "-w", str(wheelhouse)]
+def _download_prefix(python: str, wheelhouse: Path, target: WheelTarget) -> list[str]:
+    # --find-links on the wheelhouse itself: wheels built here from sdists (see sdist_wheel_command) count.
+    return [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        *target.pip_options(),
+        "--find-links",
+        str(wheelhouse),
+        "--dest",
+        str(wheelhouse),
+    ]
+
+
+def wheelhouse_command(python: str, requirements: Path, wheelhouse: Path, target: WheelTarget) -> list[str]:
+    """Download the target's wheels of REQUIREMENTS and their dependencies, whatever Python runs pip."""
+    return [*_download_prefix(python, wheelhouse, target), "-r", str(requirements)]
+
+
+def download_command(python: str, packages: Iterable[str], wheelhouse: Path, target: WheelTarget) -> list[str]:
+    """Like wheelhouse_command, for requirement strings (the wheelhouse completeness rounds)."""
+    return [*_download_prefix(python, wheelhouse, target), *packages]
+
+
+def sdist_wheel_command(python: str, requirement: str, output: Path) -> list[str]:
+    """A wheel of one requirement that publishes none for the target, built here from its sdist.
+
+    Only a pure-Python result (py3-none-any) is usable in the image; the caller checks that.
+    """
+    return [python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(output), requirement]
 
 
 def build_command(
@@ -116,11 +223,42 @@ def valid_tag(version: str) -> bool:
 
 
 def requirements_hash(requirements: bytes, python_tag: str) -> str:
-    """Wheels depend on the requirements and on the interpreter that builds them."""
+    """Wheels depend on the requirements and on the interpreter they are for (the target, never the controller)."""
     return hashlib.sha256(python_tag.encode() + b"\0" + requirements).hexdigest()
 
 
-def target_environment(python_full_version: str) -> dict[str, str]:
+def manylinux_platforms(glibc: str, machine: str) -> list[str]:
+    """Platform tags a glibc-GLIBC MACHINE runs, newest first, with the legacy aliases (manylinux2014 = 2_17...).
+
+    pip does not expand `--platform manylinux_2_36_x86_64` to older glibc versions itself, so all are listed.
+    """
+    major, minor = (int(part) for part in glibc.split(".")[:2])
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    platforms = []
+    for glibc_minor in range(minor, 4, -1):
+        platforms.append(f"manylinux_{major}_{glibc_minor}_{machine}")
+        if major == 2 and glibc_minor in legacy:
+            platforms.append(f"{legacy[glibc_minor]}_{machine}")
+    return platforms
+
+
+def wheel_machine(docker_architecture: str) -> str:
+    """The wheel tag spelling of a Docker image architecture (amd64 -> x86_64)."""
+    return WHEEL_MACHINES.get(docker_architecture, docker_architecture)
+
+
+def unavailable_requirement(pip_stderr: str) -> str | None:
+    """The requirement pip found no distribution for (`No matching distribution found for X (from Y)`)."""
+    import re
+
+    for line in reversed(pip_stderr.splitlines()):
+        match = re.search(r"No matching distribution found for (\S+)", line)
+        if match:
+            return match.group(1)
+    return None
+
+
+def target_environment(python_full_version: str, machine: str | None = None) -> dict[str, str]:
     """PEP 508 marker values of the image's interpreter (Linux, CPython) for wheelhouse completeness checks."""
     major, minor = python_full_version.split(".")[:2]
     return {
@@ -132,7 +270,7 @@ def target_environment(python_full_version: str) -> dict[str, str]:
         "sys_platform": "linux",
         "os_name": "posix",
         "platform_system": "Linux",
-        "platform_machine": os.uname().machine,
+        "platform_machine": machine or os.uname().machine,
     }
 
 
@@ -141,10 +279,29 @@ def missing_requirements(
 ) -> list[str]:
     """Requirements the image's interpreter needs that the wheelhouse lacks.
 
-    `pip wheel` on the build machine resolves environment markers for *its* interpreter (3.11.7 skips
-    `async-timeout; python_full_version < "3.11.3"`), while the image's interpreter may differ (bookworm has
-    3.11.2). ROOTS are requirement strings, REQUIRES maps each wheel's canonical name to its Requires-Dist.
+    pip resolves environment markers for the interpreter *running* pip, even with --python-version (3.11.7
+    skips `async-timeout; python_full_version < "3.11.3"`, 3.13 skips `typing-extensions; python_version <
+    "3.13"`), while the image's interpreter differs (bookworm has 3.11.2). ROOTS are requirement strings,
+    REQUIRES maps each wheel's canonical name to its Requires-Dist.
     """
+    return sorted(_closure(roots, requires, environment)[1].values())
+
+
+def needed_wheels(
+    roots: Iterable[str], requires: Mapping[str, list[str]], environment: Mapping[str, str]
+) -> set[str]:
+    """Canonical names of the wheels in REQUIRES that the image's interpreter installs for ROOTS.
+
+    The others were fetched only because the controller's interpreter needs them; the wheelhouse drops them,
+    so every controller Python leaves the same files.
+    """
+    return _closure(roots, requires, environment)[0]
+
+
+def _closure(
+    roots: Iterable[str], requires: Mapping[str, list[str]], environment: Mapping[str, str]
+) -> tuple[set[str], dict[str, str]]:
+    """(names present in REQUIRES, {name: requirement} absent from it) reachable from ROOTS in ENVIRONMENT."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -153,6 +310,7 @@ def missing_requirements(
             return True
         return any(requirement.marker.evaluate({**environment, "extra": extra}) for extra in (extras or {""}))
 
+    present: set[str] = set()
     missing: dict[str, str] = {}
     seen: set[tuple[str, frozenset[str]]] = set()
     queue = [(Requirement(root), frozenset()) for root in roots]
@@ -169,8 +327,9 @@ def missing_requirements(
             requirement.marker = None
             missing.setdefault(name, str(requirement))
             continue
+        present.add(name)
         queue += [(Requirement(dep), extras) for dep in requires[name]]
-    return sorted(missing.values())
+    return present, missing
 
 
 def source_hash(files: Iterable[tuple[str, bytes, bool]], wheelhouse_stamp: str, base_image_id: str) -> str:
@@ -325,49 +484,163 @@ def base_python_version(base_image: str) -> str:
     return version
 
 
-def ensure_wheelhouse(root: Path, base_image: str, base_image_id: str, progress: Progress) -> str:
-    """Build service/wheelhouse for the base image's Python unless its stamp matches; returns the stamp."""
+def _attempt(argv: list[str], cwd: Path, what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise EnvironmentMissing(f"{what} needs `{argv[0]}`, which is not installed") from exc
+
+
+def _wheel_from_sdist(
+    root: Path, requirement: str, wheelhouse: Path, target: WheelTarget, progress: Progress, python: str
+) -> None:
+    """Build REQUIREMENT's wheel here and add it to WHEELHOUSE if the image can install it (pure Python)."""
+    import tempfile
+
+    progress(f"{requirement} has no {target.tag} wheel on the index: building a wheel from its sdist")
+    with tempfile.TemporaryDirectory(prefix="ingestctl-sdist-") as scratch:
+        _run(
+            sdist_wheel_command(python, requirement, Path(scratch)),
+            root,
+            f"building a wheel of {requirement}",
+        )
+        built = sorted(Path(scratch).glob("*.whl"))
+        if not built:
+            raise BuildError(f"pip wheel made no wheel of {requirement}")
+        for wheel in built:
+            if not target.accepts(wheel.name):
+                raise BuildError(
+                    f"{requirement} publishes no wheel for the image ({target.tag}) and pip here made {wheel.name}, "
+                    f"which the image's Python cannot install: pin a version of it with {target.abi} manylinux "
+                    "wheels, or one without compiled code"
+                )
+            shutil.move(str(wheel), wheelhouse / wheel.name)
+
+
+def _download(
+    root: Path, argv: list[str], wheelhouse: Path, target: WheelTarget, what: str, progress: Progress, python: str
+) -> None:
+    """Run a pip download for TARGET; requirements that only publish an sdist are built here, if pure Python."""
+    built: set[str] = set()
+    for _attempt_number in range(MAX_SDIST_BUILDS + 1):
+        result = _attempt(argv, root, what)
+        if result.returncode == 0:
+            return
+        requirement = unavailable_requirement(result.stderr)
+        if requirement is None or requirement in built or len(built) >= MAX_SDIST_BUILDS:
+            raise BuildError(
+                f"{what} failed: `{' '.join(argv)}` exited {result.returncode}: {result.stderr.strip()[-800:]}"
+            )
+        _wheel_from_sdist(root, requirement, wheelhouse, target, progress, python)
+        built.add(requirement)
+
+
+def wheelhouse_target(base_image: Mapping) -> WheelTarget:
+    """The wheelhouse target for a base image (its `docker image inspect`): TARGET_PYTHON on its architecture."""
+    architecture = base_image.get("Architecture")
+    # An image without the field was made by this machine's engine, so it is of this machine's architecture.
+    return WheelTarget(machine=wheel_machine(architecture) if architecture else os.uname().machine)
+
+
+def ensure_wheelhouse(
+    root: Path, base_image: str, base_image_id: str, progress: Progress, target: WheelTarget | None = None
+) -> str:
+    """Build service/wheelhouse for the image's Python and platform unless its stamp matches; returns the stamp.
+
+    Nothing of the controller's interpreter goes in (not its version, not its markers), so controllers on
+    Python 3.11, 3.12 or 3.13 fill the wheelhouse with the same files and stamp it alike.
+    """
+    target = target or WheelTarget()
     service = root / "service"
     requirements = service / "requirements.txt"
     wheelhouse = service / "wheelhouse"
     if not requirements.is_file():
         raise BuildError(f"{requirements} is missing: the image installs exactly the packages it lists")
-    python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}-{sys.platform}-{base_image_id}"
-    wanted = requirements_hash(requirements.read_bytes(), python_tag)
+    wanted = requirements_hash(requirements.read_bytes(), f"{target.tag}-{base_image_id}")
     stamp = wheelhouse / STAMP_NAME
     if stamp.is_file() and stamp.read_text().strip() == wanted:
         return wanted
     progress(
-        f"building wheelhouse {wheelhouse.relative_to(root)} (requirements or base changed, or first build)"
+        f"building wheelhouse {wheelhouse.relative_to(root)} for {target.tag} "
+        "(requirements or base changed, or first build)"
     )
+    base_version = base_python_version(base_image)
+    if base_version.split(".")[:2] != target.python.split("."):
+        raise BuildError(
+            f"base image {base_image} runs Python {base_version}, but the wheelhouse is built for Python "
+            f"{target.python} (ingestctl.images.TARGET_PYTHON): change the two together"
+        )
+    fill_wheelhouse(root, requirements, wheelhouse, target, base_version, progress)
+    stamp.write_text(wanted + "\n")
+    return wanted
+
+
+def fill_wheelhouse(
+    cwd: Path,
+    requirements: Path,
+    wheelhouse: Path,
+    target: WheelTarget,
+    python_full_version: str,
+    progress: Progress,
+    python: str | None = None,
+) -> list[str]:
+    """Make WHEELHOUSE hold exactly the wheels Python PYTHON_FULL_VERSION on TARGET installs for REQUIREMENTS.
+
+    PYTHON runs pip (default: this interpreter); which one it is does not change the result: pip picks wheels
+    by the target's tags, dependencies the target's markers need are added, those only PYTHON's markers asked
+    for are dropped. Returns the wheel file names.
+    """
+    python = python or sys.executable
     # Stale wheels of old pins would still satisfy `--find-links` lookups: start from an empty directory.
     shutil.rmtree(wheelhouse, ignore_errors=True)
     wheelhouse.mkdir(parents=True)
-    _run(
-        wheelhouse_command(sys.executable, requirements, wheelhouse),
-        root,
-        "building the wheelhouse (pip wheel)",
+    _download(
+        cwd,
+        wheelhouse_command(python, requirements, wheelhouse, target),
+        wheelhouse,
+        target,
+        "building the wheelhouse (pip download)",
+        progress,
+        python,
     )
-    environment = target_environment(base_python_version(base_image))
+    environment = target_environment(python_full_version, target.machine)
     roots = requirement_lines(requirements)
     for _round in range(5):  # each round adds dependencies of the previous one's additions
         missing = missing_requirements(roots, wheel_requires(wheelhouse), environment)
         if not missing:
             break
-        progress(
-            f"adding wheels the image's Python {environment['python_full_version']} needs: {', '.join(missing)}"
-        )
-        _run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheelhouse), *missing],
-            root,
-            "completing the wheelhouse (pip wheel)",
+        progress(f"adding wheels the image's Python {python_full_version} needs: {', '.join(missing)}")
+        _download(
+            cwd,
+            download_command(python, missing, wheelhouse, target),
+            wheelhouse,
+            target,
+            "completing the wheelhouse (pip download)",
+            progress,
+            python,
         )
     else:
         raise BuildError(
-            f"wheelhouse {wheelhouse} still lacks {', '.join(missing)} after 5 rounds of pip wheel"
+            f"wheelhouse {wheelhouse} still lacks {', '.join(missing)} after 5 rounds of pip download"
         )
-    stamp.write_text(wanted + "\n")
-    return wanted
+    prune_wheelhouse(wheelhouse, needed_wheels(roots, wheel_requires(wheelhouse), environment))
+    wheels = sorted(wheel.name for wheel in wheelhouse.glob("*.whl"))
+    foreign = [name for name in wheels if not target.accepts(name)]
+    if foreign:
+        raise BuildError(f"wheelhouse {wheelhouse} holds wheels the image cannot install: {', '.join(foreign)}")
+    return wheels
+
+
+def prune_wheelhouse(wheelhouse: Path, needed: set[str]) -> list[str]:
+    """Remove the wheels whose project is not in NEEDED (canonical names); returns their file names."""
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    removed = []
+    for wheel in sorted(wheelhouse.glob("*.whl")):
+        if canonicalize_name(parse_wheel_filename(wheel.name)[0]) not in needed:
+            wheel.unlink()
+            removed.append(wheel.name)
+    return removed
 
 
 def resolve_base_image(progress: Progress) -> str:
@@ -463,7 +736,7 @@ def build_app_image(
         raise BuildError(
             f"base image {base_image} is not in the local engine; unset {BASE_IMAGE_ENV} or build it"
         )
-    stamp = ensure_wheelhouse(root, base_image, base["Id"], say)
+    stamp = ensure_wheelhouse(root, base_image, base["Id"], say, wheelhouse_target(base))
     digest = compute_source_hash(root, stamp, base["Id"])
 
     existing = _inspect(image)

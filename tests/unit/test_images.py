@@ -42,10 +42,15 @@ def test_git_and_pip_commands_are_exact():
         "git ls-files -z --cached --others --exclude-standard -- service"
     )
     command = images.wheelhouse_command(
-        "/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse")
+        "/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse"), images.WheelTarget()
     )
-    assert shlex.join(command) == (
-        "/venv/bin/python -m pip wheel --quiet -r service/requirements.txt -w service/wheelhouse"
+    # The full argv, platforms and all, is checked in test_wheelhouse.py: here, the shape.
+    assert shlex.join(command[:14]) == (
+        "/venv/bin/python -m pip download --quiet --only-binary=:all: --implementation cp --python-version 3.11"
+        " --abi cp311 --platform manylinux_2_36_x86_64"
+    )
+    assert shlex.join(command[-6:]) == (
+        "--find-links service/wheelhouse --dest service/wheelhouse -r service/requirements.txt"
     )
 
 
