@@ -6,8 +6,8 @@ from typing import Any
 
 import httpx
 
-from ingestctl import fleet, inventory, ledger, lock
-from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl import fleet, hostvalues, inventory, ledger, lock
+from ingestctl.facts.release import REJECTED, IngestState, SchemaHead
 from ingestctl.output import Reporter
 
 STATUS_COLUMNS = ["host", "roles", "release", "image", "config", "schema", "health", "standby", "lock"]
@@ -31,13 +31,22 @@ def readiness(base_url: str) -> str:
 def status_rows(env_name: str) -> list[dict[str, Any]]:
     env = inventory.load(env_name)
     states = fleet.get_facts(env_name, IngestState)
-    head = fleet.get_facts(env_name, SchemaHead, hosts=[env.db_host])[env.db_host]
+    try:
+        head = fleet.get_facts(env_name, SchemaHead, hosts=[env.db_host])[env.db_host]
+        head_warning = None
+    except hostvalues.HostValueError as exc:  # status is where an operator looks first: show the rest
+        head, head_warning = None, f"{env.db_host}: {exc}; not used"
     locks = fleet.run_commands(env_name, lambda _h: lock.read_command(), hosts=env.all_hosts)
     rows = []
     for host in env.all_hosts:
         state = states.get(host) or {}
         lock_status = lock.parse_output(locks[host].stdout, host)
         holder = lock_status.record
+        warnings = [f"{host}: {problem}; not used" for problem in state.get(REJECTED, {}).values()]
+        if lock_status.rejected:
+            warnings.append(lock_status.rejected)
+        if head_warning and host == env.db_host:
+            warnings.append(head_warning)
         rows.append({
             "host": host,
             "roles": ",".join(env.hosts[host].roles),
@@ -49,26 +58,40 @@ def status_rows(env_name: str) -> list[dict[str, Any]]:
             if "app" in env.hosts[host].roles else "n/a",
             "standby": (state.get("standby") or {}).get("release"),
             "lock": "free" if lock_status.state == "free" else f"held by {holder.who if holder else '?'}",
+            "warnings": warnings,  # values read from the host that failed their check (see hostvalues)
         })
     return rows
 
 
 def show_status(env_name: str, reporter: Reporter) -> list[dict[str, Any]]:
     rows = status_rows(env_name)
+    for row in rows:
+        for warning in row["warnings"]:
+            reporter.event("warning", f"warning: {warning}", host=row["host"])
     reporter.table(f"{env_name}: hosts", STATUS_COLUMNS,
                    [[row[c] if c != "image" else (row[c] or "")[:19] for c in STATUS_COLUMNS] for row in rows])
     return rows
 
 
-def read_ledger(env_name: str) -> list[ledger.LedgerEntry]:
-    """Every host's ledger, merged: a host that lost its copy does not lose the environment's history."""
+def read_ledger(env_name: str, reporter: Reporter | None = None) -> list[ledger.LedgerEntry]:
+    """Every host's ledger, merged: a host that lost its copy does not lose the environment's history.
+
+    Lines a host's copy holds that are unreadable or not in the shape ingestctl writes (forged) are left out;
+    with REPORTER, each is a warning naming the host and the line. Nothing read here is ever written back to
+    a host: each run appends only its own entry, so a forged line stays in the one copy it was put in.
+    """
     env = inventory.load(env_name)
     outputs = fleet.run_commands(env_name, lambda _h: ledger.read_command(), hosts=env.all_hosts)
-    return ledger.merge({host: ledger.parse(out.stdout + "\n", source=f"{host}:{ledger.LEDGER_PATH}").entries
-                         for host, out in outputs.items()})
+    parsed = {host: ledger.parse(out.stdout + "\n", source=f"{host}:{ledger.LEDGER_PATH}")
+              for host, out in outputs.items()}
+    if reporter is not None:
+        for host, copy in parsed.items():
+            for skipped in copy.skipped:
+                reporter.event("warning", f"warning: {skipped}", host=host, line=skipped.line)
+    return ledger.merge({host: copy.entries for host, copy in parsed.items()})
 
 
 def show_history(env_name: str, reporter: Reporter) -> list[ledger.LedgerEntry]:
-    entries = read_ledger(env_name)
+    entries = read_ledger(env_name, reporter)
     reporter.table(f"{env_name}: ledger", ledger.HISTORY_COLUMNS, ledger.history_rows(entries))
     return entries

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ingestctl import hostvalues
 from ingestctl.errors import ConfigError
 from ingestctl.secrets import MASK
 
@@ -53,7 +54,13 @@ class GateResult(BaseModel):
 
 
 class LedgerEntry(BaseModel):
-    """One action on the environment. Unknown fields from newer writers are ignored, not fatal."""
+    """One action on the environment. Unknown fields from newer writers are ignored, not fatal.
+
+    The fields that name things (ids, releases, images, configs, schema heads, hosts) must have the shapes in
+    HOST_VALUE_FIELDS whenever an entry crosses a host boundary: `parse` skips lines that break them and
+    `serialise` refuses to write one. Free text (message, steps, gates) is kept as data: it is never put in a
+    command, a path or the history table.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -138,29 +145,75 @@ def assert_no_secret(record: Mapping[str, Any], known_secrets: Mapping[str, str]
                                   "(secrets never go to the ledger)")
 
 
+# --- values that reach commands, paths and other hosts' ledgers ------------------------------------------
+
+# Checked where entries cross a host boundary rather than by pydantic on construction: planning code and its
+# tests build entries in memory freely; what must never happen is reading a forged value from a host, or
+# writing one (a rollback copies the target entry's release and image ID into a new entry on every host).
+HOST_VALUE_FIELDS: dict[str, hostvalues.HostValue] = {
+    "id": hostvalues.RUN_ID,
+    "env": hostvalues.ENV_NAME,
+    "release": hostvalues.RELEASE,
+    "previous_release": hostvalues.RELEASE,
+    "image_id": hostvalues.IMAGE_ID,
+    "config_version": hostvalues.CONFIG_VERSION,
+    "previous_config_version": hostvalues.CONFIG_VERSION,
+    "schema_head_before": hostvalues.SCHEMA_HEAD,
+    "schema_head_after": hostvalues.SCHEMA_HEAD,
+    "release_schema_head": hostvalues.SCHEMA_HEAD,
+    "restore_point": hostvalues.RESTORE_POINT,
+    "who": hostvalues.WHO,
+}
+
+
+def check_values(entry: LedgerEntry) -> None:
+    """HostValueError naming the first field of ENTRY that is not in the shape ingestctl writes."""
+    for name, rule in HOST_VALUE_FIELDS.items():
+        value = getattr(entry, name)
+        if value is not None:
+            rule.check(value, name)
+    for position, host in enumerate(entry.hosts):
+        hostvalues.HOST_NAME.check(host, f"hosts[{position}]")
+
+
 def serialise(entry: LedgerEntry, known_secrets: Mapping[str, str]) -> str:
-    """One compact JSON line (no newline), after checking that no secret is in it."""
+    """One compact JSON line (no newline), after checking its values' shapes and that no secret is in it."""
+    check_values(entry)
     record = entry.model_dump(mode="json", exclude_none=True)
     assert_no_secret(record, known_secrets)
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 @dataclass(frozen=True)
+class SkippedLine:
+    """A ledger line that was not used, and why: shown to the operator as a warning."""
+
+    source: str  # `host:path`, or a label in tests
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source} line {self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
 class ParsedLedger:
     entries: list[LedgerEntry]
-    skipped: list[str] = field(default_factory=list)  # "line 7: ..." for lines that could not be read
+    skipped: list[SkippedLine] = field(default_factory=list)
 
 
 def parse(text: str, source: str = "ledger") -> ParsedLedger:
     """Entries in file order, later lines superseding earlier ones with the same id.
 
     A torn last line (a write cut short) is expected and skipped; any other unreadable line is skipped
-    too and reported in `skipped`, because refusing the whole ledger would block a 3 a.m. rollback.
+    too and reported in `skipped`, because refusing the whole ledger would block a 3 a.m. rollback. So is a
+    line whose values are not in the shape ingestctl writes (a forged line): it is never used, so it can
+    neither supersede a genuine entry nor feed a command or another host's ledger.
     """
     lines = text.split("\n")
     torn_possible = not text.endswith("\n")
     by_id: dict[str, LedgerEntry] = {}
-    skipped: list[str] = []
+    skipped: list[SkippedLine] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -169,10 +222,15 @@ def parse(text: str, source: str = "ledger") -> ParsedLedger:
             entry = LedgerEntry.model_validate(json.loads(line))
         except (json.JSONDecodeError, ValidationError) as exc:
             if is_last and torn_possible:
-                skipped.append(f"{source} line {number}: torn last line (an interrupted write), ignored")
+                skipped.append(SkippedLine(source, number, "torn last line (an interrupted write), ignored"))
             else:
                 reason = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{exc.error_count()} invalid field(s)"
-                skipped.append(f"{source} line {number}: not a ledger entry ({reason}), ignored")
+                skipped.append(SkippedLine(source, number, f"not a ledger entry ({reason}), ignored"))
+            continue
+        try:
+            check_values(entry)
+        except hostvalues.HostValueError as exc:
+            skipped.append(SkippedLine(source, number, f"rejected ({exc}), ignored"))
             continue
         by_id.pop(entry.id, None)  # re-insert so file order follows the latest write
         by_id[entry.id] = entry

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ingestctl import hostvalues
 from ingestctl.errors import ConfigError, LockHeld
 
 LOCK_DIR = "/var/lib/ingest/lock"
@@ -49,6 +50,21 @@ class LockRecord(BaseModel):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
+def check_values(record: LockRecord) -> None:
+    """HostValueError naming the first field of RECORD not in the shape `new_record` writes.
+
+    A record read from a host names who holds the lock in messages, and its token goes back into the
+    commands that release or break it: a forged one is treated as unreadable, never echoed whole or run.
+    """
+    hostvalues.LOCK_TOKEN.check(record.token, "token")
+    hostvalues.WHO.check(record.who, "who")
+    hostvalues.HOST_NAME.check(record.machine, "machine")
+    hostvalues.check_pid(record.pid, "pid")
+    if record.release is not None:
+        hostvalues.RELEASE.check(record.release, "release")
+    hostvalues.LOCK_COMMAND.check(record.command, "command")
+
+
 def new_record(*, who: str, command: str, release: str | None, now: datetime,
                machine: str | None = None, pid: int | None = None) -> LockRecord:
     return LockRecord(token=_random.token_hex(8), who=who, machine=machine or socket.gethostname(),
@@ -56,9 +72,7 @@ def new_record(*, who: str, command: str, release: str | None, now: datetime,
 
 
 def _token_pattern(token: str) -> str:
-    if not token.isalnum():
-        raise ConfigError(f"lock token: expected letters and digits only, found {token!r}")
-    return f'"token":"{token}"'
+    return f'"token":"{hostvalues.LOCK_TOKEN.check(token, "lock token")}"'
 
 
 def acquire_command(record: LockRecord, lock_dir: str = LOCK_DIR) -> str:
@@ -118,6 +132,7 @@ LockState = Literal["acquired", "held", "released", "absent", "not-ours", "broke
 class LockStatus:
     state: LockState
     record: LockRecord | None  # the holder's record (or ours after acquiring); None when unreadable or free
+    rejected: str | None = None  # why a record that was there was not used (a forged or foreign one)
 
 
 def parse_output(output: str | Sequence[str], host: str = "host") -> LockStatus:
@@ -126,19 +141,26 @@ def parse_output(output: str | Sequence[str], host: str = "host") -> LockStatus:
     lines = [line for line in lines if line.strip()]
     marker_line = next((line for line in lines if line.startswith(MARKER)), None)
     if marker_line is None:
-        raise ConfigError(f"{host}: lock command printed no `{MARKER}` line; found {lines[:3]!r}")
+        found = hostvalues.shown("\n".join(lines[:3]))
+        raise ConfigError(f"{host}: lock command printed no `{MARKER}` line; found {found}")
     state = marker_line[len(MARKER):].strip()
     if state not in LockState.__args__:  # type: ignore[attr-defined]
-        raise ConfigError(f"{host}: unknown lock state {state!r}")
+        raise ConfigError(f"{host}: unknown lock state {hostvalues.shown(state)}")
     record = None
+    rejected = None
     rest = lines[lines.index(marker_line) + 1:]
     for line in rest:
         try:
-            record = LockRecord.model_validate_json(line)
-            break
+            candidate = LockRecord.model_validate_json(line)
+            check_values(candidate)
         except ValidationError:
             continue
-    return LockStatus(state=state, record=record)  # type: ignore[arg-type]
+        except hostvalues.HostValueError as exc:
+            rejected = f"{host}: lock record rejected ({exc})"
+            continue
+        record, rejected = candidate, None
+        break
+    return LockStatus(state=state, record=record, rejected=rejected)  # type: ignore[arg-type]
 
 
 def staleness(record: LockRecord, now: datetime, runner_alive: bool | None,

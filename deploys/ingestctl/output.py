@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 
 class Reporter:
@@ -39,6 +40,8 @@ class Reporter:
         if message:
             style = {"error": "bold red", "gate": "cyan", "rollback": "yellow", "summary": "bold green"}.get(type_, "")
             prefix = f"[dim]{self.elapsed():7.1f}s[/dim] "
+            # Messages carry host output: as rich markup, a `[/x]` in it would raise instead of printing.
+            message = escape(message)
             self.console.print(prefix + (f"[{style}]{message}[/{style}]" if style else message))
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:

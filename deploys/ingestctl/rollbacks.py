@@ -7,15 +7,16 @@ the lock, puts switched hosts back on any failure (exit 3, or 4 if that fails) a
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, fleetview, gates, hostlayout, migrations, paths, plan
+from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migrations, paths, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
-from ingestctl.facts.release import SchemaHead
+from ingestctl.facts.release import REJECTED, SchemaHead
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 from ingestctl.pipeline import (
@@ -39,18 +40,45 @@ def begin(kind: str, env_name: str, reporter: Reporter) -> tuple[Context, Run]:
     return ctx, run
 
 
-def live_release(ctx: Context, states: Mapping[str, dict | None]) -> dict:
-    """What the app hosts run now. Mixed versions (a half-finished run) are named, host by host."""
+# What a host runs, as state.json records it: a rollback plans from these.
+LIVE_FIELDS = ("release", "image", "image_id", "config_version", "schema_head")
+
+
+def rejected_live_fields(state: Mapping) -> dict[str, str]:
+    """The LIVE_FIELDS of STATE that failed their check when read (facts.release.checked_state): now None."""
+    return {key: why for key, why in (state.get(REJECTED) or {}).items() if key in LIVE_FIELDS}
+
+
+def live_release(ctx: Context, states: Mapping[str, dict | None]) -> tuple[str, dict]:
+    """(an app host, what it runs): what the app hosts run now. Mixed versions (a half-finished run) are named.
+
+    An app host whose state.json holds forged values is left out with a warning rather than blocking the
+    rollback: the rollback switches it like every app host, which rewrites its state.json. Only when no app
+    host's state can be trusted is there nothing to plan from.
+    """
     app_states = {h: states.get(h) for h in ctx.env.app_hosts}
     missing = [h for h, s in app_states.items() if not s]
     if missing:
         raise ConfigError(f"nothing to roll back on {', '.join(missing)}: no release is live there; "
                           f"deploy first (`ingestctl deploy {ctx.name}`)")
-    releases = Counter((s["release"], s["config_version"]) for s in app_states.values())
+    trusted: dict[str, dict] = {}
+    for host, state in app_states.items():
+        assert state is not None
+        rejected = rejected_live_fields(state)
+        if rejected:
+            ctx.reporter.event("warning", f"warning: {host}: {'; '.join(rejected.values())}; what it runs is unknown, "
+                               "it is switched with the others", host=host)
+        else:
+            trusted[host] = state
+    if not trusted:
+        raise ConfigError(f"no app host's state.json can be trusted ({', '.join(app_states)}: see the warnings); "
+                          f"deploy a release by version to rewrite them: `ingestctl deploy {ctx.name} --version "
+                          "RELEASE`")
+    releases = Counter((s["release"], s["config_version"]) for s in trusted.values())
     if len(releases) > 1:
-        detail = ", ".join(f"{h}: {s['release']} / config {s['config_version']}" for h, s in app_states.items())
+        detail = ", ".join(f"{h}: {s['release']} / config {s['config_version']}" for h, s in trusted.items())
         raise ConfigError(f"the fleet is mixed ({detail}); finish or redo the last deploy before rolling back")
-    return next(iter(app_states.values()))
+    return next(iter(trusted.items()))
 
 
 def all_at_once(ctx: Context) -> list[list[str]]:
@@ -77,9 +105,9 @@ def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: 
 
 def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
     ctx, run = begin("rollback-app", env_name, reporter)
-    entries = fleetview.read_ledger(env_name)
+    entries = fleetview.read_ledger(env_name, reporter)
     states = host_states(ctx)
-    current = live_release(ctx, states)
+    _host, current = live_release(ctx, states)
     target = plan.rollback_target(entries, to, current=current["release"])
     if not target.image_id:
         raise ConfigError(f"release {target.release}: the ledger has no image ID for it; deploy it by version instead")
@@ -128,13 +156,20 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
     db = ctx.env.db_host
     db_head = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
     states = host_states(ctx)
+    # Removing schema under a release that needs it loses data: a host whose record of what it runs was forged
+    # could need anything, so it blocks the downgrade instead of being left out.
+    unknown = {h: why for h, s in states.items() if s and (why := rejected_live_fields(s))}
+    if unknown:
+        detail = "; ".join(f"{h}: {'; '.join(why.values())}" for h, why in unknown.items())
+        raise ConfigError(f"cannot tell which schema the releases on {', '.join(unknown)} need ({detail}); "
+                          f"deploy a release by version to rewrite their state.json first")
     running_heads = {s.get("schema_head") for s in states.values() if s}
     to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
     new_head = to_undo[-1].down_revision  # to_undo is newest first: the oldest one's parent is the new head
     live = next((s for s in states.values() if s), None)
     if live is None:
         raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
-    carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name), states, db_head)
+    carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name, reporter), states, db_head)
     restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
     run.facts.update(schema_before=db_head, release=live["release"], config_version=live["config_version"],
                      restore_point=restore_point)
@@ -172,12 +207,13 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
     from ingestctl.images import image_name
     from ingestctl.ledger import RELEASE_KINDS
 
-    candidates = [s["image"] for s in states.values() if s and s.get("schema_head") == db_head]
+    candidates = [s["image"] for s in states.values() if s and s.get("image") and s.get("schema_head") == db_head]
     candidates += [image_name(e.release) for e in sorted(entries, key=lambda e: (e.started, e.id), reverse=True)
                    if e.succeeded and e.kind in RELEASE_KINDS and e.release and e.code_schema_head() == db_head]
     db = ctx.env.db_host
     for image in dict.fromkeys(candidates):
-        if fleet.run_commands(ctx.name, {db: f"docker image inspect {image} >/dev/null 2>&1"})[db].ok:
+        # Checked when read (state.json, ledger); quoted all the same, as every value put in a command here.
+        if fleet.run_commands(ctx.name, {db: f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1"})[db].ok:
             return image
     raise ConfigError(
         f"no image that knows schema head {db_head!r} is on {db} (looked for: {', '.join(candidates) or 'none'}); "
@@ -189,8 +225,10 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
 
 def read_live_config(ctx: Context, host: str, version: str) -> config_mod.ServiceConfig:
     """The full config VERSION as written on HOST, secrets included (read into memory, never printed)."""
+    hostvalues.CONFIG_VERSION.check(version, f"{host}: config version")
     base = f"{hostlayout.BASE}/config/{version}"
-    command = (f"cat {base}/app.env && for f in {base}/secrets/*; do [ -f \"$f\" ] || continue; "
+    quoted = shlex.quote(base)
+    command = (f"cat {quoted}/app.env && for f in {quoted}/secrets/*; do [ -f \"$f\" ] || continue; "
                "printf '\\n#ingestctl-secret %s\\n' \"$(basename \"$f\")\"; cat \"$f\"; done")
     result = fleet.run_commands(ctx.name, {host: command})[host]
     if not result.ok:
@@ -213,8 +251,7 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
         raise ConfigError("POSTGRES_PASSWORD: the database's own password cannot be rotated by a config rollout; "
                           "change it with ALTER ROLE on the database first, then update the secrets file and deploy")
     states = host_states(ctx)
-    current = live_release(ctx, states)
-    host = ctx.env.app_hosts[0]
+    host, current = live_release(ctx, states)
     live = read_live_config(ctx, host, current["config_version"])
     new = live.with_changes(changes)
     diff = plan.config_diff(live.masked(), new.masked())
@@ -241,12 +278,12 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
 
 def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
     ctx, run = begin("rollback-config", env_name, reporter)
-    entries = fleetview.read_ledger(env_name)
+    entries = fleetview.read_ledger(env_name, reporter)
     states = host_states(ctx)
-    current = live_release(ctx, states)
+    _host, current = live_release(ctx, states)
     target = plan.config_rollback_target(entries, to, current=current["config_version"])
-    present = fleet.run_commands(
-        env_name, lambda _h: f"test -f {hostlayout.BASE}/config/{target}/.complete", hosts=ctx.env.app_hosts)
+    marker = shlex.quote(f"{hostlayout.BASE}/config/{target}/.complete")
+    present = fleet.run_commands(env_name, lambda _h: f"test -f {marker}", hosts=ctx.env.app_hosts)
     absent = [h for h, r in present.items() if not r.ok]
     if absent:
         raise ConfigError(f"config {target} is no longer on {', '.join(absent)}; set the values again with "
@@ -270,7 +307,9 @@ def config_show(env_name: str, reporter: Reporter) -> list[dict]:
     rows = []
     for host in ctx.env.all_hosts:
         state = states.get(host)
-        if not state:
+        if not state or not state.get("config_version"):  # none live, or a forged one (a warning says which)
+            for why in rejected_live_fields(state or {}).values():
+                reporter.event("warning", f"warning: {host}: {why}; not used", host=host)
             rows.append({"host": host, "config_version": None, "config": {}})
             continue
         live = read_live_config(ctx, host, state["config_version"])

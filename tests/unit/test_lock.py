@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from ingestctl import lock
+from ingestctl import hostvalues, lock
 from ingestctl.errors import ConfigError, LockHeld
 
 NOW = datetime(2024, 5, 1, 3, 0, 0, tzinfo=UTC)
@@ -120,6 +121,67 @@ def test_parse_output_errors_and_unreadable_record():
     with pytest.raises(ConfigError, match="unknown lock state 'maybe'"):
         lock.parse_output("ingest-lock: maybe")
     assert lock.parse_output(["ingest-lock: held", "{garbage"]) == lock.LockStatus("held", None)
+
+
+# --- forged records ----------------------------------------------------------------------------------
+
+FORGED_FIELDS = {
+    "token": 'aaaa1111" -o "',
+    "who": "ana@laptop$(touch /tmp/pwned)",
+    "machine": "laptop;touch /tmp/pwned",
+    "release": "v2`touch /tmp/pwned`",
+    "command": "ingestctl deploy local\n$(touch /tmp/pwned)",
+    "pid": 0,
+}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    *FORGED_FIELDS.items(), ("pid", -1), ("pid", hostvalues.PID_MAX + 1), ("who", "x" * 5000),
+])
+def test_a_forged_record_is_rejected_naming_host_and_field(field, value):
+    forged = json.loads(record().to_json())
+    forged[field] = value
+    status = lock.parse_output(["ingest-lock: held", json.dumps(forged)], host="app3")
+    assert status.state == "held" and status.record is None
+    assert status.rejected is not None
+    assert status.rejected.startswith(f"app3: lock record rejected ({field}: expected ")
+    assert len(status.rejected) < 300, "a forged value is never echoed whole"
+    # The holder is then unknown: the message says so and how to break the lock on purpose.
+    assert "record is unreadable" in str(lock.held_error("local", "app3", status.record, NOW, runner_alive=None))
+
+
+def test_a_valid_record_after_a_forged_one_is_used():
+    forged = json.loads(record().to_json()) | {"who": "x;y"}
+    status = lock.parse_output(["ingest-lock: held", json.dumps(forged), record().to_json()], host="app3")
+    assert status.record == record() and status.rejected is None
+
+
+def test_every_record_this_module_writes_passes_its_own_check():
+    rec = lock.new_record(who="uid1000@ci-runner-7.example", command="rollback app local -> v1", release="v1",
+                          now=NOW)
+    lock.check_values(rec)
+    assert lock.parse_output(["ingest-lock: acquired", rec.to_json()]).record == rec
+
+
+def test_a_forged_record_on_disk_is_reported_and_can_still_be_broken(tmp_path):
+    """Under /bin/sh: a forged info.json is never parsed into a holder, and `lock break` removes it."""
+    path = tmp_path / "lock"
+    path.mkdir()
+    forged = json.loads(record().to_json()) | {"token": "$(touch " + str(tmp_path / "pwned") + ")"}
+    (path / "info.json").write_text(json.dumps(forged) + "\n")
+    status = lock.parse_output(sh(lock.read_command(str(path))).stdout, host="app3")
+    assert status.state == "held" and status.record is None and "token: expected" in status.rejected
+    status = lock.parse_output(sh(lock.break_command(None, str(path))).stdout, host="app3")
+    assert status.state == "broken" and status.record is None
+    assert not path.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_parse_output_never_echoes_host_output_whole():
+    with pytest.raises(ConfigError) as err:
+        lock.parse_output("x" * 10_000, host="app2")
+    assert len(str(err.value)) < 300
+    with pytest.raises(ConfigError, match=r"unknown lock state 'held\$\(id\)'"):
+        lock.parse_output("ingest-lock: held$(id)")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+from ingestctl import hostvalues
 
 
 class DockerImage(FactBase[str | None]):
@@ -31,6 +30,7 @@ class DockerImage(FactBase[str | None]):
         lines = [line.strip() for line in output if line.strip()]
         if not lines:
             return None
-        if len(lines) != 1 or not IMAGE_ID.match(lines[0]):
-            raise FactProcessError(f"expected one image ID like sha256:<64 hex>, found {lines!r}")
+        if len(lines) != 1 or not hostvalues.IMAGE_ID.matches(lines[0]):
+            raise FactProcessError(f"expected one image ID like sha256:<64 hex>, found "
+                                   f"{hostvalues.shown(chr(10).join(lines))}")
         return lines[0]

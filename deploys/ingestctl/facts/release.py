@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
+from collections.abc import Mapping
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from ingestctl.hostlayout import BASE, STATE_FILE
+from ingestctl import hostvalues
+from ingestctl.hostlayout import BASE, SLOTS, STATE_FILE
 
-CONFIG_VERSION = re.compile(r"^[0-9a-f]{12}$")
 # For facts, which cannot depend on other facts: pick the compose CLI inline.
 COMPOSE_DETECT = "docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose"
 
@@ -34,8 +34,101 @@ class ComposeBinary(FactBase[str | None]):
         return lines[0]
 
 
+# state.json as `hostlayout.write_state` writes it: what runs live, the standby and what ran before.
+STATE_VALUES: dict[str, hostvalues.HostValue] = {
+    "release": hostvalues.RELEASE,
+    "image": hostvalues.IMAGE_REF,
+    "image_id": hostvalues.IMAGE_ID,
+    "config_version": hostvalues.CONFIG_VERSION,
+    "schema_head": hostvalues.SCHEMA_HEAD,
+    "slot": hostvalues.SLOT,
+}
+# Each slot's compose variables (`hostlayout.slot_env`), by suffix.
+SLOT_ENV_VALUES: dict[str, hostvalues.HostValue] = {
+    "IMAGE": hostvalues.IMAGE_REF,
+    "VERSION": hostvalues.RELEASE,
+    "CONFIG": hostvalues.CONFIG_VERSION,
+}
+# Where the state records what failed its check: {field path: "what was expected, what was found"}.
+REJECTED = "rejected"
+
+
+def _checked_values(record: Mapping, where: str, rejected: dict[str, str]) -> dict:
+    """The STATE_VALUES fields of RECORD; a value not in its shape becomes None and is named in REJECTED."""
+    clean: dict = {}
+    for key, rule in STATE_VALUES.items():
+        if key not in record:
+            continue
+        clean[key] = None
+        try:
+            if record[key] is not None:
+                clean[key] = rule.check(record[key], f"{STATE_FILE} field {where}{key}")
+        except hostvalues.HostValueError as exc:
+            rejected[where + key] = str(exc)
+    return clean
+
+
+def _checked_nested(value: object, where: str, rejected: dict[str, str]) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        rejected[where] = f"{STATE_FILE} field {where}: expected an object or null, found {type(value).__name__}"
+        return None
+    return _checked_values(value, f"{where}.", rejected)
+
+
+def _checked_slots(value: object, rejected: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each slot's compose variables; a variable not in its shape is left out (compose then uses `none`)."""
+    if not isinstance(value, Mapping):
+        if value is not None:
+            rejected["slots"] = f"{STATE_FILE} field slots: expected an object, found {type(value).__name__}"
+        return {}
+    slots: dict[str, dict[str, str]] = {}
+    for slot in SLOTS:
+        variables = value.get(slot)
+        if not isinstance(variables, Mapping):
+            continue
+        prefix = f"API_{slot.upper()}_"
+        kept = {}
+        for suffix, rule in SLOT_ENV_VALUES.items():
+            key = prefix + suffix
+            if key not in variables:
+                continue
+            try:
+                kept[key] = rule.check(variables[key], f"{STATE_FILE} field slots.{slot}.{key}")
+            except hostvalues.HostValueError as exc:
+                rejected[f"slots.{slot}.{key}"] = str(exc)
+        slots[slot] = kept
+    return slots
+
+
+def checked_state(state: Mapping) -> dict:
+    """STATE with every value in the shape ingestctl writes; the rest set to None and listed under REJECTED.
+
+    Why not fail the fact: a host whose state.json was tampered with must not block the fleet. With the bad
+    values None, a deploy or rollback still switches that host (None never equals what it wants, so it is
+    changed, not skipped) and writes a clean state.json, and the values that were valid still guide the
+    switch. Callers that need a value treat None as unknown and name REJECTED; nothing forged is ever put in
+    a command or written back. Keys ingestctl does not write are dropped.
+    """
+    rejected: dict[str, str] = {}
+    clean = _checked_values(state, "", rejected)
+    if "slots" in state:
+        clean["slots"] = _checked_slots(state["slots"], rejected)
+    for key in ("previous", "standby"):
+        if key in state:
+            clean[key] = _checked_nested(state[key], key, rejected)
+    if rejected:
+        clean[REJECTED] = rejected
+    return clean
+
+
 class IngestState(FactBase[dict | None]):
-    """The host's state.json: live slot, release, image ID, config version and both slots' settings."""
+    """The host's state.json: live slot, release, image ID, config version and both slots' settings.
+
+    Values are checked (`checked_state`): one not in the shape ingestctl writes comes back as None and is named
+    under the REJECTED key. Unparsable JSON fails the fact (pyinfra then reports it and returns None).
+    """
 
     def command(self) -> str:
         return f"cat {STATE_FILE} 2>/dev/null || true"
@@ -50,7 +143,7 @@ class IngestState(FactBase[dict | None]):
             raise FactProcessError(f"{STATE_FILE}: expected JSON, found unparsable text ({exc})") from exc
         if not isinstance(state, dict):
             raise FactProcessError(f"{STATE_FILE}: expected a JSON object, found {type(state).__name__}")
-        return state
+        return checked_state(state)
 
 
 class ConfigVersions(FactBase[list[str]]):
@@ -64,7 +157,8 @@ class ConfigVersions(FactBase[list[str]]):
         return f"for d in {BASE}/config/*/; do [ -f \"$d.complete\" ] && basename \"$d\"; done 2>/dev/null; true"
 
     def process(self, output: list[str]) -> list[str]:
-        return sorted(line.strip() for line in output if CONFIG_VERSION.match(line.strip()))
+        # Anything else in the directory (a forged name included) is not a config version: never listed.
+        return sorted(line.strip() for line in output if hostvalues.CONFIG_VERSION.matches(line.strip()))
 
 
 class SchemaHead(FactBase[str | None]):
@@ -79,7 +173,11 @@ class SchemaHead(FactBase[str | None]):
 
     def process(self, output: list[str]) -> str | None:
         heads = [line.strip() for line in output if line.strip()]
-        return heads[0] if heads else None
+        if not heads:
+            return None
+        # Raised past pyinfra (its FactProcessError would become None, which reads as an empty schema and would
+        # mislead the compatibility checks): an unknown head stops the command with this message (exit 2).
+        return hostvalues.SCHEMA_HEAD.check(heads[0], "db host: alembic_version.version_num")
 
 
 class RunningServices(FactBase[dict[str, str]]):
@@ -96,6 +194,7 @@ class RunningServices(FactBase[dict[str, str]]):
         )
 
     def process(self, output: list[str]) -> dict[str, str]:
+        # Not checked against hostvalues: these are only compared with what ingestctl wants, never put in a command.
         services = {}
         for line in output:
             parts = line.split()
@@ -116,6 +215,7 @@ class FileDigests(FactBase[dict[str, str | None]]):
         return f"for f in {quoted}; do if [ -f \"$f\" ]; then sha256sum \"$f\"; else echo \"- $f\"; fi; done"
 
     def process(self, output: list[str]) -> dict[str, str | None]:
+        # Only compared with the digests of the wanted files (a forged one just means "rewrite"): not checked.
         digests: dict[str, str | None] = {}
         for line in output:
             digest, _, path = line.strip().partition(" ")

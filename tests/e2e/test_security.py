@@ -1,0 +1,117 @@
+"""A forged line in one host's ledger never runs on any host and never reaches another host's ledger.
+
+The issue's reproduction on the real sandbox: lines are appended to app3's ledger as whoever can write that one
+file would append them (failed releases whose image ID and release carry `$(...)` and backticks), then the
+commands that read the ledger run as an operator would: `history`, `status`, a deploy that switches hosts (so it
+prunes old images, the loop that used to run the injected command as root everywhere) and an app rollback.
+
+The module deploys its own releases from a frozen copy of this checkout, and ends with its forged lines removed
+from app3's ledger and the fleet healthy on its first release, with the lock free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+from releases import app_urls, ingestctl, variant, version_of
+
+pytestmark = pytest.mark.e2e
+
+SEC1, SEC2 = "e2e9-sec1", "e2e9-sec2"
+HOSTS = ("db1", "app2", "app3")
+LEDGER = "/var/lib/ingest/ledger.jsonl"
+LOCK_DIR = "/var/lib/ingest/lock"
+PWNED = "/tmp/pwned-ledger"  # what the injected commands would create; every forged line names it
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def ledger_text(ssh, host: str) -> str:
+    status, out, err = ssh(host, f"cat {LEDGER} 2>/dev/null || true")
+    assert status == 0, f"{host}: cannot read {LEDGER}: {err}"
+    return out
+
+
+def forged_lines(template: dict) -> list[str]:
+    """Two failed releases as an attacker would append them: genuine in every field but one or two."""
+    base = {**template, "kind": "deploy", "outcome": "failed", "hosts": [], "steps": [], "gates": []}
+    return [
+        json.dumps({**base, "id": "20200101T000001Z-e2e901", "release": "e2e9-forged-1",
+                    "image_id": f"sha256:x$(touch {PWNED})"}),
+        json.dumps({**base, "id": "20200101T000002Z-e2e902", "release": f"e2e9-forged-2`touch {PWNED}`",
+                    "image_id": f"sha256:`touch {PWNED}`"}),
+    ]
+
+
+def remove_forged_lines(ssh) -> None:
+    """Under the ledger's own flock, keep every line but the forged ones (same file, same mode and owner)."""
+    script = (f'grep -vF {shlex.quote(PWNED)} "$1" > "$1.e2e9" || true; cat "$1.e2e9" > "$1"; rm -f "$1.e2e9"')
+    command = f"flock {shlex.quote(LEDGER + '.lock')} sh -c {shlex.quote(script)} e2e9 {shlex.quote(LEDGER)}"
+    status, _out, err = ssh("app3", command)
+    assert status == 0, f"app3: removing the forged lines failed: {err}"
+
+
+def test_a_forged_ledger_line_on_app3_runs_nowhere_and_spreads_nowhere(testbed, ssh, tmp_path_factory):
+    checkout = variant(tmp_path_factory.mktemp("security-checkout"), {})
+    for host in HOSTS:
+        ssh(host, f"rm -f {PWNED}")  # a leftover of an earlier session must not fail (or pass) this one
+    result = ingestctl("deploy", "local", "--version", SEC1, "--skip-bench", "--json", root=checkout)
+    assert result.code == 0, f"deploy {SEC1}:\n" + result.explain()
+
+    before = ledger_text(ssh, "app3")
+    template = json.loads(before.splitlines()[-1])
+    lines = forged_lines(template)
+    first_line = len(before.splitlines()) + 1
+    # Quoted for this SSH command: appending must not run what the lines carry.
+    append = "; ".join(f"printf '%s\\n' {shlex.quote(line)} >> {LEDGER}" for line in lines)
+    status, _out, err = ssh("app3", append)
+    assert status == 0, f"app3: appending the forged lines failed: {err}"
+    try:
+        history = ingestctl("history", "local")
+        assert history.code == 0, "history:\n" + history.explain()
+        for number in (first_line, first_line + 1):
+            assert f"app3:{LEDGER} line {number}: rejected" in history.stdout, history.explain()
+        history = ingestctl("history", "local", "--json")
+        assert history.code == 0, history.explain()
+        warned = {(e.get("host"), e.get("line")) for e in history.events if e["type"] == "warning"}
+        assert {("app3", first_line), ("app3", first_line + 1)} <= warned, history.explain()
+        releases = {e["release"] for e in history.events if e["type"] == "row"}
+        assert not [r for r in releases if "e2e9-forged" in r], f"a forged release is in the history: {releases}"
+
+        status_result = ingestctl("status", "local", "--json")
+        assert status_result.code == 0, "status:\n" + status_result.explain()
+
+        # A deploy that switches hosts, so it prunes: the loop that ran the injected command on every host.
+        deploy = ingestctl("deploy", "local", "--version", SEC2, "--skip-bench", "--json", root=checkout)
+        assert deploy.code == 0, f"deploy {SEC2}:\n" + deploy.explain()
+        assert deploy.summary()["outcome"] == "success", deploy.explain()
+        pruned = [i for e in deploy.events if e.get("step") == "prune" for i in e.get("images", [])]
+        assert all(IMAGE_ID.fullmatch(i) for i in pruned), f"prune listed a value that is not an image ID: {pruned}"
+
+        rollback = ingestctl("rollback", "app", "local", "--json", root=checkout)
+        assert rollback.code == 0, "rollback app:\n" + rollback.explain()
+        assert rollback.summary()["outcome"] == "success", rollback.explain()
+        assert {h: version_of(url) for h, url in app_urls(testbed).items()} == {h: SEC1 for h in app_urls(testbed)}
+
+        for host in HOSTS:
+            status, _out, _err = ssh(host, f"test -e {PWNED}")
+            assert status != 0, f"{host}: {PWNED} exists: a forged ledger value was run as a command"
+        for host in ("db1", "app2"):
+            text = ledger_text(ssh, host)
+            assert PWNED not in text and "e2e9-forged" not in text, f"a forged line reached {host}'s ledger"
+        # The runs' own entries, written to every host, carry only values in their shapes.
+        for host in HOSTS:
+            mine = [json.loads(line) for line in ledger_text(ssh, host).splitlines()
+                    if line.strip() and PWNED not in line][-2:]
+            assert [(e["kind"], e["release"]) for e in mine] == [("deploy", SEC2), ("rollback-app", SEC1)], host
+            assert all(IMAGE_ID.fullmatch(e["image_id"]) for e in mine), mine
+    finally:
+        remove_forged_lines(ssh)
+        if any(ssh(h, f"test -e {LOCK_DIR}")[0] == 0 for h in HOSTS):
+            ingestctl("lock", "break", "local")
+        for host in HOSTS:
+            ssh(host, f"rm -f {PWNED}")
+    assert PWNED not in ledger_text(ssh, "app3")
+    assert ledger_text(ssh, "app3").startswith(before), "removing the forged lines changed app3's genuine ones"
