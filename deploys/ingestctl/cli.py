@@ -81,17 +81,20 @@ def ensure_sandbox(reporter: Reporter) -> None:
 @click.option("--skip-bench", is_flag=True, help="Skip the benchmark gate (recorded in the ledger).")
 @click.option("--dry", is_flag=True, help="Print the plan (hosts, batches, image, config diff, migrations) only.")
 @click.option("--lock-wait", "lock_wait", metavar="S", help="Wait up to S seconds for the deploy lock.")
+@click.option("--allow-incompatible", is_flag=True,
+              help="Run a non-backward-compatible migration: every app host switches in one batch after it, and a "
+                   "gate failure runs the declared data-safe downgrade before the old release returns.")
 @json_option
 @reporting
 def deploy_command(env: str, version: str | None, batch: str | None, skip_bench: bool, dry: bool,
-                   lock_wait: str | None, reporter: Reporter) -> None:
+                   lock_wait: str | None, allow_incompatible: bool, reporter: Reporter) -> None:
     """Build, ship, migrate and roll out ENV in gated batches; roll back by itself on any gate failure."""
     from ingestctl import pipeline
 
     if env == "local":
         ensure_sandbox(reporter)
     run = pipeline.deploy(env, reporter, version=version, batch=batch, skip_bench=skip_bench, dry=dry,
-                          lock_wait_s=parse_lock_wait(lock_wait))
+                          lock_wait_s=parse_lock_wait(lock_wait), allow_incompatible=allow_incompatible)
     if not dry:
         pipeline.summarise(run, reporter)
         if not reporter.json_mode:
@@ -225,15 +228,30 @@ def lock_group() -> None:
     """The deploy lock: see who holds it, break a stale one on purpose."""
 
 
-@lock_group.command("break")
+@lock_group.command("show")
 @click.argument("env")
 @json_option
 @reporting
-def lock_break_command(env: str, reporter: Reporter) -> None:
-    """Break ENV's deploy lock on purpose (after checking that its run is really gone)."""
+def lock_show_command(env: str, reporter: Reporter) -> None:
+    """Who holds ENV's deploy lock on each host, since when, running what."""
     from ingestctl import pipeline
 
-    pipeline.break_lock(env, reporter)
+    pipeline.show_lock(env, reporter)
+
+
+@lock_group.command("break")
+@click.argument("env")
+@click.option("--force", is_flag=True, help="Break it without asking (the lock shown is still the only one removed).")
+@json_option
+@reporting
+def lock_break_command(env: str, force: bool, reporter: Reporter) -> None:
+    """Break ENV's deploy lock on purpose, after checking that its run is really gone: shows the lock, asks
+    (or --force), and removes only the lock it showed."""
+    from ingestctl import pipeline
+
+    interactive = sys.stdin.isatty() and not reporter.json_mode
+    pipeline.break_lock(env, reporter, force=force,
+                        confirm=(lambda question: click.confirm(question, default=False)) if interactive else None)
 
 
 @main.command("verify")

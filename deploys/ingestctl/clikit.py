@@ -39,6 +39,16 @@ def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             reporter.event("error", "interrupted", exit_code=130)
             sys.exit(130)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
+        except Exception as exc:  # a bug: still one last `error` line for CI, the traceback for the report
+            import traceback
+
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            reporter.event("error", f"unexpected error (a bug in ingestctl): {type(exc).__name__}: {exc}",
+                           error=type(exc).__name__, exit_code=1, at=f"{where.filename}:{where.lineno}")
+            traceback.print_exc(file=sys.stderr)
+            sys.exit(1)
 
     return wrapper
 

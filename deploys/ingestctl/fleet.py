@@ -67,7 +67,8 @@ def run_on(
         command = command_for[name] if isinstance(command_for, Mapping) else command_for(name)
         # The inventory's `sudo: True` (pyinfra's `_sudo` data) applies here as it does to operations.
         ok, output = host.run_shell_command(
-            command, print_output=False, print_input=False, _sudo=bool(host.data.get("_sudo"))
+            command, print_output=False, print_input=False, _sudo=bool(host.data.get("_sudo")),
+            **runner.command_timeout(host),
         )
         results[name] = CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
     return results

@@ -91,22 +91,41 @@ def quantile(buckets: Iterable[tuple[float, float]], q: float) -> float | None:
     return ordered[-1][0]
 
 
+@dataclass(frozen=True)
+class ProbeTally:
+    """The gate's own requests to one host: how many were sent and how many did not answer 2xx."""
+
+    sent: int = 0
+    failed: int = 0
+
+
 def judge_window(
-    deltas: Mapping[str, MetricSnapshot], max_error_ratio: float, max_p95_ms: float
+    deltas: Mapping[str, MetricSnapshot], max_error_ratio: float, max_p95_ms: float, min_requests: int = 0,
+    probes: Mapping[str, ProbeTally] | None = None,
 ) -> GateResult:
-    """Pass when every host's error ratio and p95 over the window are within thresholds."""
+    """Pass when every host served at least MIN_REQUESTS in the window (silence proves nothing), its error ratio
+    and p95 are within thresholds, and the gate's own probes got 2xx answers (a 401 or a reset is a failure
+    too, though the service's 5xx counter never sees it)."""
     numbers: dict[str, Any] = {}
     failures: list[str] = []
     for host, delta in deltas.items():
         ratio = (delta.errors / delta.total) if delta.total else 0.0
         p95 = quantile(delta.buckets, 0.95)
         p95_ms = None if p95 is None else round(p95 * 1000, 1)
-        numbers[host] = {"requests": int(delta.total), "error_ratio": round(ratio, 4), "p95_ms": p95_ms}
+        tally = (probes or {}).get(host, ProbeTally())
+        numbers[host] = {"requests": int(delta.total), "error_ratio": round(ratio, 4), "p95_ms": p95_ms,
+                         "probes": tally.sent, "probe_failures": tally.failed}
+        if delta.total < min_requests:
+            failures.append(f"{host}: {int(delta.total)} requests in the window, fewer than the {min_requests} "
+                            "needed to judge it")
         if ratio > max_error_ratio:
             failures.append(f"{host}: error ratio {ratio:.3f} > {max_error_ratio}")
+        if tally.sent and tally.failed / tally.sent > max_error_ratio:
+            failures.append(f"{host}: {tally.failed} of {tally.sent} probe requests did not answer 2xx")
         if p95_ms is not None and p95_ms > max_p95_ms:
             failures.append(f"{host}: p95 {p95_ms} ms > {max_p95_ms} ms")
-    numbers["thresholds"] = {"max_error_ratio": max_error_ratio, "max_p95_ms": max_p95_ms}
+    numbers["thresholds"] = {"max_error_ratio": max_error_ratio, "max_p95_ms": max_p95_ms,
+                             "min_requests": min_requests}
     if failures:
         return GateResult("metrics", False, "metric gate failed: " + "; ".join(failures), numbers)
     summary = ", ".join(
@@ -167,10 +186,12 @@ def metric_gate(
     window_s: float,
     max_error_ratio: float,
     max_p95_ms: float,
-    probe: Callable[[httpx.Client, str], None] | None = None,
+    probe: Callable[[httpx.Client, str], httpx.Response] | None = None,
     probe_requests: int = 20,
+    min_requests: int = 0,
 ) -> GateResult:
     """Scrape /metrics, watch the window (sending a bounded probe of real requests), scrape again, judge."""
+    tallies = {host: [0, 0] for host in urls}
     with httpx.Client(timeout=5.0) as client:
         try:
             before = {host: _scrape(client, base) for host, base in urls.items()}
@@ -181,11 +202,13 @@ def metric_gate(
         # Bounded in count and in time: the probe stops at the window's end or after probe_requests per host.
         while time.monotonic() < deadline:
             if probe and sent < probe_requests:
-                for base in urls.values():
+                for host, base in urls.items():
+                    tallies[host][0] += 1
                     try:
-                        probe(client, base)
+                        ok = probe(client, base).is_success
                     except httpx.HTTPError:
-                        pass  # a failed probe shows up as an error or as missing traffic in /metrics
+                        ok = False
+                    tallies[host][1] += 0 if ok else 1
                 sent += 1
                 time.sleep(window_s / max(probe_requests, 1) / 2)
             else:
@@ -195,7 +218,8 @@ def metric_gate(
         except httpx.HTTPError as exc:
             return GateResult("metrics", False, f"metric gate failed: cannot scrape /metrics: {exc}")
     deltas = {host: after[host].minus(before[host]) for host in urls}
-    return judge_window(deltas, max_error_ratio, max_p95_ms)
+    probes = {host: ProbeTally(sent_, failed) for host, (sent_, failed) in tallies.items()}
+    return judge_window(deltas, max_error_ratio, max_p95_ms, min_requests, probes)
 
 
 def bench_command(base_urls: Iterable[str], script: str) -> list[str]:

@@ -125,9 +125,15 @@ def start_slot(binary: str, slot: str) -> str:
 
 def stop_slot(binary: str, slot: str, grace_s: int) -> str:
     # SIGTERM, then the service drains in-flight requests for up to grace_s before compose kills it.
-    return (
-        compose(binary, "stop", "-t", str(grace_s), f"api_{slot}") + " && " + compose(binary, "rm", "-f", f"api_{slot}")
-    )
+    return stop_service(binary, f"api_{slot}", grace_s)
+
+
+def stop_service(binary: str, service: str, grace_s: int) -> str:
+    return compose(binary, "stop", "-t", str(grace_s), service) + " && " + compose(binary, "rm", "-f", service)
+
+
+def remove_state() -> str:
+    return f"rm -f {STATE_FILE}"
 
 
 def container_of(service: str) -> str:

@@ -113,6 +113,15 @@ class EnvData(BaseModel):
     metric_window_s: Number = Field(default=10.0, gt=0, le=600)
     max_error_ratio: Number = Field(default=0.01, ge=0, le=1)
     max_p95_ms: Number = Field(default=500.0, gt=0)
+    # A window with less traffic than this proves nothing; the gate's own probes (20 per host) count.
+    metric_min_requests: Integer = Field(default=10, ge=0, le=1_000_000)
+    # An automatic or one-shot rollback retries a host's switch (each step is idempotent) until this deadline
+    # before it gives up with exit 4: one transient container-runtime or SSH error must not make it final.
+    rollback_deadline_s: Number = Field(default=120.0, gt=0, le=3600)
+    # Every command on a host, and so every step, ends within this: a hung engine or SSH channel fails the step
+    # (and the run rolls back) instead of holding the fleet's lock for ever. Migrations have their own bound.
+    command_timeout_s: Integer = Field(default=600, ge=30, le=86400)
+    migration_timeout_s: Integer = Field(default=3600, ge=30, le=86400)
     config: dict[str, str | int] = Field(default_factory=dict)
     secrets_file: str | None = None
 

@@ -388,11 +388,11 @@ def plan_schema_rollback(
                 f"`ingestctl rollback app {env}`, then roll back the schema"
             )
     for migration in to_undo:
-        _require_data_safe(migration, restore_hint(env))
+        require_data_safe(migration, restore_hint(env))
     return to_undo
 
 
-def _require_data_safe(migration: Migration, hint: str) -> None:
+def require_data_safe(migration: Migration, hint: str) -> None:
     ops = "; ".join(map(str, migration.unsafe_operations))
     if not migration.has_downgrade:
         raise ConfigError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import shlex
 import signal
 import socket
 import time
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, gates, hostlayout, paths
+from ingestctl import fleet, gates, hostlayout, hostvalues, paths
 from ingestctl import inventory as inventory_mod
 from ingestctl import pyinfra_runner as runner
 from ingestctl import secrets as secrets_mod
-from ingestctl.errors import GateFailed, IngestctlError, RollbackFailed
-from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl.errors import ConfigError, GateFailed, IngestctlError, RollbackFailed
+from ingestctl.facts.release import REJECTED, IngestState, SchemaHead
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 
@@ -48,6 +49,14 @@ class Release:
     schema_head: str | None = None
 
 
+def current_user() -> str:
+    """The operator's login name; CI containers often run with a uid that has no passwd entry."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
+
+
 @dataclass
 class Context:
     """Everything validated at the edge: the environment, its secrets and config, and derived settings."""
@@ -56,7 +65,7 @@ class Context:
     reporter: Reporter
     config: config_mod.ServiceConfig
     ports: hostlayout.Ports
-    who: str = field(default_factory=lambda: f"{getpass.getuser()}@{socket.gethostname()}")
+    who: str = field(default_factory=lambda: f"{current_user()}@{socket.gethostname()}")
 
     @property
     def name(self) -> str:
@@ -195,24 +204,56 @@ def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
             ctx.env.data.max_error_ratio,
             ctx.env.data.max_p95_ms,
             probe=query_probe(ctx),
+            min_requests=ctx.env.data.metric_min_requests,
         )
 
 
 def query_probe(ctx: Context) -> Callable[[Any, str], None]:
     """A real read request per call, authenticated like a client, so the metric gate judges live traffic."""
-    import jwt
+    from ingest.tools.credentials import mint_read_token
 
-    token = jwt.encode(
-        {"scope": "events:read", "sub": "ingestctl-gate", "exp": int(time.time()) + 600},
-        ctx.config.secrets["JWT_SECRET"],
-        algorithm="HS256",
-    )
+    token = mint_read_token(ctx.config.secrets["JWT_SECRET"], ttl_seconds=600, subject="ingestctl-gate")
     headers = {"Authorization": f"Bearer {token}"}
 
-    def probe(client, base: str) -> None:
-        client.get(base + "/api/v1/events", params={"limit": 10}, headers=headers)
+    def probe(client, base: str):
+        return client.get(base + "/api/v1/events", params={"limit": 10}, headers=headers)
 
     return probe
+
+
+# Failures worth a second try: the container runtime or the SSH transport hiccuped, not the release itself.
+TRANSIENT_ERRORS = (
+    "OCI runtime", "connection reset", "Connection reset", "Broken pipe", "broken pipe", "EOF",
+    "Error response from daemon", "Cannot connect to the Docker daemon", "timed out", "Timeout", "SSH",
+    "Socket exception", "No existing session",
+)
+
+
+def is_transient(failure: str) -> bool:
+    return SLOT_NOT_READY not in failure and any(marker in failure for marker in TRANSIENT_ERRORS)
+
+
+def converge(ctx: Context, calls: list[runner.OperationCall], hosts: list[str], deadline: float,
+             retryable: Callable[[str], bool]) -> tuple[runner.RunResult, set[str]]:
+    """Run CALLS on HOSTS, then again on the hosts whose failure is RETRYABLE, with backoff, until DEADLINE
+    (monotonic). Every switch step is idempotent and reads the host afresh, so a retry picks up where the
+    failed attempt stopped. Returns the last result per host and the hosts any attempt changed or failed on."""
+    results: dict[str, runner.HostResult] = {}
+    touched: set[str] = set()
+    pending, delay, attempt = list(hosts), 1.0, 1
+    while True:
+        result = runner.run_operations(ctx.name, calls, hosts=pending, raise_on_error=False)
+        results.update(result.hosts)
+        touched.update(result.changed_hosts)
+        touched.update(r.host for r in result.failed)
+        again = [r for r in result.failed if retryable(r.describe_failure())]
+        if not again or time.monotonic() + delay > deadline:
+            return runner.RunResult(results), touched
+        for failed in again:
+            ctx.reporter.event("retry", f"{failed.host}: attempt {attempt} failed, retrying in {delay:g}s: "
+                               f"{failed.describe_failure()[-300:]}", host=failed.host, attempt=attempt)
+        time.sleep(delay)
+        pending, delay, attempt = [r.host for r in again], min(delay * 2, 8.0), attempt + 1
 
 
 def rollback_hosts(ctx: Context, before: Mapping[str, dict | None], hosts: list[str], reason: str) -> list[str]:
@@ -226,19 +267,38 @@ def rollback_hosts(ctx: Context, before: Mapping[str, dict | None], hosts: list[
     failures: list[str] = []
     # Hosts that ran the same thing before go back together, in one parallel run.
     groups: dict[tuple[str, str, str], list[str]] = {}
+    first_deploy: list[str] = []
     for host in hosts:
         previous = before.get(host)
+        unusable = sorted(set((previous or {}).get(REJECTED) or {}) & {"release", "image", "image_id",
+                                                                        "config_version"})
+        if unusable:
+            failures.append(f"{host}: its state.json before this run had values that failed their check "
+                            f"({', '.join(unusable)}): cannot tell what to return to")
+            continue
         if not previous or not previous.get("release"):
-            failures.append(f"{host}: had no previous release to return to (first deploy)")
+            first_deploy.append(host)
             continue
         groups.setdefault((previous["release"], previous["image_id"], previous["config_version"]), []).append(host)
+    # A rollback keeps converging until its deadline: one transient error must not leave a host on the release
+    # that failed its gate.
+    deadline = time.monotonic() + ctx.env.data.rollback_deadline_s
+    if first_deploy:
+        # Nothing ran there before: going back means taking the failed release out of service.
+        withdraw = runner.OperationCall(release_ops.release_withdrawn, kwargs=dict(
+            name="Ensure the failed first release is out of service", drain_grace_s=1))
+        result, _ = converge(ctx, [withdraw], first_deploy, deadline, retryable=lambda _failure: True)
+        failures.extend(r.describe_failure() for r in result.failed)
+        withdrawn = [h for h in first_deploy if h not in {r.host for r in result.failed}]
+        if withdrawn:
+            reporter.event("rollback", f"{', '.join(withdrawn)}: first deploy, nothing to return to: the failed "
+                           "release was taken out of service", hosts=withdrawn, outcome="withdrawn")
     for group in groups.values():
         previous = before[group[0]]
         release = Release(previous["release"], previous["image"], previous["image_id"], previous.get("schema_head"))
-        result = runner.run_operations(
-            ctx.name,
-            switch_calls(ctx, release, previous["config_version"], clear_failed_idle=True, keep_standby=False),
-            hosts=group, raise_on_error=False,
+        result, _ = converge(
+            ctx, switch_calls(ctx, release, previous["config_version"], clear_failed_idle=True, keep_standby=False),
+            group, deadline, retryable=lambda _failure: True,
         )
         failures.extend(r.describe_failure() for r in result.failed)
         restored.extend(h for h in group if h not in {r.host for r in result.failed})
@@ -269,7 +329,7 @@ def describe_fleet(ctx: Context) -> str:
             lines.append(f"  {host}: no release recorded (or unreachable)")
         else:
             lines.append(
-                f"  {host}: release {state.get('release')} image {state.get('image_id', '')[:19]} "
+                f"  {host}: release {state.get('release')} image {(state.get('image_id') or '')[:19]} "
                 f"config {state.get('config_version')} slot {state.get('slot')}"
             )
     return "\n".join(lines)
@@ -363,7 +423,8 @@ def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_i
             schema_migrated,
             kwargs=dict(name=f"Ensure schema is at {release.schema_head}", image=release.image,
                         config_version=cfg.version, infra_images=ctx.infra_images,
-                        restore_point=restore_point, alembic_args=("upgrade", "head")),
+                        restore_point=restore_point, alembic_args=("upgrade", "head"),
+                        _timeout=ctx.env.data.migration_timeout_s),
         )],
         hosts=[db], raise_on_error=False,
     )
@@ -394,17 +455,15 @@ class Run:
 
 
 def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch: str | None = None,
-           skip_bench: bool = False, dry: bool = False, lock_wait_s: float = 0.0) -> Run:
+           skip_bench: bool = False, dry: bool = False, lock_wait_s: float = 0.0,
+           allow_incompatible: bool = False) -> Run:
     from ingestctl import images as images_mod
     from ingestctl import plan as plan_mod
 
     ctx = prepare(env_name, reporter)
-    batches = plan_mod.parse_batch_spec(batch, plan_mod.rollout_order(ctx.env))
+    plan_mod.parse_batch_spec(batch, plan_mod.rollout_order(ctx.env))  # a bad --batch exits 2 before the build
     if dry:
-        return dry_run(ctx, batch, version, skip_bench)
-    reporter.event("plan", f"plan: {len(batches)} batch(es): "
-                   + " | ".join(", ".join(b) for b in batches), batches=batches,
-                   config_version=ctx.config.version, config=ctx.config.masked())
+        return dry_run(ctx, batch, version, skip_bench, allow_incompatible)
 
     run = Run(new_run_id(), "deploy", env_name, ctx.who)
 
@@ -421,6 +480,10 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
 
     with guarded(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}") as guard:
         run.facts["previous"] = {h: (s or {}).get("release") for h, s in guard.before.items()}
+        # The plan --dry prints, built from what the hosts say under the lock: its checks guard the real run.
+        plan = deploy_plan(ctx, release.version, release.image, batch, skip_bench, allow_incompatible,
+                           guard.before, guard.schema_head)
+        report_plan(reporter, plan)
         guard.checkpoints.check("shipping images")
         started = time.time()
         ship_images(ctx, release)
@@ -436,28 +499,101 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
         run.facts.update(migrate(ctx, release, ctx.config, run.id, guard.schema_head))
         run.step("migrate", started)
 
-        rollout(ctx, run, batches, release, ctx.config.version, guard.checkpoints, guard.switched)
-
-        if guard.switched and not skip_bench:
-            guard.checkpoints.check("the benchmark gate")
-            started = time.time()
-            script = str(paths.project_root() / "scripts" / "benchmark_queries.py")
-            urls = [ctx.base_url(h) for h in ctx.env.app_hosts]
-            reporter.event("progress", f"benchmark gate: profile {ctx.env.data.bench_profile} on {len(urls)} host(s)")
-            gate = gates.bench_gate(urls, script, env_for_bench(ctx))
-            run.gates.append(gate.as_dict())
-            report_gate(reporter, gate)
-            run.step("benchmark", started)
-            if not gate.passed:
-                raise_gate_failure(gate)
-        elif skip_bench:
-            run.gates.append({"gate": "benchmark", "passed": None, "message": "skipped (--skip-bench)"})
-            reporter.event("gate", "benchmark gate skipped (--skip-bench)", gate="benchmark", skipped=True)
+        try:
+            rollout(ctx, run, plan.batches, release, ctx.config.version, guard.checkpoints, guard.switched)
+            benchmark_gate(ctx, run, skip_bench, switched=bool(guard.switched))
+        except Exception as exc:
+            if plan.incompatible and run.facts.get("schema_after") != plan.schema_head_before:
+                # The old release cannot run on the new schema: undo the migrations before it returns.
+                downgrade_before_rollback(ctx, run, plan, release, exc)
+            raise
         if guard.switched:
             started = time.time()
             prune_images(ctx, release, guard.before)
             run.step("prune", started)
     return run
+
+
+def deploy_plan(ctx: Context, release: str, image: str, batch: str | None, skip_bench: bool,
+                allow_incompatible: bool, states: Mapping[str, dict | None], db_head: str | None):
+    """The deploy's plan from the checkout and the hosts' facts (state.json per host, the database's head)."""
+    from ingestctl import migrations as migrations_mod
+    from ingestctl import plan as plan_mod
+
+    live = {h: s for h, s in states.items() if s}
+    current = next(iter(live.values()), None)
+    previous_config = (current or {}).get("config_version")
+    old_config = None
+    if current and previous_config != ctx.config.version:  # an unchanged config has no diff to read
+        old_config = read_host_config(ctx, next(iter(live)), previous_config)
+    return plan_mod.build_deploy_plan(
+        env=ctx.env, release=release, image=image, batch_spec=batch,
+        old_config=old_config, new_config=ctx.config.masked(), config_version=ctx.config.version,
+        previous_config_version=previous_config,
+        revisions=migrations_mod.load_revisions(paths.project_root() / "service" / "alembic" / "versions"),
+        db_head=db_head, previous_release=(current or {}).get("release"), skip_bench=skip_bench,
+        allow_incompatible=allow_incompatible,
+    )
+
+
+def report_plan(reporter: Reporter, plan) -> None:
+    if reporter.json_mode:
+        reporter.event("plan", f"plan: {len(plan.batches)} batch(es): "
+                       + " | ".join(", ".join(b) for b in plan.batches), **plan.as_event())
+    else:
+        for line in plan.render():
+            reporter.event("plan", line)
+
+
+def benchmark_gate(ctx: Context, run: Run, skip_bench: bool, switched: bool) -> None:
+    reporter = ctx.reporter
+    if switched and not skip_bench:
+        started = time.time()
+        script = str(paths.project_root() / "scripts" / "benchmark_queries.py")
+        urls = [ctx.base_url(h) for h in ctx.env.app_hosts]
+        reporter.event("progress", f"benchmark gate: profile {ctx.env.data.bench_profile} on {len(urls)} host(s)")
+        gate = gates.bench_gate(urls, script, env_for_bench(ctx))
+        run.gates.append(gate.as_dict())
+        report_gate(reporter, gate)
+        run.step("benchmark", started)
+        if not gate.passed:
+            raise_gate_failure(gate)
+    elif skip_bench:
+        run.gates.append({"gate": "benchmark", "passed": None, "message": "skipped (--skip-bench)"})
+        reporter.event("gate", "benchmark gate skipped (--skip-bench)", gate="benchmark", skipped=True)
+
+
+def downgrade_before_rollback(ctx: Context, run: Run, plan, release: Release, cause: Exception) -> None:
+    """--allow-incompatible and a failed gate: run the declared data-safe downgrade back to the head the old
+    release runs on, with the new image (it carries the revisions), to an absolute revision. RollbackFailed
+    (exit 4) with the restore point when a migration is not data-safe or the downgrade fails: the hosts then
+    stay on the new release, which runs on the schema it left."""
+    from ingestctl import migrations as migrations_mod
+    from ingestctl.operations.release import schema_migrated
+
+    target = plan.schema_head_before
+    restore_point = run.facts.get("restore_point")
+    try:
+        for migration in plan.migrations:
+            migrations_mod.require_data_safe(migration, migrations_mod.restore_hint(ctx.name))
+    except IngestctlError as exc:
+        raise RollbackFailed(
+            f"SEV-1: {cause}; the old release cannot run on the new schema and it cannot be downgraded: {exc}; "
+            f"every app host stays on {release.version}; restore point {restore_point}") from cause
+    ctx.reporter.event("rollback", f"downgrading schema {plan.schema_head_after} -> {target or 'empty'} before "
+                       f"{plan.previous_release} returns (brief unavailability)", schema_target=target)
+    db = ctx.env.db_host
+    result = runner.run_operations(ctx.name, [runner.OperationCall(schema_migrated, kwargs=dict(
+        name=f"Ensure schema is at {target or 'empty'}", image=release.image, config_version=ctx.config.version,
+        infra_images=ctx.infra_images, restore_point=f"{hostlayout.BASE}/backups/{run.id}-downgrade.dump",
+        alembic_args=("downgrade", target or "base"), _timeout=ctx.env.data.migration_timeout_s))],
+        hosts=[db], raise_on_error=False)
+    run.facts["schema_after"] = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    if result.failed:
+        raise RollbackFailed(
+            f"SEV-1: {cause}; the schema downgrade to {target} failed: {result.failed[0].describe_failure()}; "
+            f"schema is at {run.facts['schema_after']}; every app host stays on {release.version}; "
+            f"restore point {restore_point}") from cause
 
 
 def prune_images(ctx: Context, release: Release, before: Mapping[str, dict | None]) -> None:
@@ -471,11 +607,14 @@ def prune_images(ctx: Context, release: Release, before: Mapping[str, dict | Non
         for image_id in (state.get("image_id"), (state.get("standby") or {}).get("image_id")) if image_id
     }
     try:
-        items = ledger_mod.releases_to_prune(fleetview.read_ledger(ctx.name), ctx.env.data.keep_releases)
+        items = ledger_mod.releases_to_prune(fleetview.read_ledger(ctx.name, ctx.reporter),
+                                             ctx.env.data.keep_releases)
         ids = sorted({i for item in items for i in item.image_ids} - protected)
         if not ids:
             return
-        command = " ".join(["for i in", *ids, '; do docker image rm "$i" >/dev/null 2>&1 || true; done'])
+        # Image IDs come from the hosts' ledgers: untrusted, so quoted (and validated when the ledger is parsed).
+        command = " ".join(["for i in", *map(shlex.quote, ids),
+                            '; do docker image rm "$i" >/dev/null 2>&1 || true; done'])
         fleet.run_commands(ctx.name, lambda _h: command, hosts=ctx.env.all_hosts)
         ctx.reporter.event("step", f"pruned {len(ids)} old release image(s) (keeping {ctx.env.data.keep_releases})",
                            step="prune", images=ids)
@@ -501,8 +640,15 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
     # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback.
     with fleet.connected(ctx.name) as active:
         acquire_lock(ctx, run, lock_wait_s, command, active)
-        guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
-        guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
+        try:
+            guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
+            guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
+        except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
+            from ingestctl import lock as lock_mod
+
+            fleet.run_on(active, lambda _h: lock_mod.release_command(run.facts["lock_token"]))
+            checkpoints.uninstall()
+            raise
     outcome = "failed"
     try:
         yield guard
@@ -540,10 +686,11 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
         started = time.time()
         reporter.event("step", f"batch {number} of {len(batches)}: {', '.join(hosts)}", step="rollout",
                        batch=number, batches=len(batches), hosts=hosts)
-        result = runner.run_operations(ctx.name, switch_calls(ctx, release, config_version),
-                                       hosts=hosts, raise_on_error=False)
+        # Transient errors are retried briefly; a release that never gets ready is not (that is the health gate).
+        result, touched = converge(ctx, switch_calls(ctx, release, config_version), hosts,
+                                   time.monotonic() + min(30.0, ctx.env.data.rollback_deadline_s), is_transient)
         failed = [r.host for r in result.failed]
-        changed = [h for h in hosts if h in result.changed_hosts or h in failed]
+        changed = [h for h in hosts if h in touched]
         switched += changed
         if failed:
             failures = {r.host: r.describe_failure() for r in result.failed}
@@ -576,41 +723,28 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
         run.step(f"batch {number}", started)
 
 
-def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool) -> Run:
+def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool,
+            allow_incompatible: bool = False) -> Run:
     """--dry: the plan, from this checkout and a read-only look at the hosts. Nothing is changed anywhere."""
     from ingestctl import images as images_mod
-    from ingestctl import migrations as migrations_mod
-    from ingestctl import plan as plan_mod
 
-    root = paths.project_root()
-    version = version or images_mod.checkout_version(root)
-    states = host_states(ctx)
-    live = {h: s for h, s in states.items() if s}
-    current = next(iter(live.values()), None)
-    db_head = fleet.get_facts(ctx.name, SchemaHead, hosts=[ctx.env.db_host])[ctx.env.db_host]
-    old_config = None
-    if current:
-        old_config = read_host_config(ctx, next(iter(live)), current["config_version"])
-    plan = plan_mod.build_deploy_plan(
-        env=ctx.env, release=version, image=images_mod.image_name(version), batch_spec=batch,
-        old_config=old_config, new_config=ctx.config.masked(), config_version=ctx.config.version,
-        previous_config_version=(current or {}).get("config_version"),
-        revisions=migrations_mod.load_revisions(root / "service" / "alembic" / "versions"),
-        db_head=db_head, previous_release=(current or {}).get("release"), skip_bench=skip_bench,
-    )
-    if ctx.reporter.json_mode:
-        ctx.reporter.event("plan", "dry run plan", **plan.as_event())
-    else:
-        for line in plan.render():
-            ctx.reporter.event("plan", line)
+    version = version or images_mod.checkout_version(paths.project_root())
+    with fleet.connected(ctx.name) as active:  # one round for both facts
+        states = {name: host.get_fact(IngestState) for name, host in active.items()}
+        db_head = active[ctx.env.db_host].get_fact(SchemaHead)
+    plan = deploy_plan(ctx, version, images_mod.image_name(version), batch, skip_bench, allow_incompatible,
+                       states, db_head)
+    report_plan(ctx.reporter, plan)
     ctx.reporter.event("summary", "dry run: nothing was changed", dry=True)
     return Run(new_run_id(), "deploy-dry", ctx.name, ctx.who)
 
 
 def read_host_config(ctx: Context, host: str, version: str) -> dict[str, str] | None:
     """The tunables of config VERSION as written on HOST (secrets masked), or None when unreadable."""
+    if not hostvalues.CONFIG_VERSION.matches(version):
+        return None
     path = f"{hostlayout.BASE}/config/{version}/app.env"
-    result = fleet.run_commands(ctx.name, {host: f"cat {path}"})[host]
+    result = fleet.run_commands(ctx.name, {host: f"cat {shlex.quote(path)}"})[host]
     if not result.ok:
         return None
     tunables = config_mod.tunables_from_env_file(result.stdout, where=f"{host}:{path}")
@@ -770,15 +904,60 @@ def finish(ctx: Context, run: Run) -> None:
         ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))
 
 
-def break_lock(env_name: str, reporter: Reporter) -> None:
-    """Break the deploy lock on every host on purpose, printing whose lock it was."""
+def read_locks(env_name: str) -> dict[str, Any]:
+    """Each reachable host's lock status (lock.LockStatus); unreachable hosts are left out."""
     from ingestctl import lock as lock_mod
 
     env = inventory_mod.load(env_name)
-    results = fleet.run_commands(env_name, lambda _h: lock_mod.break_command(None), hosts=env.all_hosts)
-    for host, result in results.items():
+    with fleet.connected(env_name, env.all_hosts, require_all=False) as active:
+        results = fleet.run_on(active, lambda _h: lock_mod.read_command())
+    return {host: lock_mod.parse_output(result.stdout, host) for host, result in results.items()}
+
+
+def describe_holder(record) -> str:
+    return f"{record.who} (pid {record.pid} on {record.machine}, `{record.command}`, since {record.started:%H:%M:%S})"
+
+
+def show_lock(env_name: str, reporter: Reporter) -> dict[str, Any]:
+    """`ingestctl lock show ENV`: who holds the deploy lock on each host."""
+    statuses = read_locks(env_name)
+    for host, status in sorted(statuses.items()):
+        if status.state == "free":
+            what = "free"
+        elif status.record is not None:
+            what = f"held by {describe_holder(status.record)}"
+        else:
+            what = "held, record unreadable" + (f" ({status.rejected})" if status.rejected else "")
+        reporter.event("step", f"{host}: {what}", host=host, state=status.state,
+                       holder=status.record.who if status.record else None,
+                       token=status.record.token if status.record else None)
+    return statuses
+
+
+def break_lock(env_name: str, reporter: Reporter, force: bool = False,
+               confirm: Callable[[str], bool] | None = None) -> None:
+    """Break the deploy lock on purpose: shows it first, then removes only the lock it showed (by token), after
+    CONFIRM says yes or with FORCE. A lock taken meanwhile by another run is left alone."""
+    from ingestctl import lock as lock_mod
+
+    statuses = show_lock(env_name, reporter)
+    held = {host: status for host, status in statuses.items() if status.state != "free"}
+    if not held:
+        reporter.event("summary", f"no deploy lock held on {env_name}", outcome="noop")
+        return
+    if not force and not (confirm and confirm(f"break the deploy lock on {', '.join(sorted(held))}?")):
+        raise ConfigError(f"the deploy lock on {', '.join(sorted(held))} was left in place; check that its run is "
+                          f"really gone, then run `ingestctl lock break {env_name} --force` (or answer yes)")
+    commands = {host: lock_mod.break_command(status.record.token if status.record else None)
+                for host, status in held.items()}
+    results = fleet.run_commands(env_name, commands)
+    for host, result in sorted(results.items()):
         status = lock_mod.parse_output(result.stdout, host)
-        holder = status.record
-        what = f"broke the lock of {holder.who} (pid {holder.pid} on {holder.machine}, `{holder.command}`)" \
-            if holder else ("no lock held" if status.state == "absent" else "broke an unreadable lock")
+        shown = held[host].record
+        if status.state == "broken":
+            what = f"broke the lock of {describe_holder(shown)}" if shown else "broke an unreadable lock"
+        elif status.state == "not-ours":
+            what = "left alone: the lock changed hands since it was shown"
+        else:
+            what = "no lock held any more"
         reporter.event("step", f"{host}: {what}", host=host, state=status.state)

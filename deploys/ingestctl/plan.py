@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ingestctl import ledger as ledger_mod
@@ -228,6 +228,12 @@ class DeployPlan:
     bench_profile: str | None = None
     gates: dict[str, float] = field(default_factory=dict)
     previous_release: str | None = None
+    allow_incompatible: bool = False
+
+    @property
+    def incompatible(self) -> list[Migration]:
+        """Migrations the release still running elsewhere cannot run alongside (undeclared counts as such)."""
+        return [m for m in self.migrations if m.backward_compatible is not True]
 
     def as_event(self) -> dict[str, Any]:
         """The `plan` event of the --json stream. Holds no secret: config changes are already masked."""
@@ -240,6 +246,7 @@ class DeployPlan:
             "migrations": [{"name": m.name, "revision": m.revision,
                             "backward_compatible": m.backward_compatible} for m in self.migrations],
             "skip_bench": self.skip_bench, "bench_profile": self.bench_profile, "gates": self.gates,
+            "allow_incompatible": self.allow_incompatible,
         }
 
     def render(self) -> list[str]:
@@ -262,6 +269,9 @@ class DeployPlan:
             for m in self.migrations:
                 compat = "" if m.backward_compatible else " (not backward-compatible: app rollback past it is refused)"
                 lines.append(f"    {m.name}{compat}")
+            if self.incompatible:
+                lines.append("    --allow-incompatible: every app host switches in one batch after the migration; "
+                             "a gate failure runs the data-safe downgrade before the old release returns")
         else:
             lines.append(f"  migrations: none (schema at {self.schema_head_after or 'empty'})")
         if self.gates:
@@ -283,17 +293,45 @@ def build_deploy_plan(*, env: Environment, release: str, image: str, batch_spec:
                       old_config: Mapping[str, str] | None, new_config: Mapping[str, str],
                       config_version: str, previous_config_version: str | None,
                       revisions: Sequence[Migration], db_head: str | None,
-                      previous_release: str | None = None, skip_bench: bool = False) -> DeployPlan:
-    """Everything `deploy` will do, decided before any host changes. Raises ConfigError on bad input."""
+                      previous_release: str | None = None, skip_bench: bool = False,
+                      allow_incompatible: bool = False) -> DeployPlan:
+    """Everything `deploy` will do, decided before any host changes. Raises ConfigError on bad input.
+
+    --dry prints this plan; the real deploy builds the same one from the facts it reads under the lock and
+    executes it, so the checks here (migration range, compatibility) guard both.
+    """
     from ingestctl.migrations import chain_head, revisions_between
 
     head = chain_head(revisions)
     order = rollout_order(env)
-    return DeployPlan(
+    plan = DeployPlan(
         env=env.name, release=release, image=image, hosts=env.all_hosts, db_host=env.db_host,
         batches=parse_batch_spec(batch_spec, order), config_version=config_version,
         previous_config_version=previous_config_version, config_changes=config_diff(old_config, new_config),
         schema_head_before=db_head, schema_head_after=head,
         migrations=revisions_between(revisions, db_head, head), skip_bench=skip_bench,
         bench_profile=env.data.bench_profile, gates=gate_thresholds(env), previous_release=previous_release,
+        allow_incompatible=allow_incompatible,
+    )
+    if plan.incompatible and previous_release:
+        if not allow_incompatible:
+            raise ConfigError(incompatible_refusal(plan, env.name))
+        # One batch after the migration: no host is left on the old release against the new schema.
+        plan = replace(plan, batches=[list(order)])
+    return plan
+
+
+def incompatible_refusal(plan: DeployPlan, env: str) -> str:
+    first = plan.incompatible[0]
+    declared = ("declares backward_compatible = False" if first.backward_compatible is False
+                else "does not declare backward_compatible")
+    return (
+        f"{first.name}: {declared}: during a rolling deploy the hosts still on {plan.previous_release} would run "
+        f"against its schema, and an automatic rollback would return them to a release that cannot run on it. "
+        "Ship it as two releases (expand/contract): first a release whose migration only adds (new columns "
+        "nullable or with defaults, new tables) and whose code works with the old and the new shape; once every "
+        "host runs it, a second release that removes the old shape. Or, accepting a one-batch switch, pass "
+        f"--allow-incompatible: `ingestctl deploy {env} --allow-incompatible` migrates, switches every app host at "
+        "once, and on a gate failure runs the migrations' declared data-safe downgrade before the old release "
+        "returns. No host was changed"
     )

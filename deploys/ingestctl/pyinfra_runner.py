@@ -194,9 +194,16 @@ def run_operations(
 
     def add(state: State, host) -> None:
         for call in calls:
-            add_op(state, call.func, *call.args, host=host, **call.kwargs)
+            add_op(state, call.func, *call.args, host=host, **{**command_timeout(host), **call.kwargs})
 
     return _run(env, add, hosts, data, raise_on_error)
+
+
+def command_timeout(host) -> dict[str, int]:
+    """pyinfra's per-command `_timeout` from the inventory's `command_timeout_s`: a hung dockerd or SSH channel
+    fails the step instead of holding the fleet's lock for ever. Calls may set their own `_timeout`."""
+    timeout = host.data.get("command_timeout_s")
+    return {"_timeout": int(timeout)} if timeout else {}
 
 
 def run_deploy(

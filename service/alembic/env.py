@@ -3,6 +3,8 @@ schema_migration_meta so a running release can tell whether a newer schema is st
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from logging.config import fileConfig
 
@@ -59,11 +61,32 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = sa.create_engine(_url(), poolclass=sa.pool.NullPool)
     with engine.connect() as connection:
+        # A migration waiting on a table lock held by a long query would hold the deploy (and its fleet lock)
+        # for ever, and queue every api query behind it: give up instead, and let the deploy roll back.
+        lock_timeout, statement_timeout = _timeouts()
+        connection.execute(sa.text(f"SET lock_timeout = '{lock_timeout}'"))
+        connection.execute(sa.text(f"SET statement_timeout = '{statement_timeout}'"))
         connection.execute(sa.text(META_DDL))
         connection.commit()
         context.configure(connection=connection, on_version_apply=record_step, transaction_per_migration=True)
         with context.begin_transaction():
             context.run_migrations()
+
+
+TIMEOUT = re.compile(r"^[0-9]{1,7}(ms|s|min|h)?$")
+
+
+def _timeouts() -> tuple[str, str]:
+    """MIGRATION_LOCK_TIMEOUT (default 10s) and MIGRATION_STATEMENT_TIMEOUT (default 30min), PostgreSQL units."""
+    values = []
+    for name, default in (("MIGRATION_LOCK_TIMEOUT", "10s"), ("MIGRATION_STATEMENT_TIMEOUT", "30min")):
+        value = os.environ.get(name, default).strip()
+        if not TIMEOUT.match(value):
+            print(f"configuration error: {name}: expected a duration like 10s, 500ms or 30min, found {value!r}",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        values.append(value)
+    return values[0], values[1]
 
 
 def _url():

@@ -14,8 +14,12 @@ state.json, the ledger entry (outcome and the failing gate with its numbers), th
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from releases import Result, app_urls, ingestctl, variant, version_of
@@ -209,6 +213,136 @@ def downgrade() -> None:
     entry = last_ledger_entry(ssh, db)
     assert entry["release"] == release and entry["outcome"] == "failed", entry
     assert "migration" in (entry.get("message") or ""), entry
+
+
+# ----- faults injected from outside during the automatic rollback ----------------------------------------------
+
+ERRORS_RELEASE = {EVENTS_API: replacing(
+    "    after = None\n", '    raise RuntimeError("e2e: this release breaks the query path")\n    after = None\n')}
+# Shadows the host's docker CLI (first on sshd's PATH): the 2nd proxy reload on a host (the rollback's, after the
+# bad release's own switch) fails the way a container runtime hiccups under load.
+FLAKY_DOCKER = """#!/bin/sh
+case "$*" in *nginx*reload*)
+  n=$(( $(cat /tmp/e2e-reloads 2>/dev/null || echo 0) + 1 )); echo "$n" > /tmp/e2e-reloads
+  if [ "$n" = 2 ]; then
+    echo 'OCI runtime exec failed: exec failed: unable to start container process: read init-p: connection reset by peer: unknown' >&2
+    exit 126
+  fi;;
+esac
+exec /usr/bin/docker "$@"
+"""
+
+
+def app_hosts(testbed) -> list[str]:
+    return [h.name for h in testbed.hosts if "app" in h.roles]
+
+
+def test_a_transient_exec_failure_during_the_automatic_rollback_is_retried(testbed, ssh, baseline, tmp_path):
+    for host in app_hosts(testbed):
+        code, out, err = ssh(host, "command -v docker")
+        assert code == 0 and out.strip() == "/usr/bin/docker", f"{host}: docker is not /usr/bin/docker: {out}{err}"
+        code, _out, err = ssh(host, "rm -f /tmp/e2e-reloads && cat > /usr/local/bin/docker <<'EOF'\n"
+                              f"{FLAKY_DOCKER}EOF\nchmod 755 /usr/local/bin/docker")
+        assert code == 0, err
+    try:
+        release, result = bad_release(tmp_path, "errors", ERRORS_RELEASE)
+    finally:
+        for host in app_hosts(testbed):
+            ssh(host, "rm -f /usr/local/bin/docker")
+    retries = [e for e in result.events if e["type"] == "retry"]
+    assert retries and "OCI runtime exec failed" in retries[0]["message"], result.explain()
+    assert_rolled_back(result, release, "metrics", testbed, ssh)
+
+
+def test_a_host_whose_state_write_fails_after_the_proxy_moved_is_rolled_back_not_stopped(testbed, ssh, baseline,
+                                                                                         tmp_path):
+    """The proxy already routes to the new slot when state.json cannot be written: the rollback must see the
+    half-switched host as it really is, move traffic back to the old slot, and never stop the slot serving."""
+    hosts = app_hosts(testbed)
+    for host in hosts:  # a directory where the atomic write puts its temp file: the write fails, nothing else
+        code, _out, err = ssh(host, f"mkdir -p {STATE}.tmp")
+        assert code == 0, err
+    root = variant(tmp_path, ERRORS_RELEASE)
+    executable = str(Path(sys.executable).parent / "ingestctl")
+    deploy = subprocess.Popen(
+        [executable, "deploy", "local", "--version", "e2e4b-errors", "--skip-bench", "--json"],
+        cwd=root, env={**os.environ, "INGESTCTL_ROOT": str(root)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    healed = False
+    try:
+        for line in deploy.stdout:
+            lines.append(line)
+            if not healed and '"type": "retry"' in line:
+                # The rollback is converging on the half-switched host: let the disk "recover".
+                for host in hosts:
+                    ssh(host, f"rmdir {STATE}.tmp")
+                healed = True
+        stderr = deploy.stderr.read()
+        code = deploy.wait(timeout=600)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+        for host in hosts:
+            ssh(host, f"rmdir {STATE}.tmp 2>/dev/null; true")
+    result = Result(code, "".join(lines), stderr)
+    assert healed, f"the rollback never retried the host whose state write failed: {result.explain()}"
+    assert result.code == 3, result.explain()
+    assert_back_on_baseline(testbed, ssh)
+
+
+# ----- migrations the release still running elsewhere cannot run alongside -------------------------------------
+
+INCOMPATIBLE_MIGRATION = '''"""E2E: declared not backward-compatible; its downgrade is data-safe (an index)."""
+
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+backward_compatible = False
+downgrade_data_safe = True
+
+
+def upgrade() -> None:
+    op.create_index("ix_e2e_incompatible", "events", ["source", "type"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_e2e_incompatible", table_name="events")
+'''
+MIGRATION_PATH = "service/alembic/versions/0003_e2e_incompatible.py"
+
+
+def test_a_rolling_deploy_refuses_an_incompatible_migration(testbed, ssh, baseline, tmp_path):
+    db = next(h.name for h in testbed.hosts if "db" in h.roles)
+    before = states(testbed, ssh)
+    release, result = bad_release(tmp_path, "incompatible", {MIGRATION_PATH: INCOMPATIBLE_MIGRATION})
+    assert result.code == 2, result.explain()
+    assert "0003_e2e_incompatible" in result.stdout and "expand/contract" in result.stdout, result.explain()
+    assert not [e for e in result.events if e.get("step") in ("ship", "migrate", "rollout")], result.explain()
+    assert schema_head(ssh, db) == "0002", "the schema moved although the deploy was refused"
+    assert states(testbed, ssh) == before
+    assert_back_on_baseline(testbed, ssh)
+
+
+def test_allow_incompatible_downgrades_the_schema_before_the_old_release_returns(testbed, ssh, baseline, tmp_path):
+    db = next(h.name for h in testbed.hosts if "db" in h.roles)
+    root = variant(tmp_path, {MIGRATION_PATH: INCOMPATIBLE_MIGRATION, **ERRORS_RELEASE})
+    release = "e2e4b-incompatible-errors"
+    result = ingestctl("deploy", "local", "--version", release, "--skip-bench", "--allow-incompatible", "--json",
+                       root=root)
+    plan = next(e for e in result.events if e["type"] == "plan" and "batches" in e)
+    assert len(plan["batches"]) == 1, f"--allow-incompatible must switch every app host in one batch: {plan}"
+    downgrade = [e for e in result.events if e["type"] == "rollback" and "downgrading schema" in e.get("message", "")]
+    assert downgrade, f"no schema downgrade before the rollback: {result.explain()}"
+    assert_rolled_back(result, release, "metrics", testbed, ssh)
+    assert schema_head(ssh, db) == "0002", "the incompatible migration was not undone"
+    _code, index, _err = ssh(db, f"{PSQL} \"SELECT to_regclass('public.ix_e2e_incompatible')\"")
+    assert index.strip() == "", f"the downgrade left the index behind: {index!r}"
 
 
 def test_verify_passes_after_the_rollbacks(testbed, baseline, docker_engine):

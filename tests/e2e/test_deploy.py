@@ -265,7 +265,9 @@ def test_a_held_lock_exits_5_naming_the_holder_then_lock_break_frees_it(testbed,
         _code, still, _err = ssh(holder_host, f"cat {LOCK_DIR}/info.json")
         assert json.loads(still) == json.loads(record), f"{holder_host}: the holder's lock record was changed"
     finally:
-        broke = ingestctl("lock", "break", "local")
+        refused = ingestctl("lock", "break", "local")  # no terminal to ask on, no --force: nothing is broken
+        broke = ingestctl("lock", "break", "local", "--force")
+    assert refused.code == 2 and "--force" in refused.stdout + refused.stderr, refused.explain()
     assert broke.code == 0, broke.explain()
     assert "alice@laptop" in broke.stdout, f"`lock break` did not say whose lock it broke: {broke.explain()}"
     assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values()), "`lock break` left a lock"

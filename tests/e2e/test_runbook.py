@@ -262,7 +262,8 @@ def test_deploy_incident_abort_and_app_rollbacks(shell, ssh, testbed):
     shell.run('ingestctl rollback app local --to "$RELEASE"', RELEASE=current)
     # The running release needs schema head 0002: the runbook says the schema rollback refuses (exit 2).
     shell.run("ingestctl rollback schema local --steps 1", expect=2)
-    shell.run("ingestctl lock break local")
+    shell.run("ingestctl lock show local")
+    shell.run("ingestctl lock break local --force")
     shell.run("ingestctl verify local")
 
 

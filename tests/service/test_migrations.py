@@ -100,3 +100,23 @@ def test_readiness_by_schema_head(fresh_database, redis_server, start_service):
     assert breaking.status_code == 503
     assert "0004" in breaking.json()["checks"]["schema"]["detail"]
     assert "not backward compatible" in breaking.json()["checks"]["schema"]["detail"]
+
+
+def test_a_migration_blocked_by_a_held_table_lock_gives_up_at_its_lock_timeout(fresh_database, monkeypatch):
+    """A long query holding the table must not hold the migration (and the deploy's fleet lock) for ever."""
+    url = fresh_database
+    assert run_alembic(url, "upgrade", "head").returncode == 0
+    monkeypatch.setenv("MIGRATION_LOCK_TIMEOUT", "1s")
+    with psycopg.connect(url) as holder:
+        holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # held until this block ends
+        blocked = run_alembic(url, "downgrade", "-1")  # drops an index on events: needs that lock
+        assert blocked.returncode != 0, "the migration waited out the lock instead of giving up"
+        assert "lock timeout" in blocked.stderr, blocked.stderr[-2000:]
+    assert heads(url) == ["0002"], "a migration that gave up must leave the schema where it was"
+
+
+def test_a_bad_migration_timeout_setting_is_refused_in_one_line(fresh_database, monkeypatch):
+    monkeypatch.setenv("MIGRATION_STATEMENT_TIMEOUT", "forever")
+    result = run_alembic(fresh_database, "upgrade", "head")
+    assert result.returncode == 2
+    assert "MIGRATION_STATEMENT_TIMEOUT: expected a duration like 10s" in result.stderr

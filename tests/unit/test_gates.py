@@ -166,3 +166,71 @@ def test_health_gate_fails_after_timeout_with_the_last_answer():
         server.close()
     assert not gate.passed
     assert "app3: HTTP 503" in gate.message and "unavailable" in gate.message
+
+
+def test_judge_fails_a_window_too_quiet_to_judge():
+    from ingestctl.gates import ProbeTally
+
+    result = judge_window({"app2": scrape(0, 0, 0, 0, 0)}, max_error_ratio=0.01, max_p95_ms=100, min_requests=10,
+                          probes={"app2": ProbeTally(0, 0)})
+    assert not result.passed and "app2: 0 requests in the window, fewer than the 10" in result.message
+
+
+def test_judge_counts_probe_answers_that_are_not_2xx():
+    from ingestctl.gates import ProbeTally
+
+    # The service saw 20 requests and no 5xx; the gate's probe got 401 on 5 of its 20: a broken release all the same.
+    result = judge_window({"app3": scrape(20, 0, 20, 20, 20)}, max_error_ratio=0.01, max_p95_ms=100, min_requests=10,
+                          probes={"app3": ProbeTally(20, 5)})
+    assert not result.passed and "app3: 5 of 20 probe requests did not answer 2xx" in result.message
+    assert result.numbers["app3"]["probe_failures"] == 5
+
+
+class _MetricsAndQueries:
+    """A real loopback server: /metrics counts what it served; queries answer STATUS."""
+
+    def __init__(self, status: int):
+        import http.server
+        import threading
+
+        served = {"n": 0}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                if self.path.startswith("/metrics"):
+                    body = SCRAPE.replace("{ok}", str(float(served["n"]))).replace("{err}", "0.0").replace(
+                        "{fast}", str(float(served["n"]))).replace("{slow}", str(float(served["n"]))).replace(
+                        "{total}", str(float(served["n"]))).encode()
+                    code = 200
+                else:
+                    served["n"] += 1
+                    body, code = b"{}", status
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("status,passes", [(200, True), (401, False)])
+def test_metric_gate_probes_over_http_and_judges_their_answers(status, passes):
+    from ingestctl.gates import metric_gate
+
+    server = _MetricsAndQueries(status)
+    try:
+        gate = metric_gate({"app2": server.url}, window_s=0.5, max_error_ratio=0.01, max_p95_ms=1000,
+                           probe=lambda client, base: client.get(base + "/api/v1/events"), probe_requests=10,
+                           min_requests=5)
+    finally:
+        server.close()
+    assert gate.passed is passes, gate.message
+    assert gate.numbers["app2"]["probes"] == 10

@@ -187,17 +187,17 @@ def test_deploy_plan_renders_everything_and_no_secret():
         env=env, release="v2", image="ingest:v2", batch_spec=None,
         old_config={**old.tunables, **old.secrets}, new_config={**new.tunables, **new.secrets},
         config_version=new.version, previous_config_version=old.version, revisions=revisions,
-        db_head="0002_add_tags", previous_release="v1",
+        db_head="0002_add_tags", previous_release="v1", allow_incompatible=True,
     )
-    assert deploy.batches == [["app2"], ["app3", "db1"]]
+    # --allow-incompatible: one batch after the migration, no host left on v1 against the new schema.
+    assert deploy.batches == [["app2", "app3", "db1"]]
     assert [m.name for m in deploy.migrations] == ["0003_index_source", "0004_rename_payload"]
     lines = deploy.render()
-    assert lines[:5] == [
+    assert lines[:4] == [
         "deploy v2 to local (live now: v1)",
         "  image: ingest:v2",
         "  hosts: db1, app2, app3 (db: db1)",
-        "  batch 1 of 2: app2",
-        "  batch 2 of 2: app3, db1",
+        "  batch 1 of 1: app2, app3, db1",
     ]
     assert f"  config: {new.version} (was {old.version})" in lines
     assert f"    ~ JWT_SECRET: {MASK} -> {MASK} (rotated)" in lines
@@ -205,7 +205,8 @@ def test_deploy_plan_renders_everything_and_no_secret():
     assert "    0004_rename_payload (not backward-compatible: app rollback past it is refused)" in lines
     assert "  benchmark gate: profile staging" in lines
     event = deploy.as_event()
-    assert event["batches"] == [["app2"], ["app3", "db1"]] and event["gates"]["max_p95_ms"] == 300
+    assert event["batches"] == [["app2", "app3", "db1"]] and event["gates"]["max_p95_ms"] == 300
+    assert event["allow_incompatible"] is True
     text = "\n".join(lines) + repr(event)
     for secret in (*SECRETS.values(), "n" * 40):
         assert secret not in text
@@ -238,3 +239,43 @@ def test_batches_by_percent_never_exceed_the_share(n, percent):
     assert sum(sizes) == n and min(sizes) >= 1
     # Rounded up, never more than one host above the exact share.
     assert sizes[0] < n * percent / 100 + 1
+
+
+def three_hosts():
+    return inventory.environment(name="local", source="", hosts={
+        "db1": {"ssh_hostname": "a", "roles": ["db", "app"]},
+        "app2": {"ssh_hostname": "b", "roles": ["app"]},
+        "app3": {"ssh_hostname": "c", "roles": ["app"]},
+    })
+
+
+def plan_from(db_head, previous_release, **more):
+    cfg = config.ServiceConfig.build({}, SECRETS)
+    return plan.build_deploy_plan(env=three_hosts(), release="v2", image="ingest:v2", batch_spec=None,
+                                  old_config=None, new_config=dict(cfg.tunables), config_version=cfg.version,
+                                  previous_config_version=None, revisions=migrations.load_revisions(FIXTURES),
+                                  db_head=db_head, previous_release=previous_release, **more)
+
+
+def test_a_rolling_deploy_refuses_a_non_backward_compatible_migration():
+    with pytest.raises(ConfigError) as refused:
+        plan_from("0002_add_tags", "v1")
+    message = str(refused.value)
+    assert message.startswith("0004_rename_payload: declares backward_compatible = False")
+    assert "expand/contract" in message and "--allow-incompatible" in message and "v1" in message
+
+
+def test_compatible_migrations_roll_in_batches():
+    revisions = migrations.load_revisions(FIXTURES)[:-1]  # up to 0003_index_source, backward-compatible
+    cfg = config.ServiceConfig.build({}, SECRETS)
+    deploy = plan.build_deploy_plan(env=three_hosts(), release="v2", image="ingest:v2", batch_spec=None,
+                                    old_config=None, new_config=dict(cfg.tunables), config_version=cfg.version,
+                                    previous_config_version=None, revisions=revisions,
+                                    db_head="0002_add_tags", previous_release="v1")
+    assert [m.name for m in deploy.migrations] == ["0003_index_source"] and not deploy.incompatible
+    assert deploy.batches == [["app2"], ["app3", "db1"]]
+
+
+def test_a_first_deploy_may_apply_any_migration():
+    deploy = plan_from(None, None)
+    assert deploy.incompatible and deploy.batches == [["app2"], ["app3", "db1"]]

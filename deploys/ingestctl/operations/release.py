@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from io import StringIO
 
 from ingestctl import hostlayout as layout
+from ingestctl import reconcile
 from ingestctl.errors import HostError
+from ingestctl.facts.docker import DockerImage
+from ingestctl.facts.proxy import ProxyRouting
 from ingestctl.facts.release import (
     ComposeBinary,
     ConfigVersions,
@@ -121,6 +124,22 @@ def database_running(password: str, postgres_uid: int, infra_images: Mapping[str
 RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 
+def live_state(ports: layout.Ports) -> tuple[dict, bool]:
+    """What the host really serves: state.json, unless the proxy's config routes elsewhere (see reconcile).
+
+    Returns (state, stale); when stale, the live slot's image ID is read from the engine by its image name.
+    """
+    routing = host.get_fact(ProxyRouting)
+    state, stale = reconcile.effective_state(
+        host.get_fact(IngestState) or {},
+        reconcile.routed_slot(routing, {slot: ports[slot] for slot in layout.SLOTS}),
+        routing,
+    )
+    if stale and state.get("image"):
+        state["image_id"] = host.get_fact(DockerImage, image=state["image"])
+    return state, stale
+
+
 @operation()
 def release_live(
     release: str,
@@ -146,10 +165,16 @@ def release_live(
     + clear_failed_idle: when RELEASE is already live, also remove whatever runs in the idle slot that state.json
       does not record as the standby: the leftover of a switch that failed (a release that never got ready).
     """
-    state = host.get_fact(IngestState) or {}
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version,
               "schema_head": schema_head}
+    state, stale = live_state(ports)
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
+        if stale:
+            # Half-switched towards this very release: the proxy config routes here, state.json was never
+            # written. Reload (the reload itself may be what failed) and record it; nothing else moves.
+            yield layout.reload_proxy(compose_binary())
+            yield layout.write_state({**state, "schema_head": schema_head})
+            return
         if clear_failed_idle:
             idle = layout.other_slot(state.get("slot"))
             standby = state.get("standby") or {}
@@ -197,6 +222,24 @@ def release_live(
             "standby": {**previous, "slot": live} if (live and keep_standby) else None,
         }
     )
+
+
+@operation()
+def release_withdrawn(drain_grace_s: int = 30):
+    """Take the api out of service on a host that had nothing live before this run (its first deploy failed).
+
+    That is the rollback of a first deploy: back to what the host ran before, which is nothing. The proxy
+    goes too, so clients get a refused connection rather than a 502 from a proxy with no upstream.
+    """
+    running = host.get_fact(RunningServices)
+    serving = sorted(service for service in running if service.startswith("api_") or service == "proxy")
+    if not serving and host.get_fact(IngestState) is None:
+        host.noop("no ingest release in service")
+        return
+    binary = compose_binary()
+    for service in serving:
+        yield layout.stop_service(binary, service, drain_grace_s)
+    yield layout.remove_state()
 
 
 @operation()

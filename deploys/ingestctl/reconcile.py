@@ -1,0 +1,88 @@
+"""What a host really serves, when its proxy and its state.json disagree (a half-switched host).
+
+A switch writes the proxy config, reloads the proxy, then writes state.json. If SSH or the disk fails in between,
+the proxy already sends traffic to the new slot while state.json still names the old one. Trusting state.json
+then makes the next switch treat the slot carrying traffic as idle: recreate it, or stop it. So every switch
+first reads where the proxy routes (its config file) and what compose runs in each slot (.env), and acts on the
+*effective* state built here. Pure: unit-tested without hosts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ingestctl import hostvalues
+from ingestctl.hostlayout import EMPTY_CONFIG, SLOTS
+
+# .env values are read back from the host: untrusted. Only what the project itself writes is accepted.
+ENV_LINE = re.compile(r"^(API_(BLUE|GREEN)_(IMAGE|VERSION|CONFIG))=(.*)$")
+ENV_VALUE = {"IMAGE": hostvalues.IMAGE_REF, "VERSION": hostvalues.RELEASE, "CONFIG": hostvalues.CONFIG_VERSION}
+
+
+def _valid(kind: str, value: str) -> bool:
+    return ENV_VALUE[kind].matches(value) or (kind == "CONFIG" and value == EMPTY_CONFIG)
+RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The proxy's live upstream port(s) from its config file, and the api slots' compose variables."""
+
+    ports: tuple[int, ...]
+    slot_env: Mapping[str, Mapping[str, str]]
+
+
+def parse_routing(output: list[str]) -> Routing | None:
+    """The ProxyRouting fact's output: `port N` lines, then `.env` lines. None when the host has no proxy config."""
+    ports: list[int] = []
+    slot_env: dict[str, dict[str, str]] = {}
+    for raw in output:
+        line = raw.strip()
+        if line.startswith("port ") and line[5:].isdigit():
+            ports.append(int(line[5:]))
+            continue
+        match = ENV_LINE.match(line)
+        if match and _valid(match.group(3), match.group(4)):
+            key, slot, _kind, value = match.groups()
+            slot_env.setdefault(slot.lower(), {})[key] = value
+    if not ports:
+        return None
+    return Routing(ports=tuple(ports), slot_env=slot_env)
+
+
+def routed_slot(routing: Routing | None, slot_ports: Mapping[str, int]) -> str | None:
+    """The one slot the proxy sends traffic to, or None (no proxy config yet, or not exactly one live upstream)."""
+    if routing is None or len(routing.ports) != 1:
+        return None
+    return next((slot for slot in SLOTS if slot_ports[slot] == routing.ports[0]), None)
+
+
+def effective_state(state: Mapping, routed: str | None, routing: Routing | None) -> tuple[dict, bool]:
+    """(the state to act on, whether state.json is stale).
+
+    When the proxy routes to the slot state.json calls live (or routing is unknown), state.json is the truth.
+    Otherwise the routed slot is live, with what compose runs there (.env); the slot state.json calls live
+    becomes the standby, since it still runs what state.json describes. `image_id` of the routed slot is
+    unknown here (the caller looks it up by image name).
+    """
+    recorded = state.get("slot")
+    if routed is None or routed == recorded or routing is None:
+        return dict(state), False
+    env = routing.slot_env.get(routed, {})
+    prefix = f"API_{routed.upper()}"
+    old_live = {key: state[key] for key in RELEASE_KEYS if key in state}
+    slots = {slot: dict(values) for slot, values in routing.slot_env.items()}
+    effective = {
+        "release": env.get(f"{prefix}_VERSION"),
+        "image": env.get(f"{prefix}_IMAGE"),
+        "image_id": None,
+        "config_version": env.get(f"{prefix}_CONFIG"),
+        "schema_head": None,
+        "slot": routed,
+        "slots": slots,
+        "previous": old_live or None,
+        "standby": {**old_live, "slot": recorded} if (recorded and old_live) else None,
+    }
+    return effective, True
