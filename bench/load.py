@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import httpx
-import jwt
+from ingest.tools.credentials import mint_read_token
 
 
 @dataclass
@@ -55,9 +55,7 @@ class Load:
     ):
         self.base_urls = base_urls
         self.api_key = api_key
-        self.token = jwt.encode(
-            {"scope": "events:read", "sub": "bench", "exp": int(time.time()) + 7200}, jwt_secret, algorithm="HS256"
-        )
+        self.token = mint_read_token(jwt_secret, ttl_seconds=7200, subject="bench")
         self.workers = workers
         self.max_seconds = max_seconds
         self.max_requests = max_requests

@@ -18,11 +18,14 @@ def main() -> int:
         return 2
 
     from ingest.app import create_app
+    from ingest.header_timeout import header_timeout_protocol
     from ingest.jsonlog import configure_logging
 
     configure_logging(settings.log_level)
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False,
+        # httptools, as uvicorn's "auto" picks, plus a deadline for the request headers (slow clients).
+        http=header_timeout_protocol(settings.header_timeout_seconds),
         lifespan="on", server_header=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
         timeout_keep_alive=5, proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
     ))

@@ -42,7 +42,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.services = Services(
             settings=settings, pool=pool, limiter=limiter,
             auth=Authenticator(settings.api_key.get_secret_value(), settings.jwt_secret.get_secret_value(),
-                               settings.jwt_leeway_seconds),
+                               settings.jwt_leeway_seconds, audience=settings.jwt_audience,
+                               issuer=settings.jwt_issuer, max_lifetime_seconds=settings.jwt_max_lifetime_seconds),
         )
         BUILD_INFO.labels(settings.app_version).set(1)
         log.info("ingest started", extra={

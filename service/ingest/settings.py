@@ -171,6 +171,11 @@ class Settings(DatabaseSettings):
     api_key: SecretStr | None = Field(None, alias="API_KEY")
     jwt_secret: SecretStr | None = Field(None, alias="JWT_SECRET")
     jwt_leeway_seconds: int = Field(30, ge=0, le=3600, alias="JWT_LEEWAY_SECONDS")
+    # Query tokens: `exp` at most this long after `iat` (after now when there is no `iat`); 60 s to 30 days.
+    jwt_max_lifetime_seconds: int = Field(86400, ge=60, le=2_592_000, alias="JWT_MAX_LIFETIME_SECONDS")
+    # ... and their `aud` must include, their `iss` must equal, these.
+    jwt_audience: str = Field("ingest", min_length=1, max_length=256, alias="JWT_AUDIENCE")
+    jwt_issuer: str = Field("ingest", min_length=1, max_length=256, alias="JWT_ISSUER")
 
     # Redis and rate limiting
     redis_url: SecretStr = Field(SecretStr("redis://localhost:6379/0"), alias="REDIS_URL")
@@ -183,6 +188,9 @@ class Settings(DatabaseSettings):
     ingest_max_batch_items: int = Field(1000, ge=1, le=100_000, alias="INGEST_MAX_BATCH_ITEMS")
     max_request_body_bytes: int = Field(1_048_576, ge=1024, le=1_073_741_824, alias="MAX_REQUEST_BODY_BYTES")
     query_max_limit: int = Field(1000, ge=1, le=100_000, alias="QUERY_MAX_LIMIT")
+    # A client must send its whole request line and headers within this many seconds of connecting (or of
+    # the first byte of its next request on a kept-alive connection), else the connection is closed.
+    header_timeout_seconds: float = Field(10.0, gt=0, le=300, allow_inf_nan=False, alias="HEADER_TIMEOUT_SECONDS")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -199,6 +207,14 @@ class Settings(DatabaseSettings):
     def _secret_rules(cls, value: SecretStr | None, info) -> SecretStr | None:
         if value is not None:
             _check_secret(info.field_name.upper(), value.get_secret_value())
+        return value
+
+    @field_validator("jwt_audience", "jwt_issuer")
+    @classmethod
+    def _claim_value(cls, value: str) -> str:
+        # Compared verbatim with the token's claim: stray whitespace would make every token fail.
+        if value != value.strip() or any(not ch.isprintable() for ch in value):
+            raise ValueError("must not have surrounding whitespace or control characters")
         return value
 
     @field_validator("redis_url")

@@ -36,8 +36,13 @@ API_KEY = "test-api-key-" + uuid.uuid4().hex
 JWT_SECRET = "test-jwt-secret-" + uuid.uuid4().hex + uuid.uuid4().hex
 
 
-def mint_token(scope: str = "events:read", secret: str = JWT_SECRET, expires_in: int = 300) -> str:
-    return jwt.encode({"sub": "tests", "scope": scope, "exp": int(time.time()) + expires_in}, secret, "HS256")
+def mint_token(scope: str = "events:read", secret: str = JWT_SECRET, expires_in: int = 300, **claims) -> str:
+    """A query token as the service wants it (aud and iss "ingest", issued now); `claims` override or, given as
+    None, remove claims (e.g. `iat=None`, `aud="someone-else"`)."""
+    now = int(time.time())
+    payload = {"sub": "tests", "scope": scope, "aud": "ingest", "iss": "ingest", "iat": now, "exp": now + expires_in}
+    payload.update(claims)
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, "HS256")
 
 
 def run_alembic(database_url: str, *args: str) -> subprocess.CompletedProcess:

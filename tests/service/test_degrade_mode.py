@@ -70,7 +70,9 @@ def test_redis_outage_degrades_and_recovers(database_url, start_service):
 def test_rate_limit_answers_429_in_redis_and_in_degrade_mode(database_url, start_service):
     redis = LocalRedis().start()
     try:
-        svc = start_service(service_env(database_url, redis.url, RATE_LIMIT_PER_MINUTE="60", RATE_LIMIT_BURST="5"))
+        # One token a minute: on a loaded machine the requests below may take seconds, and a faster refill would
+        # let a sixth through (a timing the test must not depend on).
+        svc = start_service(service_env(database_url, redis.url, RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="5"))
         codes = [ingest_one(svc.base_url).status_code for _ in range(8)]
         assert codes[:5] == [202] * 5 and 429 in codes[5:]
         limited = ingest_one(svc.base_url)

@@ -18,7 +18,8 @@ GOOD = {"API_KEY": "ak-3f9c1d2e8b7a6f5e4d3c", "JWT_SECRET": "js-" + "9a8b7c6d5e4
 @pytest.fixture
 def env(monkeypatch):
     for name in list(__import__("os").environ):
-        if name.startswith(("POSTGRES_", "DATABASE_URL", "API_KEY", "JWT_", "REDIS_", "RATE_LIMIT", "PORT")):
+        if name.startswith(("POSTGRES_", "DATABASE_URL", "API_KEY", "JWT_", "REDIS_", "RATE_LIMIT", "PORT",
+                            "HEADER_TIMEOUT")):
             monkeypatch.delenv(name)
 
     def set_env(**values: str) -> None:
@@ -77,3 +78,47 @@ def test_defaults_are_the_documented_ones(env):
     assert (settings.port, settings.ingest_max_batch_items, settings.max_request_body_bytes,
             settings.rate_limit_backend, settings.rate_limit_per_minute, settings.shutdown_grace_seconds,
             settings.app_version, settings.log_level) == (8000, 1000, 1048576, "redis", 6000, 20.0, "dev", "INFO")
+
+
+def test_security_defaults_are_the_documented_ones(env):
+    env(**GOOD)
+    settings = load_settings()
+    assert (settings.jwt_max_lifetime_seconds, settings.jwt_audience, settings.jwt_issuer,
+            settings.header_timeout_seconds) == (86400, "ingest", "ingest", 10.0)
+
+
+def test_security_settings_are_read_from_the_environment(env):
+    env(**GOOD, JWT_MAX_LIFETIME_SECONDS="3600", JWT_AUDIENCE="ingest-eu", JWT_ISSUER="https://auth.example/",
+        HEADER_TIMEOUT_SECONDS="2.5")
+    settings = load_settings()
+    assert (settings.jwt_max_lifetime_seconds, settings.jwt_audience, settings.jwt_issuer,
+            settings.header_timeout_seconds) == (3600, "ingest-eu", "https://auth.example/", 2.5)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "expected"),
+    [
+        ({"JWT_MAX_LIFETIME_SECONDS": "0"}, "JWT_MAX_LIFETIME_SECONDS: Input should be greater than or equal to 60"),
+        ({"JWT_MAX_LIFETIME_SECONDS": "59"}, "JWT_MAX_LIFETIME_SECONDS: Input should be greater than or equal to 60"),
+        ({"JWT_MAX_LIFETIME_SECONDS": "2592001"},
+         "JWT_MAX_LIFETIME_SECONDS: Input should be less than or equal to 2592000"),
+        ({"JWT_MAX_LIFETIME_SECONDS": "a day"}, "JWT_MAX_LIFETIME_SECONDS: Input should be a valid integer"),
+        ({"JWT_AUDIENCE": ""}, "JWT_AUDIENCE: String should have at least 1 character"),
+        ({"JWT_AUDIENCE": " ingest"}, "JWT_AUDIENCE: must not have surrounding whitespace or control characters"),
+        ({"JWT_ISSUER": "ingest\t"}, "JWT_ISSUER: must not have surrounding whitespace or control characters"),
+        ({"JWT_ISSUER": "a\x01b"}, "JWT_ISSUER: must not have surrounding whitespace or control characters"),
+        ({"JWT_ISSUER": "x" * 257}, "JWT_ISSUER: String should have at most 256 characters"),
+        ({"HEADER_TIMEOUT_SECONDS": "0"}, "HEADER_TIMEOUT_SECONDS: Input should be greater than 0"),
+        ({"HEADER_TIMEOUT_SECONDS": "301"}, "HEADER_TIMEOUT_SECONDS: Input should be less than or equal to 300"),
+        ({"HEADER_TIMEOUT_SECONDS": "soon"}, "HEADER_TIMEOUT_SECONDS: Input should be a valid number"),
+        ({"HEADER_TIMEOUT_SECONDS": "nan"}, "HEADER_TIMEOUT_SECONDS: Input should be a finite number"),
+    ],
+)
+def test_bad_security_settings_name_the_variable_and_rule(env, assignment, expected):
+    env(**GOOD, **assignment)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert str(caught.value).startswith(expected), str(caught.value)
+    for value in assignment.values():
+        if len(value) > 3:
+            assert value not in str(caught.value)

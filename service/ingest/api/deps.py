@@ -38,6 +38,9 @@ def require_read_scope(request: Request) -> None:
 
 
 async def rate_limit(request: Request) -> None:
+    """One token of the client's bucket, keyed by client address (the real one behind a trusted proxy, see
+    FORWARDED_ALLOW_IPS), never by credential: routes run it before their credential checks, so requests with
+    missing or wrong credentials are limited too."""
     client = request.client.host if request.client else "unknown"
     decision = await services(request).limiter.check(client)
     if not decision.allowed:

@@ -17,6 +17,11 @@ from ingest.models import ErrorResponse, EventPage, IngestResult, StatsResult, T
 
 router = APIRouter(prefix="/api/v1", tags=["events"])
 
+# FastAPI solves a route's `dependencies` in order: `rate_limit` comes first, so every request (authenticated or
+# not, valid credentials or not) spends a token of its client's bucket before the credentials are checked, and
+# a flood of unauthenticated requests gets 429 like any other.
+
+
 def _error_responses(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse} for status in statuses}
 
@@ -36,7 +41,7 @@ def _ingest_body_schema() -> dict:
 
 @router.post(
     "/events", status_code=202, response_model=IngestResult,
-    dependencies=[Depends(require_api_key), Depends(rate_limit)],
+    dependencies=[Depends(rate_limit), Depends(require_api_key)],
     responses=_error_responses(401, 413, 422, 429, 503), openapi_extra=_ingest_body_schema(),
     summary="Store one event or a batch; idempotent on id",
 )
@@ -61,7 +66,7 @@ Filter = Annotated[str | None, AfterValidator(_no_nul)]
 
 
 @router.get(
-    "/events", response_model=EventPage, dependencies=[Depends(require_read_scope), Depends(rate_limit)],
+    "/events", response_model=EventPage, dependencies=[Depends(rate_limit), Depends(require_read_scope)],
     responses=_error_responses(401, 403, 422, 429, 503), summary="Events in timestamp order, keyset-paginated",
 )
 async def query_events(
@@ -87,7 +92,7 @@ async def query_events(
 
 
 @router.get(
-    "/stats", response_model=StatsResult, dependencies=[Depends(require_read_scope), Depends(rate_limit)],
+    "/stats", response_model=StatsResult, dependencies=[Depends(rate_limit), Depends(require_read_scope)],
     responses=_error_responses(401, 403, 422, 429, 503), summary="Event counts by source and type",
 )
 async def stats(
