@@ -9,14 +9,14 @@ metric and benchmark gates between them, automatic rollback, and the ledger.
 """
 
 from ingestctl import config as config_mod
-from ingestctl import hostlayout, images, pipeline
+from ingestctl import hostlayout, images, runcontext
 from ingestctl.operations import release as ops
 from ingestctl.output import Reporter
 from pyinfra import host
 
-ctx = pipeline.prepare(host.data.env, Reporter())
+ctx = runcontext.prepare(host.data.env, Reporter())
 built = images.build_app_image(host.data.get("version"))
-release = pipeline.Release(built.version, built.name, built.id, built.labels.get(images.LABEL_SCHEMA_HEAD))
+release = runcontext.Release(built.version, built.name, built.id, built.labels.get(images.LABEL_SCHEMA_HEAD))
 cfg = ctx.config
 is_db = "db" in host.groups
 
@@ -44,7 +44,7 @@ ops.database_running(
 if is_db:
     ops.schema_migrated(
         name=f"Ensure schema is at {release.schema_head}", image=release.image, config_version=cfg.version,
-        infra_images=ctx.infra_images, restore_point=f"{hostlayout.BASE}/backups/{pipeline.new_run_id()}.dump",
+        infra_images=ctx.infra_images, restore_point=f"{hostlayout.BASE}/backups/{runcontext.new_run_id()}.dump",
         target_head=release.schema_head,
     )
 if "app" in host.groups:

@@ -89,14 +89,14 @@ def ensure_sandbox(reporter: Reporter) -> None:
 def deploy_command(env: str, version: str | None, batch: str | None, skip_bench: bool, dry: bool,
                    lock_wait: str | None, allow_incompatible: bool, reporter: Reporter) -> None:
     """Build, ship, migrate and roll out ENV in gated batches; roll back by itself on any gate failure."""
-    from ingestctl import pipeline
+    from ingestctl import pipeline, runcontext
 
     if env == "local":
         ensure_sandbox(reporter)
     run = pipeline.deploy(env, reporter, version=version, batch=batch, skip_bench=skip_bench, dry=dry,
                           lock_wait_s=parse_lock_wait(lock_wait), allow_incompatible=allow_incompatible)
     if not dry:
-        pipeline.summarise(run, reporter)
+        runcontext.summarise(run, reporter)
         if not reporter.json_mode:
             from ingestctl import fleetview
 
@@ -109,9 +109,9 @@ def deploy_command(env: str, version: str | None, batch: str | None, skip_bench:
 @reporting
 def abort_command(env: str, reporter: Reporter) -> None:
     """Ask a running deploy of ENV to stop between steps and roll its switched hosts back (it exits 3)."""
-    from ingestctl import pipeline
+    from ingestctl import runcontext
 
-    flag = pipeline.abort_flag(env)
+    flag = runcontext.abort_flag(env)
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.write_text(f"requested at {__import__('time').time()}\n")
     reporter.event("summary", f"abort requested for {env}: the running deploy stops at its next step", env=env)
@@ -140,10 +140,10 @@ def history_command(env: str, reporter: Reporter) -> None:
 
 
 def _finish(run, reporter: Reporter) -> None:
-    from ingestctl import pipeline
+    from ingestctl import runcontext
 
     if run.facts.get("outcome"):
-        pipeline.summarise(run, reporter)
+        runcontext.summarise(run, reporter)
 
 
 lock_wait_option = click.option("--lock-wait", "lock_wait", metavar="S", help="Wait up to S seconds for the lock.")
@@ -234,9 +234,9 @@ def lock_group() -> None:
 @reporting
 def lock_show_command(env: str, reporter: Reporter) -> None:
     """Who holds ENV's deploy lock on each host, since when, running what."""
-    from ingestctl import pipeline
+    from ingestctl import runlock
 
-    pipeline.show_lock(env, reporter)
+    runlock.show_lock(env, reporter)
 
 
 @lock_group.command("break")
@@ -247,10 +247,10 @@ def lock_show_command(env: str, reporter: Reporter) -> None:
 def lock_break_command(env: str, force: bool, reporter: Reporter) -> None:
     """Break ENV's deploy lock on purpose, after checking that its run is really gone: shows the lock, asks
     (or --force), and removes only the lock it showed."""
-    from ingestctl import pipeline
+    from ingestctl import runlock
 
     interactive = sys.stdin.isatty() and not reporter.json_mode
-    pipeline.break_lock(env, reporter, force=force,
+    runlock.break_lock(env, reporter, force=force,
                         confirm=(lambda question: click.confirm(question, default=False)) if interactive else None)
 
 
@@ -275,6 +275,7 @@ def _attach_optional_groups() -> None:
     from ingestctl.images_cli import image
 
     main.add_command(image)
+
 
 
 _attach_optional_groups()

@@ -52,9 +52,10 @@ def connected(env: str, hosts: Iterable[str] | None = None, require_all: bool = 
         disconnect_all(state)
 
 
-def get_facts(env: str, fact_cls: type, hosts: Iterable[str] | None = None, **fact_kwargs: Any) -> dict[str, Any]:
-    """One fact from each selected host."""
-    with connected(env, hosts) as active:
+def get_facts(env: str, fact_cls: type, hosts: Iterable[str] | None = None, require_all: bool = True,
+              **fact_kwargs: Any) -> dict[str, Any]:
+    """One fact from each selected host (from each reachable one, with `require_all=False`)."""
+    with connected(env, hosts, require_all=require_all) as active:
         return {name: host.get_fact(fact_cls, **fact_kwargs) for name, host in active.items()}
 
 

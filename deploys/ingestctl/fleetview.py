@@ -29,18 +29,37 @@ def readiness(base_url: str) -> str:
 
 
 def status_rows(env_name: str) -> list[dict[str, Any]]:
+    """One row per host, in one SSH round. An unreachable host is a row saying so, never an error: status is
+    what on-call runs when something is down."""
     env = inventory.load(env_name)
-    states = fleet.get_facts(env_name, IngestState)
-    try:
-        head = fleet.get_facts(env_name, SchemaHead, hosts=[env.db_host])[env.db_host]
-        head_warning = None
-    except hostvalues.HostValueError as exc:  # status is where an operator looks first: show the rest
-        head, head_warning = None, f"{env.db_host}: {exc}; not used"
-    locks = fleet.run_commands(env_name, lambda _h: lock.read_command(), hosts=env.all_hosts)
+    states: dict[str, dict | None] = {}
+    locks: dict[str, lock.LockStatus] = {}
+    head, head_warning = None, None
+    with fleet.connected(env_name, env.all_hosts, require_all=False) as active:
+        for name, host in active.items():
+            states[name] = host.get_fact(IngestState)
+        for name, result in fleet.run_on(active, lambda _h: lock.read_command()).items():
+            try:
+                locks[name] = lock.parse_output(result.stdout, name)
+            except hostvalues.HostValueError as exc:
+                locks[name] = lock.LockStatus("held", None, f"{name}: {exc}")
+        if env.db_host in active:
+            try:
+                head = active[env.db_host].get_fact(SchemaHead)
+            except hostvalues.HostValueError as exc:  # show the rest of the table
+                head_warning = f"{env.db_host}: {exc}; not used"
     rows = []
     for host in env.all_hosts:
+        app = "app" in env.hosts[host].roles
+        url = f"http://{env.hosts[host].ssh_hostname}:{env.data.app_port}"
+        if host not in active:
+            rows.append({"host": host, "roles": ",".join(env.hosts[host].roles), "release": "unreachable",
+                         "image": None, "config": None, "schema": None,
+                         "health": readiness(url) if app else "n/a", "standby": None, "lock": "unknown",
+                         "warnings": [f"{host}: unreachable over SSH; its row shows only what HTTP says"]})
+            continue
         state = states.get(host) or {}
-        lock_status = lock.parse_output(locks[host].stdout, host)
+        lock_status = locks[host]
         holder = lock_status.record
         warnings = [f"{host}: {problem}; not used" for problem in state.get(REJECTED, {}).values()]
         if lock_status.rejected:
@@ -54,8 +73,7 @@ def status_rows(env_name: str) -> list[dict[str, Any]]:
             "image": state.get("image_id"),
             "config": state.get("config_version"),
             "schema": head,
-            "health": readiness(f"http://{env.hosts[host].ssh_hostname}:{env.data.app_port}")
-            if "app" in env.hosts[host].roles else "n/a",
+            "health": readiness(url) if app else "n/a",
             "standby": (state.get("standby") or {}).get("release"),
             "lock": "free" if lock_status.state == "free" else f"held by {holder.who if holder else '?'}",
             "warnings": warnings,  # values read from the host that failed their check (see hostvalues)
@@ -91,7 +109,28 @@ def read_ledger(env_name: str, reporter: Reporter | None = None) -> list[ledger.
     return ledger.merge({host: copy.entries for host, copy in parsed.items()})
 
 
+def read_locks(env_name: str) -> dict[str, lock.LockStatus]:
+    """Each reachable host's deploy-lock status; unreachable hosts are left out."""
+    env = inventory.load(env_name)
+    with fleet.connected(env_name, env.all_hosts, require_all=False) as active:
+        results = fleet.run_on(active, lambda _h: lock.read_command())
+    return {host: lock.parse_output(result.stdout, host) for host, result in results.items()}
+
+
 def show_history(env_name: str, reporter: Reporter) -> list[ledger.LedgerEntry]:
+    """The merged ledger, newest first; a run that never finalized and holds no live lock is `interrupted`."""
+    from datetime import UTC, datetime
+
     entries = read_ledger(env_name, reporter)
+    if any(entry.outcome == "running" for entry in entries):
+        now = datetime.now(UTC)
+        live_runs = {status.record.run_id for status in read_locks(env_name).values()
+                     if status.record and status.record.run_id and now <= status.record.lease_end()}
+        states = fleet.get_facts(env_name, IngestState, require_all=False)
+        live_on: dict[str, list[str]] = {}
+        for host, state in sorted(states.items()):
+            if state and state.get("release"):
+                live_on.setdefault(state["release"], []).append(host)
+        entries = ledger.mark_interrupted(entries, live_runs, live_on)
     reporter.table(f"{env_name}: ledger", ledger.HISTORY_COLUMNS, ledger.history_rows(entries))
     return entries

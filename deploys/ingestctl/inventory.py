@@ -121,6 +121,9 @@ class EnvData(BaseModel):
     # Every command on a host, and so every step, ends within this: a hung engine or SSH channel fails the step
     # (and the run rolls back) instead of holding the fleet's lock for ever. Migrations have their own bound.
     command_timeout_s: Integer = Field(default=600, ge=30, le=86400)
+    # The deploy lock is a lease the running command renews every lock_ttl_s / 4; a holder silent for longer
+    # (killed, its machine gone) is taken over by the next command, and the takeover is recorded.
+    lock_ttl_s: Integer = Field(default=60, ge=10, le=86400)
     migration_timeout_s: Integer = Field(default=3600, ge=30, le=86400)
     config: dict[str, str | int] = Field(default_factory=dict)
     secrets_file: str | None = None

@@ -30,7 +30,8 @@ LEDGER_PATH = "/var/lib/ingest/ledger.jsonl"
 LOCK_WAIT_S = 30
 
 Kind = Literal["deploy", "rollback-app", "rollback-schema", "rollback-config", "config-set"]
-Outcome = Literal["success", "rolled-back", "failed", "aborted"]
+# `running` is the journal line a run writes before it changes anything; its final line replaces it (merge).
+Outcome = Literal["success", "rolled-back", "failed", "aborted", "running"]
 RELEASE_KINDS: frozenset[str] = frozenset({"deploy", "rollback-app"})
 
 
@@ -89,6 +90,7 @@ class LedgerEntry(BaseModel):
     restore_point: str | None = None
     bench_skipped: bool = False
     message: str | None = None
+    lock_takeover: str | None = None  # whose expired deploy lock this run took over, if it did
 
     @property
     def succeeded(self) -> bool:
@@ -264,6 +266,22 @@ def _seconds(value: float | None) -> str:
     return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}m"
 
 
+def mark_interrupted(entries: Sequence[LedgerEntry], live_run_ids: set[str],
+                     live_on: Mapping[str, list[str]]) -> list[LedgerEntry]:
+    """ENTRIES with every `running` journal line whose run no longer holds the deploy lock shown as
+    `interrupted`, naming the hosts LIVE_ON its release (what the killed run had switched, as the hosts say)."""
+    marked = []
+    for entry in entries:
+        if entry.outcome == "running" and entry.id not in live_run_ids:
+            hosts = live_on.get(entry.release or "", []) if entry.kind in RELEASE_KINDS else []
+            entry = entry.model_copy(update={
+                "outcome": "interrupted", "hosts": hosts,
+                "message": "the run stopped before it finished (killed or cut off)"
+                           + (f"; live on its release: {', '.join(hosts)}" if hosts else "")})
+        marked.append(entry)
+    return marked
+
+
 def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:
     """Rows for `ingestctl history`, newest first, matching HISTORY_COLUMNS."""
     rows = []
@@ -281,7 +299,8 @@ def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:
             config = f"{e.previous_config_version} -> {config}"
         rows.append([
             e.started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), e.kind, release, config, schema,
-            e.outcome + (" (bench skipped)" if e.bench_skipped else ""), _seconds(e.duration_s),
+            e.outcome + (" (bench skipped)" if e.bench_skipped else "")
+            + (f" on {', '.join(e.hosts)}" if e.outcome == "interrupted" and e.hosts else ""), _seconds(e.duration_s),
             _seconds(e.time_to_healthy_s), e.who, e.id,
         ])
     return rows

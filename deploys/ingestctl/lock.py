@@ -33,6 +33,8 @@ MARKER = "ingest-lock:"
 HELD_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 # Without a way to check the runner's pid (another machine), a lock this old is reported as probably stale.
 DEFAULT_MAX_AGE = timedelta(hours=2)
+# Takeover and renewal replace a record in two steps; this flock on the lock's parent makes them one.
+GUARD_FILE = ".lock-guard"
 
 
 class LockRecord(BaseModel):
@@ -45,9 +47,19 @@ class LockRecord(BaseModel):
     started: datetime
     release: str | None = None
     command: str
+    # The lease: the runner renews it every few seconds while it works. Past it, the holder is presumed dead and
+    # the next command takes the lock over. Records written before leases existed have none (see lease_end).
+    expires: datetime | None = None
+    run_id: str | None = None  # the ledger entry of the run holding it: history tells running from interrupted
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+    def lease_end(self, max_age: timedelta = DEFAULT_MAX_AGE) -> datetime:
+        return self.expires or (self.started + max_age)
+
+    def renewed(self, now: datetime, ttl: timedelta) -> LockRecord:
+        return self.model_copy(update={"expires": now + ttl})
 
 
 def check_values(record: LockRecord) -> None:
@@ -62,13 +74,17 @@ def check_values(record: LockRecord) -> None:
     hostvalues.check_pid(record.pid, "pid")
     if record.release is not None:
         hostvalues.RELEASE.check(record.release, "release")
+    if record.run_id is not None:
+        hostvalues.RUN_ID.check(record.run_id, "run_id")
     hostvalues.LOCK_COMMAND.check(record.command, "command")
 
 
 def new_record(*, who: str, command: str, release: str | None, now: datetime,
-               machine: str | None = None, pid: int | None = None) -> LockRecord:
+               machine: str | None = None, pid: int | None = None, ttl: timedelta | None = None,
+               run_id: str | None = None) -> LockRecord:
     return LockRecord(token=_random.token_hex(8), who=who, machine=machine or socket.gethostname(),
-                      pid=os.getpid() if pid is None else pid, started=now, release=release, command=command)
+                      pid=os.getpid() if pid is None else pid, started=now, release=release, command=command,
+                      expires=now + ttl if ttl else None, run_id=run_id)
 
 
 def _token_pattern(token: str) -> str:
@@ -90,6 +106,46 @@ def acquire_command(record: LockRecord, lock_dir: str = LOCK_DIR) -> str:
     )
     return (f"sh -c {shlex.quote(script)} ingest-lock {shlex.quote(lock_dir)} {shlex.quote(record.to_json())} "
             f"{shlex.quote(_token_pattern(record.token))}")
+
+
+def _guarded(script: str) -> str:
+    """SCRIPT run under an flock on the lock's parent directory: check-then-replace becomes atomic among runners."""
+    return ('lock="$1"; parent=$(dirname "$lock"); mkdir -p "$parent" || exit 1; '
+            f'exec 9>"$parent/{GUARD_FILE}" && flock -w 10 9 || exit 1; ' + script)
+
+
+def renew_command(record: LockRecord, lock_dir: str = LOCK_DIR) -> str:
+    """Extend the lease of the lock RECORD's token holds (`renewed`), or print `lost` and the holder's record."""
+    info = f'"$lock/{RECORD_FILE}"'
+    script = _guarded(
+        f'if grep -qF "$3" {info} 2>/dev/null; then printf "%s\n" "$2" > "$lock/.{RECORD_FILE}.tmp" && '
+        f'mv "$lock/.{RECORD_FILE}.tmp" {info} && echo "{MARKER} renewed"; exit $?; fi; '
+        f'echo "{MARKER} lost"; cat {info} 2>/dev/null; exit 0'
+    )
+    return (f"sh -c {shlex.quote(script)} ingest-lock {shlex.quote(lock_dir)} {shlex.quote(record.to_json())} "
+            f"{shlex.quote(_token_pattern(record.token))}")
+
+
+def takeover_command(expired_token: str, record: LockRecord, lock_dir: str = LOCK_DIR) -> str:
+    """Replace the lock EXPIRED_TOKEN holds (its lease ran out) by RECORD; if the lock changed hands meanwhile,
+    leave it and print `held` with its record, like a plain acquire."""
+    info = f'"$lock/{RECORD_FILE}"'
+    script = _guarded(
+        f'if grep -qF "$4" {info} 2>/dev/null; then rm -rf "$lock" || exit 1; fi; '
+        'umask 077; tmp=$(mktemp -d "$parent/.lock.XXXXXX") || exit 1; '
+        f'printf "%s\n" "$2" > "$tmp/{RECORD_FILE}"; '
+        f'if mv -T "$tmp" "$lock" 2>/dev/null; then echo "{MARKER} acquired"; cat {info}; exit 0; fi; '
+        'rm -rf "$tmp"; '
+        f'if grep -qF "$3" {info} 2>/dev/null; then echo "{MARKER} acquired"; cat {info}; exit 0; fi; '
+        f'echo "{MARKER} held"; cat {info} 2>/dev/null; exit {HELD_EXIT_CODE}'
+    )
+    return (f"sh -c {shlex.quote(script)} ingest-lock {shlex.quote(lock_dir)} {shlex.quote(record.to_json())} "
+            f"{shlex.quote(_token_pattern(record.token))} {shlex.quote(_token_pattern(expired_token))}")
+
+
+def expired(record: LockRecord, now: datetime, runner_alive: bool | None) -> bool:
+    """Whether RECORD's holder is gone: its lease ran out, or it ran on this machine and its pid is dead."""
+    return runner_alive is False or (runner_alive is None and now > record.lease_end())
 
 
 def _remove_if_ours(token: str, lock_dir: str, done: str) -> str:
@@ -125,7 +181,8 @@ def read_command(lock_dir: str = LOCK_DIR) -> str:
             f'else echo "ingest-lock: free"; fi')
 
 
-LockState = Literal["acquired", "held", "released", "absent", "not-ours", "broken", "free"]
+LockState = Literal["acquired", "held", "released", "absent", "not-ours", "broken", "free", "renewed", "lost",
+                    "failed"]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One-shot rollbacks (application, schema, configuration) and gated config rollouts.
 
 Each is the runbook's step made safe: decided from the ledger, the hosts' facts and the checkout's migrations
-before any host changes (refusals exit 2 and change nothing), then run inside `pipeline.guarded`, which takes
+before any host changes (refusals exit 2 and change nothing), then run inside `runlock.guarded`, which takes
 the lock, puts switched hosts back on any failure (exit 3, or 4 if that fails) and writes the ledger.
 """
 
@@ -17,19 +17,12 @@ from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migration
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED, SchemaHead
+from ingestctl.gatekeeper import report_gate
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
-from ingestctl.pipeline import (
-    Context,
-    Release,
-    Run,
-    guarded,
-    host_states,
-    new_run_id,
-    prepare,
-    report_gate,
-    rollout,
-)
+from ingestctl.runcontext import Context, Release, Run, host_states, new_run_id, prepare
+from ingestctl.runlock import guarded
+from ingestctl.switching import config_calls, rollout
 
 
 def begin(kind: str, env_name: str, reporter: Reporter) -> tuple[Context, Run]:
@@ -243,8 +236,6 @@ def read_live_config(ctx: Context, host: str, version: str) -> config_mod.Servic
 
 
 def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
-    from ingestctl.pipeline import config_calls
-
     ctx, run = begin("config-set", env_name, reporter)
     changes = config_mod.parse_assignments(assignments, ctx.config.secrets)
     if "POSTGRES_PASSWORD" in changes:

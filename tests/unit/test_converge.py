@@ -3,8 +3,8 @@
 import time
 
 import pytest
-from ingestctl import pipeline
 from ingestctl import pyinfra_runner as runner
+from ingestctl import runcontext, switching
 
 
 class Reporter:
@@ -48,7 +48,7 @@ OCI = "OCI runtime exec failed: exec failed: read init-p: connection reset by pe
 def test_a_transient_exec_failure_is_retried_on_that_host_only(monkeypatch):
     calls = scripted(monkeypatch, [{"app2": OCI}, {}])
     ctx = Ctx()
-    result, touched = pipeline.converge(ctx, [], ["app2", "app3"], 1060.0, pipeline.is_transient)
+    result, touched = switching.converge(ctx, [], ["app2", "app3"], 1060.0, switching.is_transient)
     assert calls == [["app2", "app3"], ["app2"]]
     assert not result.failed and touched == {"app2", "app3"}
     assert [e[0] for e in ctx.reporter.events] == ["retry"]
@@ -56,14 +56,14 @@ def test_a_transient_exec_failure_is_retried_on_that_host_only(monkeypatch):
 
 
 def test_a_slot_that_never_got_ready_is_not_retried(monkeypatch):
-    calls = scripted(monkeypatch, [{"app2": f"api_green on port 8002 {pipeline.SLOT_NOT_READY} 60s"}])
-    result, _ = pipeline.converge(Ctx(), [], ["app2"], 1060.0, pipeline.is_transient)
+    calls = scripted(monkeypatch, [{"app2": f"api_green on port 8002 {runcontext.SLOT_NOT_READY} 60s"}])
+    result, _ = switching.converge(Ctx(), [], ["app2"], 1060.0, switching.is_transient)
     assert calls == [["app2"]] and [r.host for r in result.failed] == ["app2"]
 
 
 def test_retries_stop_at_the_deadline_and_report_the_last_failure(monkeypatch):
     calls = scripted(monkeypatch, [{"app2": OCI}] * 3)
-    result, _ = pipeline.converge(Ctx(), [], ["app2"], 1002.5, lambda _f: True)
+    result, _ = switching.converge(Ctx(), [], ["app2"], 1002.5, lambda _f: True)
     # Backoff 1 s, then 2 s: the third attempt would start past the 2.5 s deadline.
     assert len(calls) == 2 and result.failed[0].error == OCI
 
@@ -73,7 +73,7 @@ def test_retries_stop_at_the_deadline_and_report_the_last_failure(monkeypatch):
     ("host app2: operation 'x' failed: no such image ingest:v9", False),
 ])
 def test_transient_errors_are_told_apart(failure, transient):
-    assert pipeline.is_transient(failure) is transient
+    assert switching.is_transient(failure) is transient
 
 
 def rollback_ctx(monkeypatch):
@@ -88,7 +88,7 @@ def rollback_ctx(monkeypatch):
     checked = []
     monkeypatch.setattr(gates, "health_gate", lambda urls, timeout: checked.append(sorted(urls)) or
                         gates.GateResult("health", True, "ready"))
-    monkeypatch.setattr(pipeline, "switch_calls", lambda *a, **k: ["switch"])
+    monkeypatch.setattr(switching, "switch_calls", lambda *a, **k: ["switch"])
     return ctx, checked
 
 
@@ -97,7 +97,7 @@ def test_a_first_deploy_that_fails_is_withdrawn_not_a_failed_rollback(monkeypatc
     ctx, checked = rollback_ctx(monkeypatch)
     before = {"app2": None, "app3": {"release": "v1", "image": "ingest:v1", "image_id": "sha256:1",
                                      "config_version": "c1"}}
-    restored = pipeline.rollback_hosts(ctx, before, ["app2", "app3"], "metrics gate failed")
+    restored = switching.rollback_hosts(ctx, before, ["app2", "app3"], "metrics gate failed")
     assert calls == [["app2"], ["app3"]]  # the withdrawal, then the switch back for the host that had v1
     assert restored == ["app3"] and checked == [["app3"]]
     assert any(fields.get("outcome") == "withdrawn" for _k, _m, fields in ctx.reporter.events)
@@ -108,9 +108,9 @@ def test_a_rollback_that_cannot_converge_by_its_deadline_is_sev1(monkeypatch):
 
     scripted(monkeypatch, [{"app2": OCI}] * 10)
     ctx, _checked = rollback_ctx(monkeypatch)
-    monkeypatch.setattr(pipeline, "describe_fleet", lambda _ctx: "  app2: release v2")
+    monkeypatch.setattr(switching, "describe_fleet", lambda _ctx: "  app2: release v2")
     before = {"app2": {"release": "v1", "image": "ingest:v1", "image_id": "sha256:1", "config_version": "c1"}}
     with pytest.raises(RollbackFailed, match="SEV-1.*app2.*OCI runtime"):
-        pipeline.rollback_hosts(ctx, before, ["app2"], "metrics gate failed")
+        switching.rollback_hosts(ctx, before, ["app2"], "metrics gate failed")
     retries = [m for kind, m, _f in ctx.reporter.events if kind == "retry"]
     assert len(retries) >= 4, retries  # 1+2+4+8+8+8+8 s of backoff fit in the 60 s deadline

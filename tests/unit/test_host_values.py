@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ingestctl import fleet, fleetview, hostlayout, hostvalues, images, ledger, lock, migrations, pipeline, rollbacks
+from ingestctl import fleet, fleetview, hostlayout, hostvalues, images, ledger, lock, migrations, rollbacks, runcontext
 from ingestctl.config import ServiceConfig
 from ingestctl.errors import ConfigError
 from ingestctl.facts.docker import DockerImage
@@ -56,7 +56,7 @@ def test_every_value_the_project_writes_has_its_shape():
     revisions = migrations.load_revisions(ROOT / "service" / "alembic" / "versions")
     assert revisions and all(hostvalues.SCHEMA_HEAD.matches(m.revision) for m in revisions)
     assert all(hostvalues.SLOT.matches(slot) for slot in hostlayout.SLOTS)
-    run_id = pipeline.new_run_id()
+    run_id = runcontext.new_run_id()
     assert hostvalues.RUN_ID.matches(run_id) and hostvalues.RUN_ID.matches(ledger.new_entry_id(datetime.now(UTC)))
     assert hostvalues.RESTORE_POINT.matches(f"{hostlayout.BASE}/backups/{run_id}-0002.dump")
     assert hostvalues.RESTORE_POINT.matches(f"{hostlayout.BASE}/backups/{run_id}-empty.dump")
@@ -335,19 +335,10 @@ def test_status_shows_the_fleet_and_warns_of_each_forged_value(monkeypatch):
     states = {"db1": checked_state(STATE), "app2": checked_state(STATE),
               "app3": checked_state({**STATE, "image_id": "sha256:x$(id)"})}
 
-    def get_facts(env_name, fact_cls, hosts=None):
-        if fact_cls is SchemaHead:
-            return {"db1": SchemaHead().process(["0002$(id)"])}
-        return states
-
-    def run_commands(env_name, command_for, hosts=None):
-        held = f"ingest-lock: held\n{json.dumps(forged_lock)}"
-        return {h: fleet.CommandResult(h, True, held if h == "app2" else "ingest-lock: free", "") for h in hosts}
-
-    monkeypatch.setattr(fleetview.inventory, "load", lambda _env: env)
-    monkeypatch.setattr(fleet, "get_facts", get_facts)
-    monkeypatch.setattr(fleet, "run_commands", run_commands)
-    monkeypatch.setattr(fleetview, "readiness", lambda _url: "ready")
+    held = f"ingest-lock: held\n{json.dumps(forged_lock)}"
+    fake_fleet(monkeypatch, env, {
+        name: FakeHost(states[name], "0002$(id)" if name == "db1" else None,
+                       held if name == "app2" else "ingest-lock: free") for name in spec})
     reporter = Recorder()
     rows = fleetview.show_status("local", reporter)
     assert [(r["host"], r["release"], r["image"], r["schema"], r["lock"]) for r in rows] == [
@@ -357,6 +348,44 @@ def test_status_shows_the_fleet_and_warns_of_each_forged_value(monkeypatch):
     assert warnings[0][1].startswith("warning: db1: db host: alembic_version.version_num: expected an alembic")
     assert warnings[1][1].startswith("warning: app2: lock record rejected (who: expected user@machine")
     assert warnings[2][1].startswith(f"warning: app3: {hostlayout.STATE_FILE} field image_id: expected an image ID")
+
+
+class FakeHost:
+    """A connected host as fleetview sees it: facts and one lock command's output."""
+
+    def __init__(self, state, head_output, lock_output):
+        self.state, self.head_output, self.lock_output = state, head_output, lock_output
+
+    def get_fact(self, fact_cls):
+        if fact_cls is SchemaHead:
+            return SchemaHead().process([self.head_output] if self.head_output else [])
+        return self.state
+
+
+def fake_fleet(monkeypatch, env, hosts):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def connected(env_name, wanted=None, require_all=True):
+        yield hosts
+
+    monkeypatch.setattr(fleetview.inventory, "load", lambda _env: env)
+    monkeypatch.setattr(fleet, "connected", connected)
+    monkeypatch.setattr(fleet, "run_on", lambda active, _command: {
+        h: fleet.CommandResult(h, True, host.lock_output, "") for h, host in active.items()})
+    monkeypatch.setattr(fleetview, "readiness", lambda _url: "ready")
+
+
+def test_status_shows_an_unreachable_host_as_such_and_the_rest_as_usual(monkeypatch):
+    spec = {name: SimpleNamespace(roles=roles, ssh_hostname=name)
+            for name, roles in (("db1", ["db"]), ("app2", ["app"]), ("app3", ["app"]))}
+    env = SimpleNamespace(all_hosts=list(spec), db_host="db1", hosts=spec, data=SimpleNamespace(app_port=8000))
+    fake_fleet(monkeypatch, env, {name: FakeHost(checked_state(STATE), "0002" if name == "db1" else None,
+                                                 "ingest-lock: free") for name in ("db1", "app2")})
+    rows = fleetview.show_status("local", Recorder())
+    assert [(r["host"], r["release"], r["lock"]) for r in rows] == [
+        ("db1", "v2", "free"), ("app2", "v2", "free"), ("app3", "unreachable", "unknown")]
+    assert rows[0]["schema"] == "0002" and rows[2]["health"] == "ready"
 
 
 # --- rollbacks: only checked values, always quoted -----------------------------------------------------------

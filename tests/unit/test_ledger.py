@@ -278,3 +278,22 @@ def test_commands_work_in_a_real_shell(tmp_path):
     parsed = ledger.parse(run(ledger.read_command(path)).stdout)
     assert [e.id for e in parsed.entries] == [eid(1), eid(2), eid(3)]
     assert len(parsed.skipped) == 1 and str(parsed.skipped[0]).startswith("ledger line 3: not a ledger entry")
+
+
+def test_a_journal_line_is_replaced_by_the_runs_final_line():
+    running = entry(1, outcome="running").model_copy(update={"finished": None})
+    final = entry(1, outcome="success")
+    assert ledger.merge({"db1": [running], "app2": [final]}) == [final]
+    parsed = ledger.parse(ledger.serialise(running, {}) + "\n" + ledger.serialise(final, {}) + "\n")
+    assert [e.outcome for e in parsed.entries] == ["success"]
+
+
+def test_a_run_that_never_finished_and_holds_no_lock_is_interrupted_with_the_hosts_on_its_release():
+    running = entry(2, release="v2", outcome="running").model_copy(update={"finished": None})
+    still = entry(3, release="v3", outcome="running").model_copy(update={"finished": None})
+    marked = ledger.mark_interrupted([entry(1), running, still], live_run_ids={still.id},
+                                     live_on={"v2": ["app2"], "v1": ["app3", "db1"]})
+    assert [e.outcome for e in marked] == ["success", "interrupted", "running"]
+    assert marked[1].hosts == ["app2"] and "app2" in marked[1].message
+    row = ledger.history_rows(marked)[1]
+    assert row[5] == "interrupted on app2"

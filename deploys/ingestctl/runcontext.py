@@ -1,0 +1,170 @@
+"""The frame of one run: its validated context (environment, secrets, config), the release it moves to, its
+record for the summary and the ledger, and the checkpoints where it stops when asked (abort, a signal, a lost
+lease). Built at the edge: a bad input is a ConfigError (exit 2) before any host is contacted."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ingestctl import config as config_mod
+from ingestctl import fleet, hostlayout, paths
+from ingestctl import inventory as inventory_mod
+from ingestctl import secrets as secrets_mod
+from ingestctl.errors import IngestctlError
+from ingestctl.facts.release import IngestState
+from ingestctl.ledger import who_am_i
+from ingestctl.output import Reporter
+
+if TYPE_CHECKING:
+    from ingestctl.runlock import LeaseKeeper
+
+
+# What `hostlayout.wait_slot_ready` prints when a new slot never answers ready within the timeout.
+SLOT_NOT_READY = "not ready after"
+
+
+class Aborted(IngestctlError):
+    """`ingestctl abort ENV` or Ctrl-C asked the running deploy to stop and roll back (exit 3)."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    image: str
+    image_id: str
+    schema_head: str | None = None
+
+
+@dataclass
+class Context:
+    """Everything validated at the edge: the environment, its secrets and config, and derived settings."""
+
+    env: inventory_mod.Environment
+    reporter: Reporter
+    config: config_mod.ServiceConfig
+    ports: hostlayout.Ports
+    who: str = field(default_factory=lambda: who_am_i())
+
+    @property
+    def name(self) -> str:
+        return self.env.name
+
+    @property
+    def infra_images(self) -> dict[str, str]:
+        return {
+            "POSTGRES_IMAGE": self.env.data.postgres_image,
+            "REDIS_IMAGE": self.env.data.redis_image,
+            "PROXY_IMAGE": self.env.data.proxy_image,
+        }
+
+    @property
+    def max_body_bytes(self) -> int:
+        # The proxy's backstop sits at the configuration's upper bound; the api enforces the real limit.
+        return 104857600
+
+    def base_url(self, host: str, port: int | None = None) -> str:
+        address = self.env.hosts[host].ssh_hostname
+        return f"http://{address}:{port or self.ports.public}"
+
+    def db_address(self, for_host: str) -> str:
+        return self.env.hosts[self.env.db_host].ssh_hostname
+
+
+def prepare(env_name: str, reporter: Reporter, overrides: Mapping[str, str] | None = None) -> Context:
+    """Preflight: validate the inventory, secrets and config. Raises ConfigError (exit 2); touches no host."""
+    env = inventory_mod.load(env_name)
+    values = secrets_mod.validated(env.secrets_path())
+    cfg = config_mod.ServiceConfig.build(env.data.config, values)
+    if overrides:
+        cfg = cfg.with_changes(overrides)
+    ports = hostlayout.Ports(public=env.data.app_port)
+    reporter.event("step", f"preflight: inventory {env.source or env_name} and secrets valid", step="preflight",
+                   env=env_name, hosts=env.all_hosts, config_version=cfg.version)
+    return Context(env=env, reporter=reporter, config=cfg, ports=ports)
+
+
+def abort_flag(env_name: str):
+    """Where `ingestctl abort ENV` leaves its request for the running deploy (checked between steps).
+
+    Keyed by the environment's hosts too: several sandboxes (INGESTCTL_TESTBED) share one state directory, and
+    an abort meant for one of them must neither stop nor be swallowed by a deploy to another.
+    """
+    env = inventory_mod.load(env_name)
+    target = ",".join(f"{spec.ssh_hostname}:{spec.ssh_port}" for spec in env.hosts.values())
+    return paths.state_dir() / f"abort-{env_name}-{hashlib.sha256(target.encode()).hexdigest()[:12]}"
+
+
+class Checkpoints:
+    """Between steps, stop when asked: by `ingestctl abort ENV` or by Ctrl-C (SIGINT) or SIGTERM."""
+
+    def __init__(self, env_name: str):
+        self.flag = abort_flag(env_name)
+        self.flag.unlink(missing_ok=True)
+        self.signalled: str | None = None
+        self.lease: LeaseKeeper | None = None
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            self.signalled = signal.Signals(signum).name
+
+        self._previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self) -> None:
+        for sig, previous in getattr(self, "_previous", {}).items():
+            signal.signal(sig, previous)
+
+    def check(self, where: str) -> None:
+        if self.lease is not None and self.lease.lost:
+            raise Aborted(f"lost the deploy lock before {where}: {self.lease.lost}")
+        if self.flag.exists():
+            self.flag.unlink(missing_ok=True)
+            raise Aborted(f"aborted by `ingestctl abort` before {where}")
+        if self.signalled:
+            raise Aborted(f"aborted by {self.signalled} before {where}")
+
+
+def host_states(ctx: Context, hosts: Iterable[str] | None = None) -> dict[str, dict | None]:
+    return fleet.get_facts(ctx.name, IngestState, hosts=hosts)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class Run:
+    """What one deploy or rollback did, for the summary, the --json stream and the ledger."""
+
+    id: str
+    kind: str
+    env: str
+    who: str
+    started: float = field(default_factory=time.time)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, name: str, started: float) -> None:
+        self.steps.append({"name": name, "started": round(started, 3), "duration_s": round(time.time() - started, 2)})
+
+
+def summarise(run: Run, reporter: Reporter) -> None:
+    facts = run.facts
+    total = round(time.time() - run.started, 1)
+    outcome = facts.get("outcome")
+    switched = facts.get("switched") or []
+    message = (
+        f"{run.kind} {facts.get('release')} to {run.env}: {outcome}"
+        + (f", {len(switched)} host(s) switched" if switched else ", every host already current")
+        + f", config {facts.get('config_version')}, in {total}s"
+    )
+    reporter.event("summary", message, run_id=run.id, outcome=outcome, duration_s=total, release=facts.get("release"),
+                   switched=switched, steps=run.steps, gates=run.gates)

@@ -1,0 +1,368 @@
+"""The frame of every mutating action: the deploy lock (a lease renewed in the background, taken over from a dead
+holder), the journal line at start, the final ledger entry and the unlock, and the rollback of switched hosts
+when anything fails. Also `lock show` and `lock break`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingestctl import fleet
+from ingestctl.errors import ConfigError, GateFailed, IngestctlError, RollbackFailed
+from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl.output import Reporter
+from ingestctl.runcontext import Aborted, Checkpoints, Context, Run
+from ingestctl.switching import rollback_hosts
+
+
+class LeaseKeeper:
+    """Renews the run's deploy-lock lease in the background, every quarter of its TTL, on every host that
+    answers. A renewal that finds the lock in other hands (our lease ran out while this process was stopped
+    or cut off, and another command took over) marks the lease lost: the run stops at its next checkpoint."""
+
+    def __init__(self, ctx: Context, record):
+        from datetime import timedelta
+
+        self.ctx = ctx
+        self.record = record
+        self.ttl = timedelta(seconds=ctx.env.data.lock_ttl_s)
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl.total_seconds() / 4):
+            self.renew_once()
+
+    def renew_once(self) -> None:
+        from datetime import UTC, datetime
+
+        from ingestctl import lock as lock_mod
+
+        renewed = self.record.renewed(datetime.now(UTC), self.ttl)
+        try:
+            with fleet.connected(self.ctx.name, self.ctx.env.all_hosts, require_all=False) as active:
+                results = fleet.run_on(active, lambda _h: lock_mod.renew_command(renewed))
+        except Exception as exc:  # try again at the next tick; a host that stays silent lets its lease run out
+            self.ctx.reporter.event("progress", f"could not renew the deploy lock's lease: {exc}")
+            return
+        for host, result in results.items():
+            try:
+                status = lock_mod.parse_output(result.stdout, host)
+            except IngestctlError:
+                continue
+            if status.state == "lost":
+                holder = describe_holder(status.record) if status.record else "an unreadable record"
+                self.lost = f"{host} now holds the lock of {holder} (our lease ran out)"
+        self.record = renewed
+
+
+@dataclass
+class Guard:
+    before: dict[str, dict | None]
+    checkpoints: Checkpoints
+    switched: list[str] = field(default_factory=list)
+    schema_head: str | None = None
+
+
+@contextmanager
+def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterator[Guard]:
+    """The frame of every mutating action: lock, remember what each host ran, and on any failure after a
+    host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock."""
+    checkpoints = Checkpoints(ctx.name)
+    checkpoints.install()
+    guard = Guard(before={}, checkpoints=checkpoints)
+    # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback.
+    with fleet.connected(ctx.name) as active:
+        record = acquire_lock(ctx, run, lock_wait_s, command, active)
+        try:
+            guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
+            guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
+            journal_start(ctx, run, active)
+        except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
+            from ingestctl import lock as lock_mod
+
+            fleet.run_on(active, lambda _h: lock_mod.release_command(run.facts["lock_token"]))
+            checkpoints.uninstall()
+            raise
+    checkpoints.lease = LeaseKeeper(ctx, record).start()
+    outcome = "failed"
+    try:
+        yield guard
+        outcome = "success" if guard.switched else "noop"
+    except RollbackFailed:
+        outcome = "rollback-failed"
+        raise
+    except Exception as exc:  # any failure after a switch, expected or not, must put the fleet back
+        run.facts["message"] = str(exc)
+        if guard.switched:
+            rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            outcome = "rolled-back"
+            raise GateFailed(f"{exc}; rolled back {', '.join(guard.switched)} to what they ran before") from exc
+        outcome = "aborted" if isinstance(exc, Aborted) else "failed"
+        if isinstance(exc, (GateFailed, Aborted)):
+            raise GateFailed(f"{exc}; no host was switched") from exc
+        raise
+    finally:
+        checkpoints.uninstall()
+        checkpoints.lease.stop()
+        run.facts["outcome"] = outcome
+        run.facts["switched"] = guard.switched
+        finish(ctx, run)
+
+
+def journal_start(ctx: Context, run: Run, active: Mapping[str, Any]) -> None:
+    """The run's ledger entry, outcome `running`, on every host before anything changes: a run killed before it
+    finishes still shows in `history` (as `interrupted`, once its lock is gone or its lease ran out)."""
+    from ingestctl import ledger as ledger_mod
+
+    line = ledger_mod.serialise(ledger_entry(ctx, run, running=True), ctx.config.secrets)
+    fleet.run_on(active, lambda _h: ledger_mod.append_command(line))
+
+
+def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Mapping[str, Any]) -> Any:
+    """Take the deploy lock on every (connected) host, or on none: whatever a host answers or raises, a partial
+    take is released before waiting or failing. A holder whose lease ran out (or whose pid is gone on this
+    machine) is taken over and named in the run's ledger entry. Returns our lock record."""
+    from datetime import UTC, datetime, timedelta
+
+    from ingestctl import lock as lock_mod
+
+    ttl = timedelta(seconds=ctx.env.data.lock_ttl_s)
+    record = lock_mod.new_record(who=ctx.who, command=command, release=run.facts.get("release"),
+                                 now=datetime.now(UTC), ttl=ttl, run_id=run.id)
+    run.facts["lock_token"] = record.token
+    deadline = time.monotonic() + wait_s
+    commands: dict[str, str] = {}
+    takeovers = 0
+    while True:
+        statuses = take_lock_everywhere(active, record, commands)
+        held = {h: s for h, s in statuses.items() if s.state != "acquired"}
+        if not held:
+            ctx.reporter.event("step", f"deploy lock taken on {len(statuses)} host(s) (lease {ttl.seconds}s)",
+                               step="lock")
+            return record
+        commands = {}
+        now = datetime.now(UTC)
+        for host, status in held.items():
+            holder = status.record
+            if (status.state == "held" and holder is not None and takeovers < 3
+                    and lock_mod.expired(holder, now, _alive(holder))):
+                # Its runner is gone: take the lock over (atomically, only if it is still that holder's) and say so.
+                commands[host] = lock_mod.takeover_command(holder.token, record.renewed(now, ttl))
+                run.facts["lock_takeover"] = (f"took over the expired deploy lock of {describe_holder(holder)}"
+                                              + (f", run {holder.run_id}" if holder.run_id else ""))
+        if commands:
+            takeovers += 1  # bounded: a record our takeover cannot match must not spin for ever
+            ctx.reporter.event("step", run.facts["lock_takeover"], step="lock", hosts=sorted(commands))
+            continue
+        failed = {h: s for h, s in held.items() if s.state == "failed"}
+        if failed:
+            raise ConfigError("cannot take the deploy lock: " + "; ".join(s.rejected or h for h, s in failed.items())
+                              + "; no host was changed")
+        host, status = sorted(held.items())[0]
+        if time.monotonic() >= deadline:
+            raise lock_mod.held_error(ctx.name, host, status.record, now, _alive(status.record))
+        ctx.reporter.event("progress", f"waiting for the deploy lock held on {host} "
+                           f"({max(0, deadline - time.monotonic()):.0f}s left)")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def take_lock_everywhere(active: Mapping[str, Any], record, commands: Mapping[str, str]) -> dict[str, Any]:
+    """One acquire (or the given takeover) per host. All or nothing: unless every host answered `acquired`, the
+    lock is released wherever we got it, even when a host's command failed or the transport raised."""
+    from ingestctl import lock as lock_mod
+
+    try:
+        results = fleet.run_on(active, lambda h: commands.get(h) or lock_mod.acquire_command(record))
+    except Exception:
+        fleet.run_on(active, lambda _h: lock_mod.release_command(record.token))  # removes only ours
+        raise
+    statuses = {}
+    for host, result in results.items():
+        try:
+            statuses[host] = lock_mod.parse_output(result.stdout, host)
+        except IngestctlError as exc:  # the lock command failed there (disk full, no mkdir): not acquired
+            statuses[host] = lock_mod.LockStatus("failed", None, f"{host}: {exc} {result.stderr.strip()[:200]}")
+    if any(status.state != "acquired" for status in statuses.values()):
+        taken = {h: active[h] for h, status in statuses.items() if status.state == "acquired"}
+        if taken:
+            fleet.run_on(taken, lambda _h: lock_mod.release_command(record.token))
+    return statuses
+
+
+def _alive(holder) -> bool | None:
+    """Whether HOLDER's pid runs, when it ran on this machine; None when this machine cannot tell."""
+    if holder is None or holder.machine != socket.gethostname():
+        return None
+    return _pid_alive(holder.pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+OUTCOMES = {"noop": "success", "rollback-failed": "failed"}
+
+
+def ledger_entry(ctx: Context, run: Run, running: bool = False):
+    """The ledger's record of RUN: steps, gates, outcome and durations. Never holds a secret."""
+    from datetime import UTC, datetime
+
+    from ingestctl import ledger as ledger_mod
+
+    facts = run.facts
+
+    def at(ts: float) -> datetime:
+        return datetime.fromtimestamp(ts, UTC)
+
+    return ledger_mod.LedgerEntry(
+        id=run.id,
+        kind=run.kind,
+        env=run.env,
+        release=facts.get("release"),
+        image_id=facts.get("image_id"),
+        config_version=facts.get("config_version"),
+        schema_head_before=facts.get("schema_before"),
+        schema_head_after=facts.get("schema_after"),
+        release_schema_head=facts.get("release_schema_head"),
+        who=run.who,
+        started=at(run.started),
+        finished=None if running else datetime.now(UTC),
+        steps=[ledger_mod.Step(name=s["name"], started=at(s["started"]), duration_s=s["duration_s"])
+               for s in run.steps],
+        gates=[ledger_mod.GateResult(name=g["gate"], passed=bool(g.get("passed")),
+                                     numbers=_flat_numbers(g.get("numbers") or {}))
+               for g in run.gates if g.get("passed") is not None],
+        outcome="running" if running else OUTCOMES.get(facts.get("outcome", "failed"), facts.get("outcome", "failed")),
+        duration_s=round(time.time() - run.started, 2),
+        time_to_healthy_s=facts.get("time_to_healthy_s"),
+        hosts=list(facts.get("switched") or []),
+        previous_release=_single(facts.get("previous")),
+        previous_config_version=facts.get("previous_config_version"),
+        restore_point=facts.get("restore_point"),
+        bench_skipped=bool(facts.get("skip_bench")),
+        message=facts.get("message"),
+        lock_takeover=facts.get("lock_takeover"),
+    )
+
+
+def _single(per_host: Mapping[str, Any] | None) -> Any:
+    values = {v for v in (per_host or {}).values() if v}
+    return values.pop() if len(values) == 1 else None
+
+
+def _flat_numbers(numbers: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Gate numbers flattened to `host.p95_ms`-style keys with scalar values, as the ledger stores them."""
+    flat: dict[str, Any] = {}
+    for key, value in numbers.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_numbers(value, f"{name}."))
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def finish(ctx: Context, run: Run) -> None:
+    """Always: record the run in every host's ledger, then release the lock (one command per host). Failures
+    here are reported, never allowed to hide the run's own outcome."""
+    from ingestctl import ledger as ledger_mod
+    from ingestctl import lock as lock_mod
+
+    token = run.facts.get("lock_token")
+    try:
+        line = ledger_mod.serialise(ledger_entry(ctx, run), ctx.config.secrets)
+        append = ledger_mod.append_command(line)
+    except Exception as exc:  # the ledger must not mask the deploy's result, nor keep the lock held
+        ctx.reporter.event("error", f"could not write the ledger: {exc}")
+        append = "false"
+    unlock = lock_mod.release_command(token) if token else "true"
+    try:
+        # Every host that answers gets the record and its lock back, even when another host dropped out.
+        with fleet.connected(ctx.name, require_all=False) as active:
+            results = fleet.run_on(active, lambda _h: f"({append}); ledger=$?; {unlock}; exit $ledger")
+    except Exception as exc:
+        ctx.reporter.event("error", f"could not record the run or release the deploy lock: {exc}; "
+                           f"run `ingestctl lock break {ctx.name}` once you have checked the hosts")
+        return
+    unreachable = sorted(set(ctx.env.all_hosts) - set(results))
+    if unreachable:
+        ctx.reporter.event("error", f"{', '.join(unreachable)} unreachable: the run is not in their ledger and "
+                           f"their deploy lock may still be held; once they answer: `ingestctl lock break {ctx.name}`")
+    failed = [f"{h}: {r.stderr.strip()[:200]}" for h, r in results.items() if not r.ok]
+    if failed:
+        ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))
+
+
+def describe_holder(record) -> str:
+    return f"{record.who} (pid {record.pid} on {record.machine}, `{record.command}`, since {record.started:%H:%M:%S})"
+
+
+def show_lock(env_name: str, reporter: Reporter) -> dict[str, Any]:
+    """`ingestctl lock show ENV`: who holds the deploy lock on each host."""
+    from ingestctl import fleetview
+
+    statuses = fleetview.read_locks(env_name)
+    for host, status in sorted(statuses.items()):
+        if status.state == "free":
+            what = "free"
+        elif status.record is not None:
+            what = f"held by {describe_holder(status.record)}"
+        else:
+            what = "held, record unreadable" + (f" ({status.rejected})" if status.rejected else "")
+        reporter.event("step", f"{host}: {what}", host=host, state=status.state,
+                       holder=status.record.who if status.record else None,
+                       token=status.record.token if status.record else None)
+    return statuses
+
+
+def break_lock(env_name: str, reporter: Reporter, force: bool = False,
+               confirm: Callable[[str], bool] | None = None) -> None:
+    """Break the deploy lock on purpose: shows it first, then removes only the lock it showed (by token), after
+    CONFIRM says yes or with FORCE. A lock taken meanwhile by another run is left alone."""
+    from ingestctl import lock as lock_mod
+
+    statuses = show_lock(env_name, reporter)
+    held = {host: status for host, status in statuses.items() if status.state != "free"}
+    if not held:
+        reporter.event("summary", f"no deploy lock held on {env_name}", outcome="noop")
+        return
+    if not force and not (confirm and confirm(f"break the deploy lock on {', '.join(sorted(held))}?")):
+        raise ConfigError(f"the deploy lock on {', '.join(sorted(held))} was left in place; check that its run is "
+                          f"really gone, then run `ingestctl lock break {env_name} --force` (or answer yes)")
+    commands = {host: lock_mod.break_command(status.record.token if status.record else None)
+                for host, status in held.items()}
+    results = fleet.run_commands(env_name, commands)
+    for host, result in sorted(results.items()):
+        status = lock_mod.parse_output(result.stdout, host)
+        shown = held[host].record
+        if status.state == "broken":
+            what = f"broke the lock of {describe_holder(shown)}" if shown else "broke an unreadable lock"
+        elif status.state == "not-ours":
+            what = "left alone: the lock changed hands since it was shown"
+        else:
+            what = "no lock held any more"
+        reporter.event("step", f"{host}: {what}", host=host, state=status.state)
