@@ -157,14 +157,19 @@ def rollback_group() -> None:
 @rollback_group.command("app")
 @click.argument("env")
 @click.option("--to", "to", metavar="RELEASE", help="Release to go back to. Default: the previous known-good one.")
+@click.option("--with-schema", is_flag=True,
+              help="Also downgrade the schema to the target release's head when the migrations in between are not "
+                   "backward-compatible but declare data-safe downgrades (brief unavailability, measured).")
 @lock_wait_option
 @json_option
 @reporting
-def rollback_app_command(env: str, to: str | None, lock_wait: str | None, reporter: Reporter) -> None:
+def rollback_app_command(env: str, to: str | None, with_schema: bool, lock_wait: str | None,
+                         reporter: Reporter) -> None:
     """Put ENV's app hosts back on the previous known-good release (or --to RELEASE), gated by health."""
     from ingestctl import rollbacks
 
-    _finish(rollbacks.rollback_app(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+    _finish(rollbacks.rollback_app(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait),
+                                   with_schema=with_schema), reporter)
 
 
 @rollback_group.command("schema")

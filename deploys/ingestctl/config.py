@@ -9,8 +9,10 @@ version. The rendering written to hosts is split in two: a non-secret env file, 
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError
@@ -107,8 +109,24 @@ def validate_tunables(values: Mapping[str, object], where: str = "") -> dict[str
     return result
 
 
-def parse_assignments(args: Iterable[str], current_secrets: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`KEY=VALUE` command-line arguments to canonical values.
+def read_secret_argument(key: str, value: str, read_stdin: Callable[[], str]) -> str:
+    """A secret given as `KEY=@FILE` or `KEY=-` (standard input), never inline: an inline value is in `ps`
+    for the whole run and in the shell's history. ConfigError names the key and the way to give it."""
+    if value == "-":
+        return read_stdin().rstrip("\r\n")
+    if value.startswith("@") and len(value) > 1:
+        path = Path(value[1:]).expanduser()
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    raise ConfigError(f"{key}: a secret is taken only as {key}=@FILE or {key}=- (from standard input), never "
+                      "inline (an inline value shows in `ps` and the shell's history)")
+
+
+def parse_assignments(args: Iterable[str], current_secrets: Mapping[str, str] | None = None,
+                      read_stdin: Callable[[], str] | None = None) -> dict[str, str]:
+    """`KEY=VALUE` command-line arguments to canonical values; secrets as `KEY=@FILE` or `KEY=-` (stdin).
 
     Unknown keys list the known ones; invalid tunables name the rule; a secret is checked with
     `ingestctl.secrets.problems` against the rest of `current_secrets` and its value never appears.
@@ -116,6 +134,14 @@ def parse_assignments(args: Iterable[str], current_secrets: Mapping[str, str] | 
     """
     changes: dict[str, str] = {}
     errors: list[str] = []
+    stdin_used: list[str] = []
+
+    def stdin_once() -> str:
+        stdin_used.append("-")
+        if len(stdin_used) > 1:
+            raise ConfigError("only one secret can come from standard input (KEY=-); give the others as @FILE")
+        return (read_stdin or sys.stdin.read)()
+
     for position, arg in enumerate(args, start=1):
         key, sep, value = arg.partition("=")
         key = key.strip()
@@ -128,6 +154,11 @@ def parse_assignments(args: Iterable[str], current_secrets: Mapping[str, str] | 
             errors.append(f"{key}: given twice; give each key once")
             continue
         if key in SECRET_KEYS:
+            try:
+                value = read_secret_argument(key, value, stdin_once)
+            except ConfigError as exc:
+                errors.append(str(exc))
+                continue
             merged = {**(current_secrets or {}), key: value}
             found = [str(p) for p in secrets_mod.problems(merged) if p.name == key]
             if found:

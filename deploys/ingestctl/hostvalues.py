@@ -90,6 +90,9 @@ IMAGE_ID = _value(r"sha256:[0-9a-f]{64}", "an image ID sha256:<64 lower-case hex
 CONFIG_VERSION = _value(r"[0-9a-f]{12}", "a config version (12 lower-case hex digits)")
 
 # An alembic revision id (alembic_version.version_num is VARCHAR(32)); this project numbers them: 0001, 0002.
+# A migration file's stem as alembic's template names it: `0003_add_tags`.
+MIGRATION_FILE = _value(r"[A-Za-z0-9_]{1,128}", "a migration file name (letters, digits, '_', at most 128)")
+
 SCHEMA_HEAD = _value(r"[A-Za-z0-9_]{1,32}", "an alembic revision id (letters, digits, '_', at most 32)")
 
 SLOT = _value("|".join(SLOTS), f"a slot name ({' or '.join(SLOTS)})")

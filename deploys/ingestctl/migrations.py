@@ -235,9 +235,13 @@ def _check_downgrade(tree: ast.Module) -> tuple[bool, tuple[UnsafeOperation, ...
 
 def read_migration(path: Path) -> Migration:
     """One migration file, read statically. ConfigError names the file and what is missing or wrong."""
-    shown = str(path)
+    return parse_migration(path.stem, path.read_text(), str(path))
+
+
+def parse_migration(stem: str, text: str, shown: str) -> Migration:
+    """One migration's source, read statically (never imported): from a checkout, or from an image's files."""
     try:
-        tree = ast.parse(path.read_text(), filename=shown)
+        tree = ast.parse(text, filename=shown)
     except SyntaxError as exc:
         raise ConfigError(f"{shown}: not valid Python (line {exc.lineno}): {exc.msg}") from None
     assigned = _module_assignments(tree)
@@ -265,7 +269,7 @@ def read_migration(path: Path) -> Migration:
         flags[name] = value
     has_downgrade, unsafe = _check_downgrade(tree)
     return Migration(
-        name=path.stem,
+        name=stem,
         revision=revision,
         down_revision=down,
         path=shown,
@@ -463,3 +467,59 @@ def check_app_rollback(
             f"on the database's schema {db_head}. Blocking migration(s): {names}. Instead, {instead}."
         )
     return AppRollbackCheck(db_head=db_head, target_head=target_release_head, newer_migrations=tuple(newer))
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """One revision as the database records it when it is applied (schema_migration_meta)."""
+
+    revision: str
+    backward_compatible: bool
+    downgrade_data_safe: bool
+
+
+@dataclass(frozen=True)
+class AppliedRollbackCheck:
+    """An app rollback judged from the database's own record: the revisions newer than the target release's
+    head, and whether the schema must come down with it (`--with-schema`)."""
+
+    db_head: str | None
+    target_head: str | None
+    newer: tuple[AppliedMigration, ...]
+    needs_downgrade: bool
+
+
+def check_app_rollback_applied(applied: Sequence[AppliedMigration], db_head: str | None,
+                               target_head: str | None, env: str = "ENV",
+                               with_schema: bool = False) -> AppliedRollbackCheck:
+    """OK when the target release can run on the database's schema, or (WITH_SCHEMA) when every revision it
+    does not know declares a data-safe downgrade; else ConfigError saying which of the ways back is possible."""
+    revisions = [m.revision for m in applied]
+    if db_head is not None and (not revisions or revisions[-1] != db_head):
+        raise ConfigError(f"the database is at {db_head!r} but schema_migration_meta records "
+                          f"{', '.join(revisions) or 'nothing'}; it was changed outside ingestctl: check it first")
+    if target_head is not None and target_head not in revisions:
+        raise ConfigError(
+            f"the target release needs schema head {target_head!r}, which the database does not have "
+            f"(it is at {db_head or 'no migration'}); deploy that release with `ingestctl deploy {env} --version "
+            "<release>` (it migrates) instead of rolling back to it")
+    newer = tuple(applied[revisions.index(target_head) + 1:] if target_head is not None else applied)
+    blocking = [m for m in newer if not m.backward_compatible]
+    if not blocking:
+        return AppliedRollbackCheck(db_head, target_head, newer, needs_downgrade=False)
+    names = ", ".join(m.revision for m in blocking)
+    unsafe = [m.revision for m in newer if not m.downgrade_data_safe]
+    if unsafe:
+        raise ConfigError(
+            f"{blocking[0].revision}: not backward-compatible: the target release (schema {target_head or 'empty'}) "
+            f"cannot run on the database's schema {db_head} (blocking: {names}), and {', '.join(unsafe)} "
+            f"{'does' if len(unsafe) == 1 else 'do'} not declare a data-safe downgrade, so the schema cannot come "
+            f"back without data loss. Roll forward with a fixed release: `ingestctl deploy {env} --version <fixed>`. "
+            + restore_hint(env))
+    if not with_schema:
+        raise ConfigError(
+            f"{blocking[0].revision}: not backward-compatible: the target release (schema {target_head or 'empty'}) "
+            f"cannot run on the database's schema {db_head} (blocking: {names}). Every revision in between declares "
+            f"a data-safe downgrade: `ingestctl rollback app {env} --with-schema` downgrades the schema to "
+            f"{target_head or 'empty'} and switches in one command (brief unavailability while it does)")
+    return AppliedRollbackCheck(db_head, target_head, newer, needs_downgrade=True)

@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migrations, paths, plan
+from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
-from ingestctl.facts.release import REJECTED, SchemaHead
+from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead
 from ingestctl.gatekeeper import report_gate
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
@@ -96,7 +96,11 @@ def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: 
 
 # ----- rollback app -----------------------------------------------------------------------------------------
 
-def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
+def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0,
+                 with_schema: bool = False) -> Run:
+    """The live app hosts back on the previous known-good release (or TO), judged from what the hosts and the
+    database record, so it works from any checkout. WITH_SCHEMA also brings the schema down to the target's head
+    when the revisions in between are not backward-compatible but declare data-safe downgrades."""
     ctx, run = begin("rollback-app", env_name, reporter)
     entries = fleetview.read_ledger(env_name, reporter)
     states = host_states(ctx)
@@ -104,25 +108,82 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
     target = plan.rollback_target(entries, to, current=current["release"])
     if not target.image_id:
         raise ConfigError(f"release {target.release}: the ledger has no image ID for it; deploy it by version instead")
-    revisions = migrations.load_revisions(paths.project_root() / "service" / "alembic" / "versions")
-    db_head = fleet.get_facts(env_name, SchemaHead, hosts=[ctx.env.db_host])[ctx.env.db_host]
-    migrations.check_app_rollback(revisions, db_head, target.code_schema_head(), env=env_name)
+    db_head, applied = schema_record(ctx)
+    check = migrations.check_app_rollback_applied(applied, db_head, target.code_schema_head(), env=env_name,
+                                                  with_schema=with_schema)
     release = Release(target.release, f"ingest:{target.release}", target.image_id, target.code_schema_head())
+    schema_after = target.code_schema_head() if check.needs_downgrade else db_head
     run.facts.update(release=release.version, image_id=release.image_id, config_version=current["config_version"],
                      previous={h: (s or {}).get("release") for h, s in states.items()},
-                     release_schema_head=release.schema_head, schema_before=db_head, schema_after=db_head)
+                     release_schema_head=release.schema_head, schema_before=db_head, schema_after=schema_after)
+    schema_note = (f"schema {db_head} -> {schema_after} first: the api is unavailable from the downgrade until the "
+                   "switch is healthy" if check.needs_downgrade else f"schema {db_head} compatible")
     reporter.event("plan", f"rollback app {env_name}: {current['release']} -> {release.version} "
-                   f"(config {current['config_version']} kept, schema {db_head} compatible)",
-                   from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts)
+                   f"(config {current['config_version']} kept, {schema_note})",
+                   from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts,
+                   schema_before=db_head, schema_after=schema_after)
     with guarded(ctx, run, lock_wait_s, f"rollback app {env_name} -> {release.version}") as guard:
+        require_unmoved_schema(guard.schema_head, db_head, env_name)
         started = time.time()
         ensure_image_available(ctx, release)
         run.step("images", started)
+        if check.needs_downgrade:
+            started = time.time()
+            carrier = downgrade_image(ctx, entries, states, db_head)
+            downgrade_schema(ctx, run, carrier, current["config_version"], db_head, schema_after)
+            run.step("downgrade", started)
         started = time.time()
         switch_all(ctx, run, guard, release, current["config_version"], metrics=False)
         run.facts["time_to_healthy_s"] = round(time.time() - run.started, 2)
         run.step("switch", started)
+        if check.needs_downgrade:
+            unavailable = round(time.time() - started + run.steps[-2]["duration_s"], 2)
+            run.facts["unavailable_s"] = unavailable
+            reporter.event("step", f"schema and app back on {schema_after} / {release.version}; the api was "
+                           f"unavailable for at most {unavailable}s", step="switch", unavailable_s=unavailable)
     return run
+
+
+def schema_record(ctx: Context) -> tuple[str | None, list]:
+    """The database's head and its own record of applied migrations, in one SSH round to the db host."""
+    db = ctx.env.db_host
+    with fleet.connected(ctx.name, [db]) as active:
+        return active[db].get_fact(SchemaHead), active[db].get_fact(AppliedMigrations)
+
+
+def require_unmoved_schema(under_lock: str | None, planned: str | None, env: str) -> None:
+    """Decisions are made before the lock; if the schema moved meanwhile (another run), they no longer hold."""
+    if under_lock != planned:
+        raise ConfigError(f"the database's schema moved from {planned or 'empty'} to {under_lock or 'empty'} while "
+                          f"this command waited for the lock; nothing was changed: run `ingestctl status {env}` "
+                          "and decide again")
+
+
+def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, db_head: str | None,
+                     target: str | None) -> None:
+    """Restore point, then `alembic downgrade TARGET` (an absolute revision, never a relative -N) in a one-off
+    container of CARRIER, the image that knows the revisions it removes. RollbackFailed (exit 4) if it fails."""
+    restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
+    run.facts["restore_point"] = restore_point
+    db = ctx.env.db_host
+    result = runner.run_operations(
+        ctx.name,
+        [runner.OperationCall(
+            release_ops.schema_migrated,
+            kwargs=dict(name=f"Ensure schema is at {target or 'empty'}", image=carrier, config_version=config_version,
+                        infra_images=ctx.infra_images, restore_point=restore_point,
+                        alembic_args=("downgrade", target or "base"), target_head=target,
+                        _timeout=ctx.env.data.migration_timeout_s),
+        )],
+        hosts=[db], raise_on_error=False,
+    )
+    after = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    run.facts["schema_after"] = after
+    if result.failed:
+        raise RollbackFailed(f"SEV-1: schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
+                             f"{after}; restore point {restore_point}")
+    ctx.reporter.event("step", f"schema at {after or 'empty'} (restore point {restore_point})", step="downgrade",
+                       schema_after=after, restore_point=restore_point)
 
 
 def ensure_image_available(ctx: Context, release: Release) -> None:
@@ -144,8 +205,10 @@ def ensure_image_available(ctx: Context, release: Release) -> None:
 # ----- rollback schema --------------------------------------------------------------------------------------
 
 def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait_s: float = 0.0) -> Run:
+    """Undo the newest STEPS migrations when each is data-safe and no running release needs them. Planned from
+    the migrations inside the image that added the database's head (any checkout works), run to an absolute
+    revision, and re-checked under the lock."""
     ctx, run = begin("rollback-schema", env_name, reporter)
-    revisions = migrations.load_revisions(paths.project_root() / "service" / "alembic" / "versions")
     db = ctx.env.db_host
     db_head = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
     states = host_states(ctx)
@@ -156,41 +219,38 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
         detail = "; ".join(f"{h}: {'; '.join(why.values())}" for h, why in unknown.items())
         raise ConfigError(f"cannot tell which schema the releases on {', '.join(unknown)} need ({detail}); "
                           f"deploy a release by version to rewrite their state.json first")
-    running_heads = {s.get("schema_head") for s in states.values() if s}
-    to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
-    new_head = to_undo[-1].down_revision  # to_undo is newest first: the oldest one's parent is the new head
     live = next((s for s in states.values() if s), None)
     if live is None:
         raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
+    if db_head is None:
+        raise ConfigError("nothing to roll back: the database has no migration applied")
     carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name, reporter), states, db_head)
-    restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
-    run.facts.update(schema_before=db_head, release=live["release"], config_version=live["config_version"],
-                     restore_point=restore_point)
+    revisions = image_revisions(ctx, carrier_image)
+    running_heads = {s.get("schema_head") for s in states.values() if s}
+    to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
+    new_head = to_undo[-1].down_revision  # to_undo is newest first: the oldest one's parent is the new head
+    run.facts.update(schema_before=db_head, release=live["release"], config_version=live["config_version"])
     names = ", ".join(m.name for m in to_undo)
-    reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names})",
-                   schema_before=db_head, schema_after=new_head, undo=[m.name for m in to_undo])
-    with guarded(ctx, run, lock_wait_s, f"rollback schema {env_name} --steps {steps}"):
+    reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names}, "
+                   f"code from {carrier_image})", schema_before=db_head, schema_after=new_head,
+                   undo=[m.name for m in to_undo])
+    with guarded(ctx, run, lock_wait_s, f"rollback schema {env_name} --steps {steps}") as guard:
+        require_unmoved_schema(guard.schema_head, db_head, env_name)
         started = time.time()
-        result = runner.run_operations(
-            env_name,
-            [runner.OperationCall(
-                release_ops.schema_migrated,
-                kwargs=dict(name=f"Ensure schema is at {new_head or 'empty'}", image=carrier_image,
-                            config_version=live["config_version"], infra_images=ctx.infra_images,
-                            restore_point=restore_point, alembic_args=("downgrade", f"-{steps}")),
-            )],
-            hosts=[db], raise_on_error=False,
-        )
-        after = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
-        run.facts["schema_after"] = after
+        downgrade_schema(ctx, run, carrier_image, live["config_version"], db_head, new_head)
         run.step("downgrade", started)
-        if result.failed:
-            raise RollbackFailed(f"SEV-1: schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
-                             f"{after}; restore point {restore_point}")
-        reporter.event("step", f"schema at {after} (restore point {restore_point})", step="downgrade",
-                       schema_after=after, restore_point=restore_point)
         run.facts["time_to_healthy_s"] = health_only(ctx, run, ctx.env.app_hosts)
     return run
+
+
+def image_revisions(ctx: Context, image: str) -> list[migrations.Migration]:
+    """The migration chain as IMAGE carries it, read on the db host and parsed statically (never imported)."""
+    db = ctx.env.db_host
+    files = fleet.get_facts(ctx.name, ImageMigrations, hosts=[db], image=image)[db] or {}
+    if not files:
+        raise ConfigError(f"{db}: found no migrations inside {image} (/app/alembic/versions); is it an ingest image?")
+    return migrations.order_chain(migrations.parse_migration(name, text, f"{image}:/app/alembic/versions/{name}.py")
+                                  for name, text in sorted(files.items()))
 
 
 def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db_head: str) -> str:

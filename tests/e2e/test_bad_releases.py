@@ -345,6 +345,30 @@ def test_allow_incompatible_downgrades_the_schema_before_the_old_release_returns
     assert index.strip() == "", f"the downgrade left the index behind: {index!r}"
 
 
+def test_rollback_app_with_schema_from_a_checkout_that_lacks_the_migration(testbed, ssh, baseline, checkout,
+                                                                          tmp_path):
+    """A good release with an incompatible, data-safe migration goes out with --allow-incompatible. On-call, in
+    the baseline checkout (which has never seen that migration), rolls back app and schema in one command."""
+    db = next(h.name for h in testbed.hosts if "db" in h.roles)
+    root = variant(tmp_path, {MIGRATION_PATH: INCOMPATIBLE_MIGRATION})
+    release = "e2e4b-incompatible-good"
+    deployed = ingestctl("deploy", "local", "--version", release, "--skip-bench", "--allow-incompatible", "--json",
+                         root=root)
+    assert deployed.code == 0, deployed.explain()
+    assert schema_head(ssh, db) == "0003"
+
+    refused = ingestctl("rollback", "app", "local", "--to", BASELINE, root=checkout)
+    assert refused.code == 2 and "--with-schema" in refused.stdout + refused.stderr, refused.explain()
+    assert schema_head(ssh, db) == "0003"
+
+    result = ingestctl("rollback", "app", "local", "--to", BASELINE, "--with-schema", "--json", root=checkout)
+    assert result.code == 0, result.explain()
+    assert schema_head(ssh, db) == "0002", "the schema did not come down with the app"
+    measured = [e for e in result.events if e.get("unavailable_s") is not None]
+    assert measured and measured[-1]["unavailable_s"] > 0, f"the unavailability was not measured: {result.explain()}"
+    assert_back_on_baseline(testbed, ssh)
+
+
 def test_verify_passes_after_the_rollbacks(testbed, baseline, docker_engine):
     """The testinfra suite on the fleet the rollbacks left: live image as recorded, no stray slot, no leak, no lock."""
     image = f"ingest:{BASELINE}"

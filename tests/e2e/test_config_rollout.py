@@ -155,11 +155,14 @@ def test_config_set_lowers_the_batch_limit_and_rollback_config_restores_it(testb
     ("NO_SUCH_KEY=1", "NO_SUCH_KEY: unknown config key; known keys: INGEST_MAX_BATCH_ITEMS"),
     ("INGEST_MAX_BATCH_ITEMS=0", "INGEST_MAX_BATCH_ITEMS: expected an integer from 1 to 100000, found '0'"),
     ("RATE_LIMIT_BACKEND=etcd", "RATE_LIMIT_BACKEND: expected one of: redis, memory"),
-    ("JWT_SECRET=e2e8-tiny-sekret", "JWT_SECRET: must be at least 32 bytes, found 16 bytes"),
+    ("JWT_SECRET=@{tiny}", "JWT_SECRET: must be at least 32 bytes, found 16 bytes"),
+    ("JWT_SECRET=e2e8-tiny-sekret", "JWT_SECRET: a secret is taken only as JWT_SECRET=@FILE or JWT_SECRET=-"),
 ])
-def test_config_set_refuses_bad_input_without_touching_any_host(testbed, ssh, baseline, assignment, expected):
+def test_config_set_refuses_bad_input_without_touching_any_host(testbed, ssh, baseline, assignment, expected,
+                                                                tmp_path):
     states, entries, dirs = fleet_states(ssh), ledger(ssh), config_dirs(ssh)
-    result = ingestctl("config", "set", "local", assignment, "--json")
+    (tmp_path / "tiny").write_text("e2e8-tiny-sekret\n")
+    result = ingestctl("config", "set", "local", assignment.format(tiny=tmp_path / "tiny"), "--json")
     assert result.code == 2, result.explain()
     summary = result.summary()
     assert summary["outcome"] == "refused" and expected in summary["error"], summary["error"]
@@ -181,12 +184,15 @@ def test_rollback_config_to_an_unknown_or_live_version_is_refused(testbed, ssh, 
     assert_untouched(ssh, states, entries, dirs)
 
 
-def test_secret_rotation_takes_the_new_key_refuses_the_old_and_never_shows_either(testbed, ssh, baseline):
+def test_secret_rotation_takes_the_new_key_refuses_the_old_and_never_shows_either(testbed, ssh, baseline, tmp_path):
     old_key = file_secrets()["API_KEY"]
     new_key = "e2e8" + secrets.token_urlsafe(32)
     assert ingest_status(testbed, 1, old_key) == everywhere(testbed, 202)
 
-    result = ingestctl("config", "set", "local", f"API_KEY={new_key}", "--json")
+    secret_file = tmp_path / "api_key"
+    secret_file.write_text(new_key + "\n")
+    secret_file.chmod(0o600)
+    result = ingestctl("config", "set", "local", f"API_KEY=@{secret_file}", "--json")
     assert result.code == 0, result.explain()
     rotated = set(config_versions(ssh).values())
     assert len(rotated) == 1 and rotated != {baseline}

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -329,3 +330,54 @@ def test_abort_mid_deploy_rolls_back(testbed, ssh, deployed_v2, checkout):
     assert entry["release"] == V3 and entry["outcome"] == "rolled-back", entry
     assert "abort" in (entry.get("message") or ""), entry
     assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values()), "the aborted deploy kept the lock"
+
+
+# ----- the controller dies mid-rollout ---------------------------------------------------------------------------
+
+def test_a_sigkilled_controller_shows_as_interrupted_and_the_next_deploy_converges(testbed, ssh, deployed_v2,
+                                                                                  checkout):
+    """SIGKILL the whole `ingestctl deploy` once batch 1 is live: no finally, no unlock, no ledger entry. The
+    next deploy takes the dead run's lock over by itself (its pid is gone) and converges the fleet; history
+    shows the killed run as interrupted, naming the host it had switched."""
+    assert_fleet_on(testbed, ssh, V2)
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    deploy = subprocess.Popen(
+        [executable, "deploy", "local", "--version", V3, "--skip-bench", "--json"], cwd=checkout,
+        env={**os.environ, "INGESTCTL_ROOT": str(checkout)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_events, args=(deploy.stdout, lines), daemon=True).start()
+    killed = False
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and not killed:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                break
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("step") == "switched" and event.get("batch") == 1:
+                os.killpg(deploy.pid, signal.SIGKILL)
+                killed = True
+        deploy.wait(timeout=60)
+    finally:
+        if deploy.poll() is None:
+            os.killpg(deploy.pid, signal.SIGKILL)
+    assert killed, "the deploy never reported batch 1 switched"
+    assert any(s["lock"] == "locked" for s in host_snapshot(testbed, ssh).values()), "the killed run left no lock"
+
+    history = ingestctl("history", "local", "--json", root=checkout)
+    assert history.code == 0, history.explain()
+    rows = [e for e in history.events if e["type"] == "row" and str(e.get("release", "")).endswith(V3)]
+    assert rows and rows[0]["outcome"].startswith("interrupted on "), f"no interrupted run in history: {rows}"
+    status = ingestctl("status", "local", root=checkout)
+    assert status.code == 0, status.explain()
+
+    again = ingestctl("deploy", "local", "--version", V3, "--skip-bench", "--json", root=checkout)
+    assert again.code == 0, again.explain()
+    assert "took over the expired deploy lock" in again.stdout, again.explain()
+    assert_fleet_on(testbed, ssh, V3)
+    entry = ledger_entries(ssh, testbed.hosts[0].name)[-1]
+    assert entry["release"] == V3 and entry["outcome"] == "success", entry
+    assert "took over the expired deploy lock" in (entry.get("lock_takeover") or ""), entry
+    assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values())

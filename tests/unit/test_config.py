@@ -96,21 +96,40 @@ def test_no_assignment_refused():
         config.parse_assignments([])
 
 
-def test_secret_rotation_is_validated_without_echoing_the_value():
-    short = "tooshort"
+def test_secret_rotation_is_validated_without_echoing_the_value(tmp_path):
+    short = tmp_path / "short"
+    short.write_text("tooshort\n")
     with pytest.raises(ConfigError) as err:
-        config.parse_assignments([f"JWT_SECRET={short}"], current_secrets=SECRETS)
+        config.parse_assignments([f"JWT_SECRET=@{short}"], current_secrets=SECRETS)
     text = str(err.value)
     assert "JWT_SECRET: must be at least 32 bytes, found 8 bytes" in text
-    assert short not in text
+    assert "tooshort" not in text
 
     with pytest.raises(ConfigError) as err:
-        config.parse_assignments(["API_KEY=changeme-changeme-123"], current_secrets=SECRETS)
+        config.parse_assignments(["API_KEY=-"], current_secrets=SECRETS, read_stdin=lambda: "changeme-changeme-123\n")
     assert "API_KEY: is a placeholder value" in str(err.value)
     assert "changeme-changeme-123" not in str(err.value)
 
-    fresh = "k" * 40
-    assert config.parse_assignments([f"JWT_SECRET={fresh}"], current_secrets=SECRETS) == {"JWT_SECRET": fresh}
+    fresh = tmp_path / "fresh"
+    fresh.write_text("k" * 40 + "\n")
+    assert config.parse_assignments([f"JWT_SECRET=@{fresh}"], current_secrets=SECRETS) == {"JWT_SECRET": "k" * 40}
+    assert config.parse_assignments(["API_KEY=-"], current_secrets=SECRETS,
+                                    read_stdin=lambda: "a" * 40) == {"API_KEY": "a" * 40}
+
+
+def test_an_inline_secret_is_refused_and_not_echoed():
+    inline = "k" * 40
+    with pytest.raises(ConfigError) as err:
+        config.parse_assignments([f"JWT_SECRET={inline}"], current_secrets=SECRETS)
+    assert "JWT_SECRET: a secret is taken only as JWT_SECRET=@FILE or JWT_SECRET=-" in str(err.value)
+    assert inline not in str(err.value)
+
+
+def test_only_one_secret_from_stdin_and_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="only one secret can come from standard input"):
+        config.parse_assignments(["API_KEY=-", "JWT_SECRET=-"], current_secrets=SECRETS, read_stdin=lambda: "a" * 40)
+    with pytest.raises(ConfigError, match=f"API_KEY: cannot read {tmp_path}/nope"):
+        config.parse_assignments([f"API_KEY=@{tmp_path}/nope"], current_secrets=SECRETS)
 
 
 def test_version_is_content_addressed_and_includes_secrets():

@@ -114,20 +114,16 @@ def test_bench_gate_fails_on_nonzero_exit_and_names_the_breach(tmp_path):
     assert gate.numbers["worst_avg_ms"] == 300.0
 
 
-class _ReadyAfter:
-    """A real HTTP server on loopback whose /health/ready answers 503 until its Nth request, then 200."""
+class _Loopback:
+    """A real HTTP server on loopback whose GET answers come from ANSWER(path) -> (status, body bytes)."""
 
-    def __init__(self, ready_after: int):
+    def __init__(self, answer):
         import http.server
         import threading
 
-        counter = {"n": 0}
-
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
-                counter["n"] += 1
-                status = 200 if counter["n"] >= ready_after else 503
-                body = b'{"status": "ok"}' if status == 200 else b'{"status": "unavailable"}'
+                status, body = answer(self.path)
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -142,6 +138,19 @@ class _ReadyAfter:
 
     def close(self):
         self.server.shutdown()
+
+
+def _ReadyAfter(ready_after: int) -> _Loopback:  # noqa: N802 - reads as the server it builds
+    """/health/ready answers 503 until its Nth request, then 200."""
+    counter = {"n": 0}
+
+    def answer(_path):
+        counter["n"] += 1
+        if counter["n"] >= ready_after:
+            return 200, b'{"status": "ok"}'
+        return 503, b'{"status": "unavailable"}'
+
+    return _Loopback(answer)
 
 
 def test_health_gate_waits_until_ready():
@@ -186,39 +195,21 @@ def test_judge_counts_probe_answers_that_are_not_2xx():
     assert result.numbers["app3"]["probe_failures"] == 5
 
 
-class _MetricsAndQueries:
-    """A real loopback server: /metrics counts what it served; queries answer STATUS."""
+def _MetricsAndQueries(status: int) -> _Loopback:  # noqa: N802 - reads as the server it builds
+    """/metrics counts the queries served so far; every query answers STATUS."""
+    served = {"n": 0}
 
-    def __init__(self, status: int):
-        import http.server
-        import threading
+    def answer(path):
+        if not path.startswith("/metrics"):
+            served["n"] += 1
+            return status, b"{}"
+        n = str(float(served["n"]))
+        text = SCRAPE
+        for name, value in (("ok", n), ("err", "0.0"), ("fast", n), ("slow", n), ("total", n)):
+            text = text.replace("{" + name + "}", value)
+        return 200, text.encode()
 
-        served = {"n": 0}
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                if self.path.startswith("/metrics"):
-                    body = SCRAPE.replace("{ok}", str(float(served["n"]))).replace("{err}", "0.0").replace(
-                        "{fast}", str(float(served["n"]))).replace("{slow}", str(float(served["n"]))).replace(
-                        "{total}", str(float(served["n"]))).encode()
-                    code = 200
-                else:
-                    served["n"] += 1
-                    body, code = b"{}", status
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    return _Loopback(answer)
 
 
 @pytest.mark.parametrize("status,passes", [(200, True), (401, False)])

@@ -291,3 +291,52 @@ def test_the_service_migrations_read_cleanly():
         assert migration.downgrade_data_safe == migration.statically_safe, (
             f"{migration.name}: declared downgrade_data_safe={migration.downgrade_data_safe} but the static "
             f"check found {[str(o) for o in migration.unsafe_operations]}")
+
+
+# --- app rollbacks judged from the database's own record (any checkout) ------------------------------------
+
+from ingestctl.migrations import AppliedMigration, check_app_rollback_applied  # noqa: E402
+
+APPLIED = [AppliedMigration("0001", True, False), AppliedMigration("0002", True, True),
+           AppliedMigration("0003", False, True)]
+
+
+def test_a_compatible_rollback_needs_no_downgrade():
+    check = check_app_rollback_applied(APPLIED[:2], "0002", "0001")
+    assert not check.needs_downgrade and [m.revision for m in check.newer] == ["0002"]
+
+
+def test_an_incompatible_but_data_safe_revision_points_to_with_schema():
+    with pytest.raises(ConfigError, match=r"0003: not backward-compatible.*rollback app local --with-schema"):
+        check_app_rollback_applied(APPLIED, "0003", "0002", env="local")
+    check = check_app_rollback_applied(APPLIED, "0003", "0002", env="local", with_schema=True)
+    assert check.needs_downgrade and [m.revision for m in check.newer] == ["0003"]
+
+
+def test_without_a_data_safe_downgrade_the_only_way_is_forward():
+    applied = [*APPLIED[:2], AppliedMigration("0003", False, False)]
+    with pytest.raises(ConfigError, match=r"cannot come back without data loss.*deploy local --version <fixed>"):
+        check_app_rollback_applied(applied, "0003", "0002", env="local", with_schema=True)
+
+
+def test_a_target_newer_than_the_database_is_a_deploy():
+    with pytest.raises(ConfigError, match="needs schema head '0004'.*deploy that release"):
+        check_app_rollback_applied(APPLIED, "0003", "0004", env="local")
+
+
+def test_a_record_that_disagrees_with_the_head_is_refused():
+    with pytest.raises(ConfigError, match="changed outside ingestctl"):
+        check_app_rollback_applied(APPLIED[:2], "0003", "0001")
+
+
+def test_the_facts_read_the_record_and_the_image_files():
+    from ingestctl.facts.release import MIGRATION_FILE_MARK, AppliedMigrations, ImageMigrations
+    from ingestctl.hostvalues import HostValueError
+
+    assert AppliedMigrations().process(["0001|t|f", "0002|t|t"]) == APPLIED[:2]
+    with pytest.raises(HostValueError):
+        AppliedMigrations().process(["0002$(id)|t|t"])
+    files = ImageMigrations().process([f"{MIGRATION_FILE_MARK}0002_index.py", 'revision = "0002"', "x = 1"])
+    assert files == {"0002_index": 'revision = "0002"\nx = 1\n'}
+    with pytest.raises(HostValueError):
+        ImageMigrations().process([f"{MIGRATION_FILE_MARK}../../etc/passwd.py"])

@@ -180,6 +180,68 @@ class SchemaHead(FactBase[str | None]):
         return hostvalues.SCHEMA_HEAD.check(heads[0], "db host: alembic_version.version_num")
 
 
+class AppliedMigrations(FactBase[list]):
+    """What the database itself records of its migrations (schema_migration_meta), oldest applied first: each
+    revision with its declared backward_compatible and downgrade_data_safe. Emergency commands decide from this,
+    not from the checkout they happen to run in, which may not know the database's newest revisions."""
+
+    @staticmethod
+    def default() -> list:
+        return []
+
+    def command(self) -> str:
+        query = ("SELECT revision, backward_compatible, downgrade_data_safe FROM schema_migration_meta "
+                 "ORDER BY applied_at, revision")
+        return (
+            f"cd {BASE} 2>/dev/null && $({COMPOSE_DETECT}) -p ingest -f compose.yml exec -T postgres "
+            f"psql -U ingest -d ingest -tA -F '|' -c '{query}' 2>/dev/null || true"
+        )
+
+    def process(self, output: list[str]) -> list:
+        from ingestctl.migrations import AppliedMigration
+
+        applied = []
+        for number, line in enumerate((line.strip() for line in output if line.strip()), start=1):
+            revision, _, rest = line.partition("|")
+            compatible, _, data_safe = rest.partition("|")
+            if compatible not in ("t", "f") or data_safe not in ("t", "f"):
+                raise hostvalues.HostValueError(f"db host: schema_migration_meta row {number}",
+                                                "revision|t or f|t or f", line)
+            applied.append(AppliedMigration(
+                hostvalues.SCHEMA_HEAD.check(revision, f"db host: schema_migration_meta row {number} revision"),
+                compatible == "t", data_safe == "t"))
+        return applied
+
+
+MIGRATION_FILE_MARK = "### ingest-migration "
+
+
+class ImageMigrations(FactBase[dict]):
+    """The Alembic migration files inside IMAGE (on this host): {file stem: source}. The image that added a
+    revision carries its downgrade code, so a schema rollback can be planned from it in any checkout."""
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def command(self, image: str) -> str:
+        script = ('cd /app/alembic/versions && for f in *.py; do [ "$f" = __init__.py ] && continue; '
+                  f'printf "\n{MIGRATION_FILE_MARK}%s\n" "$f"; cat "$f"; done')
+        return f"docker run --rm --network none --entrypoint sh {shlex.quote(image)} -c {shlex.quote(script)}"
+
+    def process(self, output: list[str]) -> dict:
+        files: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith(MIGRATION_FILE_MARK):
+                name = line[len(MIGRATION_FILE_MARK):].strip().removesuffix(".py")
+                current = hostvalues.MIGRATION_FILE.check(name, "migration file name in the image")
+                files[current] = []
+            elif current is not None:
+                files[current].append(line)
+        return {name: "\n".join(lines) + "\n" for name, lines in files.items()}
+
+
 class RunningServices(FactBase[dict[str, str]]):
     """Running containers of the ingest compose project: {service: image}."""
 
