@@ -125,7 +125,8 @@ def show_history(env_name: str, reporter: Reporter) -> list[ledger.LedgerEntry]:
     if any(entry.outcome == "running" for entry in entries):
         now = datetime.now(UTC)
         live_runs = {status.record.run_id for status in read_locks(env_name).values()
-                     if status.record and status.record.run_id and now <= status.record.lease_end()}
+                     if status.record and status.record.run_id
+                     and not lock.expired(status.record, now, lock.runner_alive(status.record))}
         states = fleet.get_facts(env_name, IngestState, require_all=False)
         live_on: dict[str, list[str]] = {}
         for host, state in sorted(states.items()):

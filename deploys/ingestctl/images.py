@@ -11,7 +11,6 @@ Command builders are pure functions (tested by exact strings); `build_app_image`
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
 import shutil
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ingestctl import paths
-from ingestctl.errors import BuildError, EnvironmentMissing
+from ingestctl.errors import BuildError, ConfigError, EnvironmentMissing
 
 IMAGE_REPOSITORY = "ingest"
 BASE_RECIPE = "bookworm-python"
@@ -347,70 +346,15 @@ def source_hash(files: Iterable[tuple[str, bytes, bool]], wheelhouse_stamp: str,
     return digest.hexdigest()
 
 
-def _literal(node: ast.AST | None):
-    if node is None:
-        return None
-    try:
-        return ast.literal_eval(node)
-    except ValueError:
-        return None
-
-
-def parse_migration(source: str, filename: str = "<migration>") -> tuple[str, tuple[str, ...]] | None:
-    """(revision, down_revisions) from a migration module's source, read statically; None if it has no revision."""
-    tree = ast.parse(source, filename=filename)
-    values: dict[str, object] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign):
-            targets, value = node.targets, node.value
-        elif isinstance(node, ast.AnnAssign):
-            targets, value = [node.target], node.value
-        else:
-            continue
-        for target in targets:
-            if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
-                values[target.id] = _literal(value)
-    revision = values.get("revision")
-    if not isinstance(revision, str) or not revision:
-        return None
-    down = values.get("down_revision")
-    if down is None:
-        downs: tuple[str, ...] = ()
-    elif isinstance(down, str):
-        downs = (down,)
-    elif isinstance(down, (tuple, list)) and all(isinstance(item, str) for item in down):
-        downs = tuple(down)
-    else:
-        raise BuildError(
-            f"{filename}: down_revision must be a string, a tuple of strings or None, found {down!r}"
-        )
-    return revision, downs
-
-
 def schema_head(versions_dir: Path) -> str | None:
-    """The single Alembic head of the migrations in VERSIONS_DIR; None when there are no migrations."""
-    revisions: dict[str, tuple[str, ...]] = {}
-    for path in sorted(versions_dir.glob("*.py")):
-        parsed = parse_migration(path.read_text(), str(path))
-        if parsed is None:
-            continue
-        revision, downs = parsed
-        if revision in revisions:
-            raise BuildError(f"{path}: revision {revision!r} is declared by more than one migration")
-        revisions[revision] = downs
-    if not revisions:
-        return None
-    referenced = {down for downs in revisions.values() for down in downs}
-    missing = sorted(referenced - revisions.keys())
-    if missing:
-        raise BuildError(f"{versions_dir}: down_revision {', '.join(missing)} has no migration file")
-    heads = sorted(revisions.keys() - referenced)
-    if len(heads) != 1:
-        raise BuildError(
-            f"{versions_dir}: expected exactly one Alembic head, found {len(heads)} ({', '.join(heads) or 'a cycle'}); "
-            "merge the heads with `alembic merge` before building"
-        )
-    return heads[0]
+    """The Alembic head the image ships (its label): read with the same parser and rules as the deploy's
+    planning (`ingestctl.migrations`, a linear history), so the label and the plan never disagree."""
+    from ingestctl import migrations
+
+    try:
+        return migrations.chain_head(migrations.load_revisions(versions_dir))
+    except ConfigError as exc:
+        raise BuildError(f"{versions_dir}: {exc}") from None
 
 
 # --- running ------------------------------------------------------------------------------------------

@@ -143,6 +143,19 @@ def takeover_command(expired_token: str, record: LockRecord, lock_dir: str = LOC
             f"{shlex.quote(_token_pattern(record.token))} {shlex.quote(_token_pattern(expired_token))}")
 
 
+def runner_alive(record: LockRecord | None) -> bool | None:
+    """Whether RECORD's pid runs, when it ran on this machine; None when this machine cannot tell."""
+    if record is None or record.machine != socket.gethostname():
+        return None
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def expired(record: LockRecord, now: datetime, runner_alive: bool | None) -> bool:
     """Whether RECORD's holder is gone: its lease ran out, or it ran on this machine and its pid is dead."""
     return runner_alive is False or (runner_alive is None and now > record.lease_end())

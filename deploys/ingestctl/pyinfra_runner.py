@@ -50,6 +50,7 @@ class HostResult:
     operations: tuple[OperationResult, ...] = ()
     error: str | None = None
     noops: tuple[str, ...] = ()
+    reached: bool = True  # False: SSH never connected, so nothing ran there
 
     @property
     def changed(self) -> bool:
@@ -307,5 +308,6 @@ def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[st
             operations=tuple(operations),
             error=error,
             noops=tuple(collector.noops.get(host.name, ())),
+            reached=host.name not in collector.connect_errors and host in state.activated_hosts,
         )
     return RunResult(hosts=results)

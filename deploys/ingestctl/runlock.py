@@ -4,8 +4,6 @@ when anything fails. Also `lock show` and `lock break`."""
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -14,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ingestctl import fleet
-from ingestctl.errors import ConfigError, GateFailed, IngestctlError, RollbackFailed
+from ingestctl.errors import ConfigError, GateFailed, HostError, IngestctlError, RollbackFailed
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Aborted, Checkpoints, Context, Run
@@ -114,8 +112,10 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
             outcome = "rolled-back"
             raise GateFailed(f"{exc}; rolled back {', '.join(guard.switched)} to what they ran before") from exc
         outcome = "aborted" if isinstance(exc, Aborted) else "failed"
-        if isinstance(exc, (GateFailed, Aborted)):
-            raise GateFailed(f"{exc}; no host was switched") from exc
+        # Exit 2 promises that no host was touched; past the lock, a host step may have written files (config,
+        # images), so a failed step reports as a failed run that left every host on what it ran (exit 3).
+        if isinstance(exc, (GateFailed, Aborted, HostError)):
+            raise GateFailed(f"{exc}; no host was switched: every host still runs what it ran before") from exc
         raise
     finally:
         checkpoints.uninstall()
@@ -161,7 +161,7 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
         for host, status in held.items():
             holder = status.record
             if (status.state == "held" and holder is not None and takeovers < 3
-                    and lock_mod.expired(holder, now, _alive(holder))):
+                    and lock_mod.expired(holder, now, lock_mod.runner_alive(holder))):
                 # Its runner is gone: take the lock over (atomically, only if it is still that holder's) and say so.
                 commands[host] = lock_mod.takeover_command(holder.token, record.renewed(now, ttl))
                 run.facts["lock_takeover"] = (f"took over the expired deploy lock of {describe_holder(holder)}"
@@ -176,7 +176,7 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
                               + "; no host was changed")
         host, status = sorted(held.items())[0]
         if time.monotonic() >= deadline:
-            raise lock_mod.held_error(ctx.name, host, status.record, now, _alive(status.record))
+            raise lock_mod.held_error(ctx.name, host, status.record, now, lock_mod.runner_alive(status.record))
         ctx.reporter.event("progress", f"waiting for the deploy lock held on {host} "
                            f"({max(0, deadline - time.monotonic()):.0f}s left)")
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
@@ -203,23 +203,6 @@ def take_lock_everywhere(active: Mapping[str, Any], record, commands: Mapping[st
         if taken:
             fleet.run_on(taken, lambda _h: lock_mod.release_command(record.token))
     return statuses
-
-
-def _alive(holder) -> bool | None:
-    """Whether HOLDER's pid runs, when it ran on this machine; None when this machine cannot tell."""
-    if holder is None or holder.machine != socket.gethostname():
-        return None
-    return _pid_alive(holder.pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 OUTCOMES = {"noop": "success", "rollback-failed": "failed"}
@@ -311,7 +294,8 @@ def finish(ctx: Context, run: Run) -> None:
     unreachable = sorted(set(ctx.env.all_hosts) - set(results))
     if unreachable:
         ctx.reporter.event("error", f"{', '.join(unreachable)} unreachable: the run is not in their ledger and "
-                           f"their deploy lock may still be held; once they answer: `ingestctl lock break {ctx.name}`")
+                           "their deploy lock stays until the next command takes it over (this run's pid is gone "
+                           "or its lease runs out)")
     failed = [f"{h}: {r.stderr.strip()[:200]}" for h, r in results.items() if not r.ok]
     if failed:
         ctx.reporter.event("error", "ledger append failed on " + "; ".join(failed))

@@ -81,7 +81,8 @@ def converge(ctx: Context, calls: list[runner.OperationCall], hosts: list[str], 
         result = runner.run_operations(ctx.name, calls, hosts=pending, raise_on_error=False)
         results.update(result.hosts)
         touched.update(result.changed_hosts)
-        touched.update(r.host for r in result.failed)
+        # A host SSH never reached was not changed by this attempt: it has nothing to roll back.
+        touched.update(r.host for r in result.failed if r.reached)
         again = [r for r in result.failed if retryable(r.describe_failure())]
         if not again or time.monotonic() + delay > deadline:
             return runner.RunResult(results), touched

@@ -381,3 +381,73 @@ def test_a_sigkilled_controller_shows_as_interrupted_and_the_next_deploy_converg
     assert entry["release"] == V3 and entry["outcome"] == "success", entry
     assert "took over the expired deploy lock" in (entry.get("lock_takeover") or ""), entry
     assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values())
+
+
+def test_a_lock_that_cannot_be_taken_on_one_host_is_released_everywhere(testbed, ssh, deployed_v2, checkout):
+    """The lock's directory cannot be created on the last host (a file sits where /var/lib/ingest should be):
+    the deploy takes the lock nowhere, exits 2 naming the host, and nothing changes."""
+    victim = testbed.hosts[-1].name
+    code, _out, err = ssh(victim, "mv /var/lib/ingest /var/lib/ingest.e2e-moved && touch /var/lib/ingest")
+    assert code == 0, err
+    try:
+        before = {h: s for h, s in host_snapshot(testbed, ssh).items() if h != victim}
+        result = ingestctl("deploy", "local", "--version", V2, "--skip-bench", "--json", root=checkout)
+        after = {h: s for h, s in host_snapshot(testbed, ssh).items() if h != victim}
+    finally:
+        ssh(victim, "rm -f /var/lib/ingest && mv /var/lib/ingest.e2e-moved /var/lib/ingest")
+    assert result.code == 2, result.explain()
+    assert victim in result.summary()["error"] and "deploy lock" in result.summary()["error"], result.explain()
+    assert after == before, "a host changed although the lock could not be taken everywhere"
+    assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values()), "a partial lock was left"
+
+
+def test_a_host_paused_mid_rollout_ends_honestly_and_the_next_deploy_converges(testbed, ssh, deployed_v2, checkout,
+                                                                              testbed_name):
+    """`docker pause` the second batch's host once batch 1 is live: the run rolls batch 1 back (exit 3) naming
+    the host it could not reach; after unpause, the next deploy takes the run's leftover lock over and converges."""
+    current = next(iter(live_releases(testbed, ssh).values()))
+    target = V2 if current != V2 else V3
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    deploy = subprocess.Popen(
+        [executable, "deploy", "local", "--version", target, "--skip-bench", "--json"], cwd=checkout,
+        env={**os.environ, "INGESTCTL_ROOT": str(checkout)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_events, args=(deploy.stdout, lines), daemon=True).start()
+    seen: list[str] = []
+    paused = None
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                break
+            seen.append(line)
+            event = json.loads(line) if line.startswith("{") else {}
+            if paused is None and event.get("step") == "switched" and event.get("batch") == 1:
+                batches = next(json.loads(s) for s in seen if '"batches"' in s and '"type": "plan"' in s)["batches"]
+                paused = f"{testbed_name}-{batches[1][0]}"
+                subprocess.run(["docker", "pause", paused], check=True, capture_output=True, timeout=60)
+        code = deploy.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+        if paused:
+            subprocess.run(["docker", "unpause", paused], check=False, capture_output=True, timeout=60)
+    result = Result(code, "".join(seen), deploy.stderr.read())
+    assert paused, f"the deploy never reported batch 1 switched: {result.explain()}"
+    host = paused.removeprefix(f"{testbed_name}-")
+    assert code in (3, 4), result.explain()
+    assert host in json.dumps(result.summary()), f"the summary does not name {host}: {result.summary()}"
+    if code == 3:
+        assert set(served_versions(testbed).values()) == {current}, "exit 3 but the fleet is not back"
+    deadline = time.monotonic() + 60
+    while ssh(host, "true")[0] != 0:
+        assert time.monotonic() < deadline, f"{host} did not answer over SSH within 60 s of docker unpause"
+        time.sleep(1)
+
+    again = ingestctl("deploy", "local", "--version", target, "--skip-bench", "--json", root=checkout)
+    assert again.code == 0, again.explain()
+    assert_fleet_on(testbed, ssh, target)
+    assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values())
