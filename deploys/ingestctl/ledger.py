@@ -282,6 +282,12 @@ def mark_interrupted(entries: Sequence[LedgerEntry], live_run_ids: set[str],
     return marked
 
 
+def _outcome_text(entry: LedgerEntry) -> str:
+    if entry.outcome == "interrupted":
+        return "interrupted" + (f" on {', '.join(entry.hosts)}" if entry.hosts else "")
+    return entry.outcome + (" (bench skipped)" if entry.bench_skipped else "")
+
+
 def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:
     """Rows for `ingestctl history`, newest first, matching HISTORY_COLUMNS."""
     rows = []
@@ -299,8 +305,7 @@ def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:
             config = f"{e.previous_config_version} -> {config}"
         rows.append([
             e.started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), e.kind, release, config, schema,
-            e.outcome + (" (bench skipped)" if e.bench_skipped else "")
-            + (f" on {', '.join(e.hosts)}" if e.outcome == "interrupted" and e.hosts else ""), _seconds(e.duration_s),
+            _outcome_text(e), _seconds(e.duration_s),
             _seconds(e.time_to_healthy_s), e.who, e.id,
         ])
     return rows
