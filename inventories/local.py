@@ -1,5 +1,8 @@
 """The local sandbox: the hosts `ingestctl testbed up` started (state in .testbed/NAME/state.json).
 
+A bare testbed (`ingestctl testbed up --bare`) is reached as its `deploy` user, root through sudo: the
+testbed's state says which (`ssh_user`, `sudo`), exactly as `ingestctl testbed status --json` reports it.
+
 INGESTCTL_TESTBED selects the testbed (default ingest-tb), as it does for `ingestctl testbed`.
 Usage: `pyinfra -y inventories/local.py exec -- docker info`, or `ingestctl deploy local`.
 """
@@ -30,6 +33,7 @@ _env = environment(
             "ssh_hostname": host.address,
             "ssh_port": host.ssh_port,
             "ssh_user": _testbed.ssh_user,
+            "sudo": _testbed.sudo,
             "ssh_key": _testbed.ssh_key,
             # Sandbox hosts get new host keys on every `testbed up`: there is nothing to pin.
             "ssh_known_hosts_file": "/dev/null",

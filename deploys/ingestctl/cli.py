@@ -280,7 +280,9 @@ def _attach_optional_groups() -> None:
     from ingestctl.images_cli import image
 
     main.add_command(image)
+    from ingestctl.setup_cli import setup
 
+    main.add_command(setup)
 
 
 _attach_optional_groups()

@@ -78,9 +78,13 @@ class Guard:
 
 
 @contextmanager
-def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterator[Guard]:
+def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setup: bool = False) -> Iterator[Guard]:
     """The frame of every mutating action: lock, remember what each host ran, and on any failure after a
-    host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock."""
+    host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock.
+
+    CHECK_SETUP (deploy): every host must be set up (Docker, Compose, tools), read in the same connection as the
+    lock; otherwise exit 2 naming each host and `ingestctl setup ENV`, with the lock released and nothing changed.
+    """
     checkpoints = Checkpoints(ctx.name)
     checkpoints.install()
     guard = Guard(before={}, checkpoints=checkpoints)
@@ -88,6 +92,8 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
     with fleet.connected(ctx.name) as active:
         record = acquire_lock(ctx, run, lock_wait_s, command, active)
         try:
+            if check_setup:
+                require_set_up(ctx, active)
             guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
             guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
             journal_start(ctx, run, active)
@@ -123,6 +129,18 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str) -> Iterato
         run.facts["outcome"] = outcome
         run.facts["switched"] = guard.switched
         finish(ctx, run)
+
+
+def require_set_up(ctx: Context, active: Mapping[str, Any]) -> None:
+    """ConfigError naming every connected host that cannot take a deploy yet, and the command that fixes it."""
+    from ingestctl import hostsetup
+    from ingestctl.facts.host import READINESS_COMMAND, parse_readiness
+
+    results = fleet.run_on(active, lambda _h: READINESS_COMMAND)
+    problems = {name: found for name, result in results.items()
+                if (found := hostsetup.readiness_problems(parse_readiness(result.stdout)))}
+    if problems:
+        raise ConfigError(hostsetup.describe_problems(ctx.name, problems))
 
 
 def journal_start(ctx: Context, run: Run, active: Mapping[str, Any]) -> None:

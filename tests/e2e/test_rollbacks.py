@@ -239,8 +239,8 @@ def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named
     assert entry["previous_release"] == V2
     assert isinstance(entry["time_to_healthy_s"], (int, float)) and 0 < entry["time_to_healthy_s"] < 300
     assert sorted(entry["hosts"]) == sorted(app_urls(testbed))
-    # Every host holds the same ledger.
-    assert all(ledger(ssh, h) == ledger(ssh) for h in ("app2", "app3"))
+    # Every host holds this run's entry (earlier runs may differ: a host unreachable at a run's end misses it).
+    assert all(ledger(ssh, h).get(entry["id"]) == entry for h in ("app2", "app3"))
 
     result = ingestctl("rollback", "app", "local", "--to", V2, "--json")
     assert result.code == 0, result.explain()

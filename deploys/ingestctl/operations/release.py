@@ -23,6 +23,7 @@ from ingestctl.facts.release import (
     RunningServices,
     SchemaHead,
 )
+from ingestctl.operations import secretfiles
 from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files
@@ -90,9 +91,10 @@ def config_version_present(version: str, env_text: str, secret_files: Mapping[st
     staging = f"{layout.BASE}/config/.{version}.partial"
     final = f"{layout.BASE}/config/{version}"
     yield f"rm -rf {staging} && mkdir -p {staging}/secrets && chmod 700 {staging} {staging}/secrets"
-    yield from files.put._inner(src=StringIO(env_text), dest=f"{staging}/app.env", mode="600")
+    # Through stdin, never an upload: on a sudo host pyinfra's upload passes through a world-readable /tmp file.
+    yield secretfiles.write_command(f"{staging}/app.env", env_text, mode="600")
     for name, value in sorted(secret_files.items()):
-        yield from files.put._inner(src=StringIO(value), dest=f"{staging}/secrets/{name}", mode="600")
+        yield secretfiles.write_command(f"{staging}/secrets/{name}", value, mode="600")
     # Written whole, then renamed: a half-written version is never visible to a deploy or a rollback.
     yield (
         f"touch {staging}/.complete && chown -R {app_uid}:{app_uid} {staging} && chmod 700 {staging} "
@@ -114,9 +116,8 @@ def database_running(password: str, postgres_uid: int, infra_images: Mapping[str
         host.noop("postgres and redis already running")
         return
     binary = compose_binary()
-    yield from files.put._inner(
-        src=StringIO(password), dest=password_file, mode="600", user=str(postgres_uid), group=str(postgres_uid),
-    )
+    yield secretfiles.write_command(password_file, password, mode="600", user=str(postgres_uid),
+                                    group=str(postgres_uid))
     yield layout.start_db(binary)
     yield layout.wait_db_healthy(binary)
 

@@ -14,6 +14,9 @@ from ingestctl.testbed import hostspec
 def testbed() -> None:
     """Local sandbox hosts (db1, app2, app3) reachable over SSH.
 
+    `up --bare` starts hosts with only sshd and a `deploy` user with passwordless sudo (db1 on Debian 12, the
+    app hosts on Debian 13), for `ingestctl setup local`; `--hosts N` gives N app hosts beside db1.
+
     INGESTCTL_TESTBED names the testbed (default ingest-tb): it prefixes the Docker objects and selects
     the state in .testbed/NAME/, so tests can run their own testbed beside a developer's.
     """
@@ -32,8 +35,12 @@ def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
                 address=host.address,
                 ssh_port=host.ssh_port,
                 ssh_user=testbed_state.ssh_user,
+                sudo=testbed_state.sudo,
+                bare=testbed_state.bare,
+                suite=host.suite or None,
                 ssh_key=testbed_state.ssh_key,
                 sshd=h.sshd,
+                sudo_ok=h.sudo,
                 docker=h.docker,
                 docker_version=h.docker_version,
                 storage_driver=h.storage_driver,
@@ -44,41 +51,71 @@ def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
     rows = []
     for host in testbed_state.hosts:
         h = by_name[host.name]
-        rows.append(
-            [
-                host.name,
-                ",".join(host.roles),
-                host.address,
-                host.ssh_port,
-                "yes" if h.sshd else "NO",
-                "yes" if h.docker else "NO",
-                h.storage_driver or h.detail,
-            ]
-        )
+        row = [
+            host.name,
+            ",".join(host.roles),
+            host.address,
+            host.ssh_port,
+            "yes" if h.sshd else "NO",
+        ]
+        if testbed_state.bare:
+            row += [host.suite, "yes" if h.sudo else "NO"]
+        row += ["yes" if h.docker else ("no" if testbed_state.bare else "NO"), h.storage_driver or h.detail]
+        rows.append(row)
+    columns = ["host", "roles", "address", "ssh port", "sshd"]
+    if testbed_state.bare:
+        columns += ["debian", "sudo"]
+    kind = f"{testbed_state.security_mode}, bare" if testbed_state.bare else testbed_state.security_mode
     reporter.table(
-        f"testbed {testbed_state.name} ({testbed_state.security_mode})",
-        ["host", "roles", "address", "ssh port", "sshd", "docker", "storage / problem"],
+        f"testbed {testbed_state.name} ({kind})",
+        [*columns, "docker", "storage / problem"],
         rows,
     )
-    reporter.event("info", f"ssh key (every host): {testbed_state.ssh_key}, user {testbed_state.ssh_user}")
+    via = ", root through passwordless sudo" if testbed_state.sudo else ""
+    reporter.event(
+        "info", f"ssh key (every host): {testbed_state.ssh_key}, user {testbed_state.ssh_user}{via}"
+    )
 
 
 @testbed.command("up")
+@click.option(
+    "--bare",
+    is_flag=True,
+    default=None,
+    help="Hosts with only sshd and a `deploy` user with passwordless sudo (no Docker), for `ingestctl setup`.",
+)
+@click.option(
+    "--hosts",
+    "app_hosts",
+    type=int,
+    default=None,
+    help=f"App hosts beside db1 (default {hostspec.DEFAULT_APP_HOSTS}): app2, app3, ...",
+)
 @json_option
 @reporting
-def up_command(reporter: Reporter) -> None:
-    """Build missing images, start db1, app2, app3 and wait until sshd and Docker answer on each."""
+def up_command(bare: bool | None, app_hosts: int | None, reporter: Reporter) -> None:
+    """Build missing images, start db1, app2, app3 and wait until sshd and Docker (--bare: sudo) answer on each."""
     from ingestctl.testbed import lifecycle
 
-    result = lifecycle.up(lambda message: reporter.event("progress", message))
+    result = lifecycle.up(lambda message: reporter.event("progress", message), bare=bare, app_hosts=app_hosts)
     _report_hosts(reporter, result.state, result.health)
     verb = "already up" if result.already_up else "up"
+    if result.state.bare:
+        what = (
+            f"{len(result.state.hosts)} bare hosts (user {result.state.ssh_user} with sudo); "
+            "next: `ingestctl setup local`"
+        )
+    else:
+        what = f"{len(result.state.hosts)} hosts, storage driver {result.state.storage_driver}"
     reporter.event(
         "summary",
-        f"testbed {result.state.name} {verb}: {len(result.state.hosts)} hosts, storage driver "
-        f"{result.state.storage_driver}; ssh: ssh -F {result.state.ssh_config} db1",
+        f"testbed {result.state.name} {verb}: {what}; ssh: ssh -F {result.state.ssh_config} db1",
         testbed=result.state.name,
         already_up=result.already_up,
+        bare=result.state.bare,
+        ssh_user=result.state.ssh_user,
+        sudo=result.state.sudo,
+        hosts=[host.name for host in result.state.hosts],
         storage_driver=result.state.storage_driver,
         security_mode=result.state.security_mode,
         ssh_config=result.state.ssh_config,
@@ -120,10 +157,22 @@ def status_command(reporter: Reporter) -> None:
     if down_hosts:
         raise HostError(
             f"testbed {testbed_state.name}: {', '.join(down_hosts)} not answering; run `ingestctl testbed up`"
+            + ("" if not testbed_state.bare else " (bare hosts need sshd and passwordless sudo)")
         )
+    if testbed_state.bare:
+        with_docker = len([h for h in health if h.docker])
+        message = (
+            f"testbed {testbed_state.name}: all {len(health)} bare hosts answer over SSH with sudo; "
+            f"Docker on {with_docker} of them" + ("" if with_docker == len(health) else " (`ingestctl setup local`)")
+        )
+    else:
+        message = f"testbed {testbed_state.name}: all {len(health)} hosts answer over SSH and Docker"
     reporter.event(
         "summary",
-        f"testbed {testbed_state.name}: all {len(health)} hosts answer over SSH and Docker",
+        message,
         testbed=testbed_state.name,
         ready=True,
+        bare=testbed_state.bare,
+        ssh_user=testbed_state.ssh_user,
+        sudo=testbed_state.sudo,
     )

@@ -81,6 +81,8 @@ _NAME_RULE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,40}$")
 class HostSpec:
     name: str
     roles: tuple[str, ...]
+    # The Debian release of a bare host (`testbed up --bare`); ready-made hosts all run the sandbox-host image.
+    suite: str = "trixie"
 
 
 DEFAULT_HOSTS = (
@@ -88,6 +90,25 @@ DEFAULT_HOSTS = (
     HostSpec("app2", ("app",)),
     HostSpec("app3", ("app",)),
 )
+DEFAULT_APP_HOSTS = 2
+MAX_APP_HOSTS = 8
+# Bare testbeds mix the Debian releases so that `ingestctl setup` meets both: db1 on bookworm (Compose v1,
+# `docker-compose`), the app hosts on trixie (Compose v2, `docker compose`).
+BARE_DB_SUITE = "bookworm"
+BARE_APP_SUITE = "trixie"
+BARE_SSH_USER = "deploy"
+READY_SSH_USER = "root"
+
+
+def testbed_hosts(app_hosts: int = DEFAULT_APP_HOSTS, bare: bool = False) -> tuple[HostSpec, ...]:
+    """db1 (db and app) and APP_HOSTS app hosts beside it: app2, app3, ... (`testbed up --hosts N`)."""
+    if not isinstance(app_hosts, int) or isinstance(app_hosts, bool) or not 1 <= app_hosts <= MAX_APP_HOSTS:
+        raise ConfigError(f"--hosts: expected a number of app hosts from 1 to {MAX_APP_HOSTS}, found {app_hosts!r}")
+    db_suite, app_suite = (BARE_DB_SUITE, BARE_APP_SUITE) if bare else ("trixie", "trixie")
+    return (
+        HostSpec("db1", ("db", "app"), db_suite),
+        *(HostSpec(f"app{n}", ("app",), app_suite) for n in range(2, app_hosts + 2)),
+    )
 
 
 def testbed_name(environ=None) -> str:

@@ -1,6 +1,8 @@
 """Sandbox images built with `docker build` from the local base images (recipes in deploys/images/).
 
 - `ingest-sandbox-host`: the sandbox hosts themselves (sshd + their own Docker engine).
+- `ingest-sandbox-bare:bookworm|trixie`: bare hosts for `testbed up --bare` (sshd, sudo, a `deploy` user; no
+  Docker), one per Debian release so that `ingestctl setup` meets both Compose generations.
 - `ingest-postgres`, `ingest-redis`: stand-ins for the official images, which cannot be pulled here. The deploy
   ships them to the hosts; their names are inventory data, so production keeps the official images.
 
@@ -23,6 +25,7 @@ SANDBOX_HOST_IMAGE = "ingest-sandbox-host:latest"
 POSTGRES_IMAGE = "ingest-postgres:15"
 REDIS_IMAGE = "ingest-redis:7"
 PROXY_IMAGE = "ingest-proxy:1"
+BARE_IMAGES = {"bookworm": "ingest-sandbox-bare:bookworm", "trixie": "ingest-sandbox-bare:trixie"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,18 @@ SANDBOX_IMAGES: dict[str, ImageRecipe] = {
     "postgres": ImageRecipe(POSTGRES_IMAGE, "postgres", "bookworm-python"),
     "redis": ImageRecipe(REDIS_IMAGE, "redis", "bookworm-python"),
     "proxy": ImageRecipe(PROXY_IMAGE, "proxy", "bookworm-python"),
+    # Bare hosts reuse the two base images the sandbox already builds (bookworm's carries python3, as VMs do).
+    "sandbox-bare-bookworm": ImageRecipe(BARE_IMAGES["bookworm"], "sandbox-bare", "bookworm-python"),
+    "sandbox-bare-trixie": ImageRecipe(BARE_IMAGES["trixie"], "sandbox-bare", "trixie"),
 }
+# What each kind of testbed needs: its hosts' images, and the service images a deploy ships to them.
+SERVICE_IMAGE_KEYS = ("postgres", "redis", "proxy")
+READY_MADE_KEYS = ("sandbox-host", *SERVICE_IMAGE_KEYS)
+BARE_KEYS = ("sandbox-bare-bookworm", "sandbox-bare-trixie", *SERVICE_IMAGE_KEYS)
+
+
+def bare_image_key(suite: str) -> str:
+    return f"sandbox-bare-{suite}"
 
 
 def recipe_hash(context: Path, base_hash: str) -> str:
@@ -76,8 +90,9 @@ def ensure_image(key: str, progress: Progress | None = None, client=None) -> str
     return recipe.image
 
 
-def ensure_all(progress: Progress | None = None, client=None) -> dict[str, str]:
-    return {key: ensure_image(key, progress, client) for key in SANDBOX_IMAGES}
+def ensure_all(progress: Progress | None = None, client=None, keys=READY_MADE_KEYS) -> dict[str, str]:
+    """Build the images KEYS name (default: a ready-made testbed's) when missing or stale."""
+    return {key: ensure_image(key, progress, client) for key in keys}
 
 
 def _build(client, recipe: ImageRecipe, base_image: str, wanted: str, say: Progress) -> None:

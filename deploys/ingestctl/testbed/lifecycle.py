@@ -14,13 +14,13 @@ from ingestctl.errors import ConfigError, HostError
 from ingestctl.testbed import hostspec, images, keys, probe
 from ingestctl.testbed import state as state_mod
 from ingestctl.testbed.engine import docker_client
-from ingestctl.testbed.hostspec import DEFAULT_HOSTS, EXPLICIT_CAPS, PRIVILEGED, HostSpec
+from ingestctl.testbed.hostspec import EXPLICIT_CAPS, MAX_APP_HOSTS, PRIVILEGED, HostSpec
 from ingestctl.testbed.state import HostState, TestbedState
 
 READY_DEADLINE_S = 180.0
 STORAGE_ENV = "INGESTCTL_TESTBED_STORAGE"
 STORAGE_CHOICES = ("auto", "overlay2", "vfs")
-SSH_USER = "root"
+SSH_USER = hostspec.READY_SSH_USER
 
 
 @dataclass
@@ -56,36 +56,85 @@ def _engine_errors(name: str, action: str):
         raise HostError(f"testbed {name}: {action} failed in the Docker engine: {_short(exc)}") from exc
 
 
-def up(progress: Progress, name: str | None = None) -> UpResult:
+def up(
+    progress: Progress, name: str | None = None, bare: bool | None = None, app_hosts: int | None = None
+) -> UpResult:
+    """Start the testbed NAME: ready-made hosts (sshd + Docker, root login), or with BARE only sshd and a
+    `deploy` user with passwordless sudo (for `ingestctl setup`); APP_HOSTS app hosts beside db1 (default 2).
+
+    BARE/APP_HOSTS None: what the running testbed already is, else ready-made with 2 app hosts. A running
+    testbed of another kind or size is a ConfigError: `testbed down` first, nothing is touched.
+    """
     name = name or hostspec.testbed_name()
     _storage_choice()  # a bad value fails before anything is built
+    if app_hosts is not None:
+        hostspec.testbed_hosts(app_hosts)  # a bad count fails before anything is built
     client = docker_client(progress)
     with _engine_errors(name, "testbed up"):
-        quick, unhealthy = _already_up(client, name, progress)
+        quick, unhealthy = _already_up(client, name, progress, bare, app_hosts)
         if quick is not None:
             return quick
         with _testbed_lock(name):
             # Another `up` may have finished while we waited: then this one has nothing to do.
-            quick, unhealthy = _already_up(client, name, progress)
+            quick, unhealthy = _already_up(client, name, progress, bare, app_hosts)
             if quick is not None:
                 return quick
-            return _bring_up(client, name, progress, restart=unhealthy)
+            kind = _recorded_kind(name)
+            if kind is not None:
+                bare = kind[0] if bare is None else bare
+                app_hosts = kind[1] if app_hosts is None else app_hosts
+            return _bring_up(
+                client, name, progress, restart=unhealthy, bare=bool(bare),
+                app_hosts=hostspec.DEFAULT_APP_HOSTS if app_hosts is None else app_hosts,
+            )
 
 
-def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = frozenset()) -> UpResult:
+def _recorded_kind(name: str) -> tuple[bool, int] | None:
+    try:
+        testbed = state_mod.load(name)
+    except ConfigError:
+        return None
+    return testbed.bare, testbed.app_host_count
 
+
+def _check_kind(testbed: TestbedState, bare: bool | None, app_hosts: int | None) -> None:
+    """A running testbed is never silently rebuilt as another kind or size: that would lose its hosts' state."""
+    problems = []
+    if bare is not None and bare != testbed.bare:
+        have, want = ("bare", "ready-made") if testbed.bare else ("ready-made", "bare (--bare)")
+        problems.append(f"it is {have}, {want} was asked for")
+    if app_hosts is not None and app_hosts != testbed.app_host_count:
+        problems.append(f"it has {testbed.app_host_count} app hosts beside db1, --hosts {app_hosts} was asked for")
+    if problems:
+        hint = "" if testbed.name == hostspec.DEFAULT_TESTBED else f"INGESTCTL_TESTBED={testbed.name} "
+        raise ConfigError(
+            f"testbed {testbed.name} is already up and {'; '.join(problems)}; "
+            f"take it down first: `{hint}ingestctl testbed down` (its hosts' deployed state is lost)"
+        )
+
+
+def _host_image(host: HostSpec, bare: bool) -> str:
+    return images.BARE_IMAGES[host.suite] if bare else hostspec.SANDBOX_IMAGE
+
+
+def _bring_up(
+    client, name: str, progress: Progress, restart: frozenset[str] = frozenset(), bare: bool = False,
+    app_hosts: int = hostspec.DEFAULT_APP_HOSTS,
+) -> UpResult:
+    specs = hostspec.testbed_hosts(app_hosts, bare=bare)
+    ssh_user = hostspec.BARE_SSH_USER if bare else SSH_USER
     key_file, public_key = keys.ensure_key_pair(state_mod.key_path())
     if secrets_mod.generate_file(paths.secrets_file("local")):
         progress(f"generated local secrets in {paths.secrets_file('local')} (mode 0600)")
-    built = images.ensure_all(progress, client)
+    built = images.ensure_all(progress, client, keys=images.BARE_KEYS if bare else images.READY_MADE_KEYS)
     progress(f"images ready: {', '.join(built.values())}")
 
     network = _ensure_network(client, name)
     mode = _existing_security_mode(client, name)
     containers = {}
-    for host in DEFAULT_HOSTS:
+    for host in specs:
         container, mode = _ensure_container(
-            client, name, host, mode, public_key, progress, host.name in restart
+            client, name, host, mode, public_key, progress, host.name in restart, image=_host_image(host, bare)
         )
         containers[host.name] = container
 
@@ -96,20 +145,26 @@ def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = f
             ssh_port=22,
             roles=list(host.roles),
             container=containers[host.name].name,
+            suite=host.suite if bare else "",
         )
-        for host in DEFAULT_HOSTS
+        for host in specs
     ]
     testbed = TestbedState(
         name=name,
         network=network.name,
         storage_driver="starting",
         security_mode=mode,
-        ssh_user=SSH_USER,
+        ssh_user=ssh_user,
         ssh_key=str(key_file.resolve()),
         hosts=hosts,
+        bare=bare,
+        sudo=bare,
     )
-    progress("waiting for sshd and the inner Docker engine on every host")
-    health = probe.wait_ready(hosts, SSH_USER, testbed.ssh_key, READY_DEADLINE_S, on_wait=progress)
+    if bare:
+        progress(f"waiting for sshd and passwordless sudo for {ssh_user} on every host")
+    else:
+        progress("waiting for sshd and the inner Docker engine on every host")
+    health = probe.wait_ready(hosts, ssh_user, testbed.ssh_key, READY_DEADLINE_S, on_wait=progress, bare=bare)
     not_ready = [h for h in health if not h.ready]
     if not_ready:
         details = "; ".join(f"{h.name}: {h.detail or 'not answering'}" for h in not_ready)
@@ -118,14 +173,18 @@ def _bring_up(client, name: str, progress: Progress, restart: frozenset[str] = f
             f"inspect with `docker logs {hostspec.container_name(name, not_ready[0].name)}` and "
             f"`docker exec {hostspec.container_name(name, not_ready[0].name)} cat /var/log/dockerd.log`"
         )
-    drivers = sorted({h.storage_driver for h in health})
+    drivers = sorted({h.storage_driver for h in health if h.storage_driver})
+    if bare and not drivers:
+        drivers = ["none (bare: `ingestctl setup` installs Docker)"]
     testbed.storage_driver = drivers[0] if len(drivers) == 1 else ",".join(drivers)
     testbed.ssh_config = str(state_mod.write_ssh_config(testbed))
     state_mod.save(testbed)
     return UpResult(testbed, health, already_up=False)
 
 
-def _already_up(client, name: str, progress: Progress) -> tuple[UpResult | None, frozenset[str]]:
+def _already_up(
+    client, name: str, progress: Progress, bare: bool | None = None, app_hosts: int | None = None
+) -> tuple[UpResult | None, frozenset[str]]:
     """The no-op path: state present, every container running at its recorded address, every host answering.
 
     Otherwise (None, names of running hosts that do not answer), so `up` can restart just those.
@@ -135,6 +194,7 @@ def _already_up(client, name: str, progress: Progress) -> tuple[UpResult | None,
         testbed = state_mod.load(name)
     except ConfigError:
         return nothing
+    _check_kind(testbed, bare, app_hosts)
     running = {
         c.name: c
         for c in client.containers.list(filters={"label": f"{hostspec.LABEL}={name}", "status": "running"})
@@ -143,14 +203,19 @@ def _already_up(client, name: str, progress: Progress) -> tuple[UpResult | None,
         container = running.get(host.container)
         if container is None or _address(container, testbed.network) != host.address:
             return nothing
-    wanted = images.SANDBOX_IMAGES["sandbox-host"].recipe_hash()
-    stale = [c.name for c in running.values() if c.labels.get(RECIPE_LABEL) != wanted]
+    stale = []
+    for host in testbed.hosts:
+        key = images.bare_image_key(host.suite or "trixie") if testbed.bare else "sandbox-host"
+        container = running[host.container]
+        if container.labels.get(RECIPE_LABEL) != images.SANDBOX_IMAGES[key].recipe_hash():
+            stale.append(container.name)
     if stale:
+        flags = " --bare" if testbed.bare else ""
         progress(
-            f"note: {', '.join(sorted(stale))} run an older sandbox-host recipe; "
-            "`ingestctl testbed down && ingestctl testbed up` rebuilds them (deployed state is lost)"
+            f"note: {', '.join(sorted(stale))} run an older sandbox image recipe; "
+            f"`ingestctl testbed down && ingestctl testbed up{flags}` rebuilds them (deployed state is lost)"
         )
-    health = probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key)
+    health = probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key, bare=testbed.bare)
     unhealthy = frozenset(h.name for h in health if not h.ready)
     if unhealthy:
         return None, unhealthy
@@ -182,6 +247,7 @@ def _ensure_container(
     public_key: str,
     progress: Progress,
     restart: bool = False,
+    image: str = hostspec.SANDBOX_IMAGE,
 ):
     """(running container, security mode used). Starts a stopped one, restarts a silent one, creates a missing one."""
     import docker.errors
@@ -204,7 +270,9 @@ def _ensure_container(
     modes = [mode] if mode else [PRIVILEGED, EXPLICIT_CAPS]
     last_error = None
     for candidate in modes:
-        spec = hostspec.container_spec(name, host, candidate, public_key, storage_driver=_storage_choice())
+        spec = hostspec.container_spec(
+            name, host, candidate, public_key, storage_driver=_storage_choice(), image=image
+        )
         container = client.containers.get(client.api.create_container(**spec.create_kwargs())["Id"])
         try:
             container.start()
@@ -271,7 +339,7 @@ def _take_down(client, name: str, purge: bool, progress: Progress) -> DownResult
     result = DownResult([], [], [], [])
 
     containers = {c.id: c for c in client.containers.list(all=True, filters=label)}
-    for host in DEFAULT_HOSTS:
+    for host in hostspec.testbed_hosts(MAX_APP_HOSTS):
         try:
             found = client.containers.get(hostspec.container_name(name, host.name))
             containers.setdefault(found.id, found)
@@ -283,7 +351,7 @@ def _take_down(client, name: str, purge: bool, progress: Progress) -> DownResult
         progress(f"removed container {container.name}")
 
     volumes = {v.name: v for v in client.volumes.list(filters=label)}
-    for host in DEFAULT_HOSTS:
+    for host in hostspec.testbed_hosts(MAX_APP_HOSTS):
         try:
             volumes.setdefault(
                 hostspec.volume_name(name, host.name),
@@ -334,4 +402,4 @@ def _remove_with_retry(remove, attempts: int = 10) -> None:
 
 def status(name: str | None = None) -> tuple[TestbedState, list[probe.HostHealth]]:
     testbed = state_mod.load(name)
-    return testbed, probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key)
+    return testbed, probe.check_all(testbed.hosts, testbed.ssh_user, testbed.ssh_key, bare=testbed.bare)

@@ -16,6 +16,10 @@ PROBE_COMMAND = (
     f'{DOCKER_INFO} || {{ test "$(cat /run/sandbox/storage-driver 2>/dev/null)" = failed '
     f"&& echo '{ENGINE_FAILED_MARK}; see /var/log/dockerd.log' >&2; exit 1; }}"
 )
+# A bare host (`testbed up --bare`) is ready when its sudo user reaches root without a password; Docker is
+# reported once `ingestctl setup` has installed it, never required.
+SUDO_OK = "sudo-ok"
+BARE_PROBE_COMMAND = f"sudo -n true && echo {SUDO_OK}; sudo -n {DOCKER_INFO} 2>/dev/null || true"
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,15 @@ class HostHealth:
     docker_version: str = ""
     storage_driver: str = ""
     detail: str = ""
+    # Bare hosts: whether the SSH user reached root with `sudo -n` (None on ready-made hosts, which log in as
+    # root), and readiness does not need Docker.
+    sudo: bool | None = None
+    bare: bool = False
 
     @property
     def ready(self) -> bool:
+        if self.bare:
+            return self.sshd and bool(self.sudo)
         return self.sshd and self.docker
 
 
@@ -62,7 +72,7 @@ def run_ssh(
 
 
 def check_host(
-    name: str, address: str, port: int, user: str, key_path: str, timeout: float = 5.0
+    name: str, address: str, port: int, user: str, key_path: str, timeout: float = 5.0, bare: bool = False
 ) -> HostHealth:
     try:
         with socket.create_connection((address, port), timeout=timeout) as sock:
@@ -75,9 +85,12 @@ def check_host(
             name, address, port, False, False, detail=f"port {port} answered without an SSH banner"
         )
     try:
-        status, out, err = run_ssh(address, port, user, key_path, PROBE_COMMAND, timeout=timeout + 5)
+        command = BARE_PROBE_COMMAND if bare else PROBE_COMMAND
+        status, out, err = run_ssh(address, port, user, key_path, command, timeout=timeout + 5)
     except (paramiko.SSHException, OSError, EOFError) as exc:
-        return HostHealth(name, address, port, False, False, detail=f"SSH login failed: {exc}")
+        return HostHealth(name, address, port, False, False, detail=f"SSH login failed: {exc}", bare=bare)
+    if bare:
+        return _bare_health(name, address, port, user, out, err)
     version, _, driver = out.strip().partition(" ")
     # `docker info --format` exits 0 with empty server fields when the engine is down: judge by the output.
     if status != 0 or not version:
@@ -86,29 +99,45 @@ def check_host(
     return HostHealth(name, address, port, True, True, docker_version=version, storage_driver=driver)
 
 
-def check_all(hosts, user: str, key_path: str, timeout: float = 5.0) -> list[HostHealth]:
+def _bare_health(name: str, address: str, port: int, user: str, out: str, err: str) -> HostHealth:
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    sudo = SUDO_OK in lines
+    info = [line for line in lines if line != SUDO_OK]
+    version, _, driver = (info[0] if info else "").partition(" ")
+    detail = "" if sudo else f"`sudo -n true` failed for {user}: {err.strip()[-200:] or 'no output'}"
+    if sudo and not version:
+        detail = "no Docker engine yet (run `ingestctl setup local`)"
+    return HostHealth(
+        name, address, port, True, bool(version), docker_version=version, storage_driver=driver,
+        detail=detail, sudo=sudo, bare=True,
+    )
+
+
+def check_all(hosts, user: str, key_path: str, timeout: float = 5.0, bare: bool = False) -> list[HostHealth]:
     """Check every host at once; `hosts` are HostState-like objects (name, address, ssh_port)."""
     hosts = list(hosts)
     if not hosts:
         return []
     with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
         return list(
-            pool.map(lambda h: check_host(h.name, h.address, h.ssh_port, user, key_path, timeout), hosts)
+            pool.map(lambda h: check_host(h.name, h.address, h.ssh_port, user, key_path, timeout, bare), hosts)
         )
 
 
-def wait_ready(hosts, user: str, key_path: str, deadline_s: float, on_wait=None) -> list[HostHealth]:
-    """Poll until every host's sshd and Docker answer, or the deadline passes; the last check either way."""
+def wait_ready(
+    hosts, user: str, key_path: str, deadline_s: float, on_wait=None, bare: bool = False
+) -> list[HostHealth]:
+    """Poll until every host answers (sshd and Docker; sshd and sudo on bare hosts), or the deadline passes."""
     deadline = time.monotonic() + deadline_s
     last_report = 0.0
     while True:
-        health = check_all(hosts, user, key_path, timeout=3.0)
+        health = check_all(hosts, user, key_path, timeout=3.0, bare=bare)
         if all(h.ready for h in health) or time.monotonic() >= deadline:
             return health
         if all(h.ready or ENGINE_FAILED_MARK in h.detail for h in health):
             return health  # waiting longer cannot help
         if on_wait and time.monotonic() - last_report > 5:
             waiting = [h.name for h in health if not h.ready]
-            on_wait(f"waiting for sshd and Docker on {', '.join(waiting)}")
+            on_wait(f"waiting for sshd and {'sudo' if bare else 'Docker'} on {', '.join(waiting)}")
             last_report = time.monotonic()
         time.sleep(0.5)

@@ -25,6 +25,8 @@ class HostState:
     ssh_port: int
     roles: list[str]
     container: str = ""
+    # The host's Debian release on a bare testbed (`testbed up --bare`); "" on a ready-made one.
+    suite: str = ""
 
 
 @dataclass
@@ -37,6 +39,15 @@ class TestbedState:
     ssh_key: str
     hosts: list[HostState] = field(default_factory=list)
     ssh_config: str = ""
+    # `testbed up --bare`: hosts with sshd and a sudo user only, for `ingestctl setup`. `sudo`: the inventory
+    # reaches root through sudo (the `deploy` user) rather than logging in as root.
+    bare: bool = False
+    sudo: bool = False
+
+    @property
+    def app_host_count(self) -> int:
+        """App hosts beside db1 (`testbed up --hosts N`)."""
+        return len([host for host in self.hosts if host.name != "db1"])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
