@@ -33,7 +33,7 @@ def reporting(func: Callable[..., Any]) -> Callable[..., Any]:
             reporter.event("error", f"error: {exc}", error=type(exc).__name__, exit_code=exc.exit_code)
             if reporter.json_mode:
                 # CI reads the last summary: it always comes, with the outcome the exit code stands for.
-                reporter.event("summary", outcome=OUTCOME_BY_EXIT.get(exc.exit_code, "failed"),
+                reporter.event("summary", str(exc), outcome=OUTCOME_BY_EXIT.get(exc.exit_code, "failed"),
                                exit_code=exc.exit_code, error=str(exc))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:

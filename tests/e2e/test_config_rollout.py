@@ -219,7 +219,7 @@ def test_secret_rotation_takes_the_new_key_refuses_the_old_and_never_shows_eithe
 def test_config_set_while_the_lock_is_held_exits_5(testbed, ssh, baseline):
     from ingestctl import lock
 
-    record = lock.new_record(who="e2e8-config-holder", command="e2e8 held lock", release=None,
+    record = lock.new_record(who="e2e8-config-holder@ci-runner", command="e2e8 held lock", release=None,
                              now=datetime.now(UTC))
     status, out, err = ssh("db1", lock.acquire_command(record))
     assert status == 0 and "acquired" in out, err

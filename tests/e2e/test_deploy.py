@@ -282,19 +282,20 @@ def _read_events(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
-def test_abort_mid_deploy_rolls_back(testbed, ssh, deployed_v2, checkout):
-    assert_fleet_on(testbed, ssh, V2)
+def deploy_watched(checkout, version: str, on_event, timeout_s: float = 900) -> Result:
+    """`ingestctl deploy local --version VERSION --skip-bench --json` in its own process group, calling
+    ON_EVENT(event, process) for each event as it arrives; ON_EVENT returns True once it has killed the run.
+    Bounded by TIMEOUT_S; the process group is killed if it outlives it."""
     executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
     deploy = subprocess.Popen(
-        [executable, "deploy", "local", "--version", V3, "--skip-bench", "--json"], cwd=checkout,
+        [executable, "deploy", "local", "--version", version, "--skip-bench", "--json"], cwd=checkout,
         env={**os.environ, "INGESTCTL_ROOT": str(checkout)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+        text=True, start_new_session=True,
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_events, args=(deploy.stdout, lines), daemon=True).start()
     seen: list[str] = []
-    aborted = None
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             try:
@@ -304,18 +305,29 @@ def test_abort_mid_deploy_rolls_back(testbed, ssh, deployed_v2, checkout):
             if line is None:
                 break
             seen.append(line)
-            event = json.loads(line) if line.startswith("{") else {}
-            # Batch 1 switched and is being gated (its metric window is still open): the abort lands before
-            # batch 2 starts.
-            batch_1_live = event.get("batch") == 1 and (event.get("type") == "gate" or event.get("step") == "switched")
-            if aborted is None and batch_1_live:
-                aborted = ingestctl("abort", "local", root=checkout)
+            if on_event(json.loads(line) if line.startswith("{") else {}, deploy):
+                break
         code = deploy.wait(timeout=max(1, deadline - time.monotonic()))
     finally:
         if deploy.poll() is None:
-            deploy.kill()
-    stderr = deploy.stderr.read()
-    result = Result(code, "".join(seen), stderr)
+            os.killpg(deploy.pid, signal.SIGKILL)
+    return Result(code, "".join(seen), deploy.stderr.read())
+
+
+def test_abort_mid_deploy_rolls_back(testbed, ssh, deployed_v2, checkout):
+    assert_fleet_on(testbed, ssh, V2)
+    aborted = None
+
+    def abort_once_batch_1_is_live(event, _process):
+        nonlocal aborted
+        # Batch 1 switched and is being gated (its metric window is still open): the abort lands before
+        # batch 2 starts.
+        batch_1_live = event.get("batch") == 1 and (event.get("type") == "gate" or event.get("step") == "switched")
+        if aborted is None and batch_1_live:
+            aborted = ingestctl("abort", "local", root=checkout)
+
+    result = deploy_watched(checkout, V3, abort_once_batch_1_is_live, timeout_s=600)
+    code = result.code
     assert aborted is not None, f"the deploy never reported a batch 1 gate: {result.explain()}"
     assert aborted.code == 0, aborted.explain()
     assert code == 3, result.explain()
@@ -340,29 +352,16 @@ def test_a_sigkilled_controller_shows_as_interrupted_and_the_next_deploy_converg
     next deploy takes the dead run's lock over by itself (its pid is gone) and converges the fleet; history
     shows the killed run as interrupted, naming the host it had switched."""
     assert_fleet_on(testbed, ssh, V2)
-    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
-    deploy = subprocess.Popen(
-        [executable, "deploy", "local", "--version", V3, "--skip-bench", "--json"], cwd=checkout,
-        env={**os.environ, "INGESTCTL_ROOT": str(checkout)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, start_new_session=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_events, args=(deploy.stdout, lines), daemon=True).start()
     killed = False
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline and not killed:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                break
-            event = json.loads(line) if line.startswith("{") else {}
-            if event.get("step") == "switched" and event.get("batch") == 1:
-                os.killpg(deploy.pid, signal.SIGKILL)
-                killed = True
-        deploy.wait(timeout=60)
-    finally:
-        if deploy.poll() is None:
-            os.killpg(deploy.pid, signal.SIGKILL)
+
+    def kill_once_batch_1_is_live(event, process):
+        nonlocal killed
+        if event.get("step") == "switched" and event.get("batch") == 1:
+            os.killpg(process.pid, signal.SIGKILL)  # no finally, no unlock, no ledger entry
+            killed = True
+        return killed
+
+    deploy_watched(checkout, V3, kill_once_batch_1_is_live, timeout_s=600)
     assert killed, "the deploy never reported batch 1 switched"
     assert any(s["lock"] == "locked" for s in host_snapshot(testbed, ssh).values()), "the killed run left no lock"
 
@@ -407,35 +406,23 @@ def test_a_host_paused_mid_rollout_ends_honestly_and_the_next_deploy_converges(t
     the host it could not reach; after unpause, the next deploy takes the run's leftover lock over and converges."""
     current = next(iter(live_releases(testbed, ssh).values()))
     target = V2 if current != V2 else V3
-    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
-    deploy = subprocess.Popen(
-        [executable, "deploy", "local", "--version", target, "--skip-bench", "--json"], cwd=checkout,
-        env={**os.environ, "INGESTCTL_ROOT": str(checkout)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_events, args=(deploy.stdout, lines), daemon=True).start()
-    seen: list[str] = []
+    batches: list[list[str]] = []
     paused = None
-    deadline = time.monotonic() + 900
+
+    def pause_batch_2_once_batch_1_is_live(event, _process):
+        nonlocal paused
+        if event.get("type") == "plan" and "batches" in event:
+            batches.extend(event["batches"])
+        if paused is None and event.get("step") == "switched" and event.get("batch") == 1:
+            paused = f"{testbed_name}-{batches[1][0]}"
+            subprocess.run(["docker", "pause", paused], check=True, capture_output=True, timeout=60)
+
     try:
-        while time.monotonic() < deadline:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                break
-            seen.append(line)
-            event = json.loads(line) if line.startswith("{") else {}
-            if paused is None and event.get("step") == "switched" and event.get("batch") == 1:
-                batches = next(json.loads(s) for s in seen if '"batches"' in s and '"type": "plan"' in s)["batches"]
-                paused = f"{testbed_name}-{batches[1][0]}"
-                subprocess.run(["docker", "pause", paused], check=True, capture_output=True, timeout=60)
-        code = deploy.wait(timeout=max(1, deadline - time.monotonic()))
+        result = deploy_watched(checkout, target, pause_batch_2_once_batch_1_is_live)
     finally:
-        if deploy.poll() is None:
-            deploy.kill()
         if paused:
             subprocess.run(["docker", "unpause", paused], check=False, capture_output=True, timeout=60)
-    result = Result(code, "".join(seen), deploy.stderr.read())
+    code = result.code
     assert paused, f"the deploy never reported batch 1 switched: {result.explain()}"
     host = paused.removeprefix(f"{testbed_name}-")
     assert code in (3, 4), result.explain()
