@@ -454,7 +454,7 @@ def setup_problems(env_name: str, hosts: Iterable[str] | None = None) -> dict[st
     """
     from ingestctl import fleet
     from ingestctl import pyinfra_runner as runner
-    from ingestctl.facts.host import READINESS_COMMAND, parse_readiness
+    from ingestctl.facts.host import READINESS_COMMAND
 
     inventory = runner.load_inventory(env_name)
     wanted = [host.name for host in (runner.select_hosts(inventory, hosts) or list(inventory))]
@@ -464,9 +464,16 @@ def setup_problems(env_name: str, hosts: Iterable[str] | None = None) -> dict[st
             if name not in active:
                 problems[name] = ["not reachable over SSH (or sudo refused)"]
         results = fleet.run_on(active, lambda _name: READINESS_COMMAND)
+    return {**problems, **problems_in(results)}
+
+
+def problems_in(results: Mapping[str, Any]) -> dict[str, list[str]]:
+    """{host: [what is missing]} from each host's READINESS_COMMAND result (fleet.CommandResult)."""
+    from ingestctl.facts.host import parse_readiness
+
+    problems: dict[str, list[str]] = {}
     for name, result in results.items():
-        found = parse_readiness(result.stdout)
-        listed = readiness_problems(found)
+        listed = readiness_problems(parse_readiness(result.stdout))
         if not result.ok and not listed:
             listed = [f"the readiness check failed: {(result.stderr or result.stdout).strip()[-200:]}"]
         if listed:
@@ -481,10 +488,3 @@ def describe_problems(env_name: str, problems: Mapping[str, list[str]]) -> str:
         f"{len(problems)} host(s) of {env_name} are not set up for a deploy — {' | '.join(parts)}; "
         f"fix: `{fix_command(env_name)}` (nothing was changed on any host)"
     )
-
-
-def require_set_up(env_name: str, hosts: Iterable[str] | None = None) -> None:
-    """Deploy preflight: ConfigError (exit 2, no host touched) naming every host not set up and the fix."""
-    problems = setup_problems(env_name, hosts)
-    if problems:
-        raise ConfigError(describe_problems(env_name, problems))

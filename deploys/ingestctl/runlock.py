@@ -134,11 +134,9 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
 def require_set_up(ctx: Context, active: Mapping[str, Any]) -> None:
     """ConfigError naming every connected host that cannot take a deploy yet, and the command that fixes it."""
     from ingestctl import hostsetup
-    from ingestctl.facts.host import READINESS_COMMAND, parse_readiness
+    from ingestctl.facts.host import READINESS_COMMAND
 
-    results = fleet.run_on(active, lambda _h: READINESS_COMMAND)
-    problems = {name: found for name, result in results.items()
-                if (found := hostsetup.readiness_problems(parse_readiness(result.stdout)))}
+    problems = hostsetup.problems_in(fleet.run_on(active, lambda _h: READINESS_COMMAND))
     if problems:
         raise ConfigError(hostsetup.describe_problems(ctx.name, problems))
 

@@ -108,7 +108,7 @@ def limited_service(database_url, redis_server, tmp_path_factory, ports) -> Iter
 def nginx_binary() -> str:
     found = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
     if found is None:
-        pytest.skip("nginx is not installed: apt-get install nginx (scripts/setup.sh installs it)")
+        pytest.skip(reason="nginx is not installed: apt-get install nginx (scripts/setup.sh installs it)")
     return found
 
 

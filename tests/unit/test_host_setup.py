@@ -316,12 +316,3 @@ def test_setup_command_reports_no_change_and_failures(monkeypatch):
     result = CliRunner().invoke(setup_cli.setup, ["local"])
     assert result.exit_code == 2
     assert "1 host(s) not set up: host app2: apt-get failed" in result.output
-
-
-def test_require_set_up_raises_a_config_error_naming_the_hosts(monkeypatch):
-    monkeypatch.setattr(hostsetup, "setup_problems", lambda env, hosts=None: {"app2": ["Docker is not installed"]})
-    with pytest.raises(ConfigError, match=r"1 host\(s\) of prod are not set up .* app2: Docker is not installed; "
-                                          r"fix: `ingestctl setup prod` \(nothing was changed on any host\)"):
-        hostsetup.require_set_up("prod")
-    monkeypatch.setattr(hostsetup, "setup_problems", lambda env, hosts=None: {})
-    hostsetup.require_set_up("prod")
