@@ -73,7 +73,7 @@ RELEASE = _value(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}",
 
 # Docker's reference grammar, narrowed: [registry[:port]/]path[:tag][@sha256:<64 hex>], with a tag or a digest.
 # Covers `ingest:<release>` (images.image_name), the sandbox's `ingest-postgres:15`, official `postgres:16`,
-# `registry.example:5000/ingest:1.4.2` (image_archive.registry_reference) and pinned `repo/name:tag@sha256:...`.
+# `registry.example:5000/ingest:1.4.2` (local_images.registry_reference) and pinned `repo/name:tag@sha256:...`.
 _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*" \
           r"(?::[0-9]{1,5})?/)?"
 _PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"

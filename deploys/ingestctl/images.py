@@ -2,9 +2,10 @@
 
 Steps: a wheelhouse on this machine (pip reaches PyPI here, containers cannot) holding wheels for the *image's*
 Python and platform (see WheelTarget), then `docker build` of `service/` on a local debootstrap base image.
-The image is labelled with its version, git revision, build time, the Alembic head it ships and a hash of
-everything that went into it; a build whose inputs carry the same hash as the existing `ingest:<version>` is
-skipped.
+The image is labelled with the git revision and build time of its first build, the Alembic head it ships and
+a hash of everything that went into it. The version is only the tag (the service reads APP_VERSION from the
+host's compose file), so a new version of unchanged inputs is a new tag of the same image ID: a build whose
+hash matches a local image is skipped, and hosts that have that ID only re-tag it (0 bytes shipped).
 
 Command builders are pure functions (tested by exact strings); `build_app_image` runs them.
 """
@@ -54,7 +55,6 @@ WHEEL_MACHINES = {
 # pure-Python result is accepted).
 MAX_SDIST_BUILDS = 10
 
-LABEL_VERSION = "org.opencontainers.image.version"
 LABEL_REVISION = "org.opencontainers.image.revision"
 LABEL_CREATED = "org.opencontainers.image.created"
 LABEL_SCHEMA_HEAD = "io.ingest.schema-head"
@@ -182,7 +182,6 @@ def build_command(
     context: Path,
     image: str,
     base_image: str,
-    version: str,
     labels: Mapping[str, str],
     no_cache: bool = False,
 ) -> list[str]:
@@ -197,8 +196,6 @@ def build_command(
         image,
         "--build-arg",
         f"BASE_IMAGE={base_image}",
-        "--build-arg",
-        f"APP_VERSION={version}",
     ]
     if no_cache:
         command.append("--no-cache")
@@ -614,6 +611,23 @@ def _inspect(reference: str) -> dict | None:
         ) from exc
 
 
+def _image_with_source_hash(image: str, digest: str) -> dict | None:
+    """IMAGE when it was built from DIGEST's inputs; else any local image that was, tagged IMAGE here."""
+    existing = _inspect(image)
+    if existing is not None and (existing["Config"].get("Labels") or {}).get(LABEL_SOURCE_HASH) == digest:
+        return existing
+    listed = subprocess.run(
+        ["docker", "image", "ls", "--quiet", "--no-trunc", "--filter", f"label={LABEL_SOURCE_HASH}={digest}"],
+        capture_output=True, text=True, check=False,
+    )
+    for image_id in dict.fromkeys(listed.stdout.split()):
+        same = _inspect(image_id)
+        if same is not None:
+            _run(["docker", "tag", image_id, image], paths.project_root(), f"tagging {image_id[:19]} as {image}")
+            return _inspect(image)
+    return None
+
+
 def _source_files(root: Path) -> list[tuple[str, bytes, bool]]:
     listed = _run(source_files_command(), root, "listing the image's source files (git ls-files)")
     files = []
@@ -683,28 +697,21 @@ def build_app_image(
     stamp = ensure_wheelhouse(root, base_image, base["Id"], say, wheelhouse_target(base))
     digest = compute_source_hash(root, stamp, base["Id"])
 
-    existing = _inspect(image)
-    labels_now = (existing or {}).get("Config", {}).get("Labels") or {}
-    if not no_cache and existing is not None and labels_now.get(LABEL_SOURCE_HASH) == digest:
-        say(f"{image} is up to date (source hash {digest[:12]})")
-        return BuiltImage(
-            image,
-            existing["Id"],
-            version,
-            existing["Config"]["Labels"],
-            cached=True,
-            seconds=time.monotonic() - started,
-        )
+    if not no_cache:
+        same = _image_with_source_hash(image, digest)
+        if same is not None:
+            say(f"{image} is up to date (source hash {digest[:12]}, image {same['Id'][:19]})")
+            return BuiltImage(image, same["Id"], version, same["Config"]["Labels"], cached=True,
+                              seconds=time.monotonic() - started)
 
     labels = {
-        LABEL_VERSION: version,
         LABEL_REVISION: _run(revision_command(), root, "reading the git revision").strip(),
         LABEL_CREATED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         LABEL_SCHEMA_HEAD: schema_head(service / "alembic" / "versions") or NO_SCHEMA_HEAD,
         LABEL_SOURCE_HASH: digest,
     }
     say(f"building {image} on {base_image}")
-    _stream_build(build_command(Path("service"), image, base_image, version, labels, no_cache), root, say)
+    _stream_build(build_command(Path("service"), image, base_image, labels, no_cache), root, say)
     built = _inspect(image)
     if built is None:
         raise BuildError(f"docker build reported success but {image} is not in the local engine")

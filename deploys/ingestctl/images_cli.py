@@ -60,7 +60,8 @@ def ship_command(env: str, version: str | None, hosts: tuple[str, ...], reporter
     app_image = image_name(version or checkout_version(project_root()))
     started = time.monotonic()
     reporter.event("step", f"shipping {app_image} to {env}", image=app_image, env=env)
-    result = pyinfra_runner.run_deploy(env, images_shipped, app_image=app_image, hosts=list(hosts) or None)
+    result = pyinfra_runner.run_deploy(env, images_shipped, app_image=app_image, hosts=list(hosts) or None,
+                                       progress=lambda sent: reporter.event("progress", sent.describe()))
     rows = []
     for name, host_result in result.hosts.items():
         state = "changed" if host_result.changed else "noop"

@@ -34,7 +34,8 @@ def ship_images(ctx: Context, release: Release) -> None:
                         if host == ctx.env.db_host else [])
         for host in ctx.env.all_hosts
     }
-    result = runner.run_deploy(ctx.name, release_ops.images_for_role_shipped, images_for=images_for)
+    result = runner.run_deploy(ctx.name, release_ops.images_for_role_shipped, images_for=images_for,
+                               progress=lambda sent: ctx.reporter.event("progress", sent.describe(), step="ship"))
     ctx.reporter.event("step", "images: " + (f"shipped to {', '.join(result.changed_hosts)}"
                                              if result.changed_hosts else "already on every host (noop)"),
                        step="ship", changed=result.changed_hosts)

@@ -33,6 +33,8 @@ from ingestctl.errors import ConfigError, HostError, IngestctlError
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Enough of a failing command's stderr to explain it, without flooding a report.
 ERROR_TAIL_LINES = 12
+# What pyinfra logs after any failed operation: the line before it says why.
+GENERIC_FAILURE = re.compile(r"^Error: executed \d+ commands?$")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,15 @@ class _Collector(BaseStateCallback, logging.Handler):
         elif record.levelno >= logging.WARNING:
             self.warnings.append(message)
 
+    def last_message(self, host_name: str) -> str | None:
+        """The newest warning or error pyinfra logged for HOST_NAME, without its `[host]` prefix."""
+        prefix = f"[{host_name}]"
+        for message in reversed(self.warnings):
+            text = message[len(prefix):].strip()
+            if message.startswith(prefix) and not GENERIC_FAILURE.match(text):
+                return text
+        return None
+
 
 def run_operations(
     env: str | Path,
@@ -291,7 +302,9 @@ def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[st
             error = None
             if meta.did_error():
                 lines = meta.stderr_lines or meta.stdout_lines
-                error = "\n".join(lines[-ERROR_TAIL_LINES:]) or "command failed without output"
+                # A Python callback (e.g. an image stream over OpenSSH) reports through the host's log.
+                error = ("\n".join(lines[-ERROR_TAIL_LINES:]) or collector.last_message(host.name)
+                         or "command failed without output")
             operations.append(
                 OperationResult(name, success=meta.did_succeed(), changed=meta.did_change(), error=error)
             )

@@ -188,7 +188,7 @@ def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, 
 
 def ensure_image_available(ctx: Context, release: Release) -> None:
     """The target image is normally still on every host; if it was pruned, ship it again from this machine."""
-    from ingestctl.image_archive import local_image_id
+    from ingestctl.local_images import local_image_id
 
     try:
         local = local_image_id(release.image)

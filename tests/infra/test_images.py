@@ -88,6 +88,6 @@ def test_release_image_carries_release_labels(host, expected_image):
     )
 
 
-def test_no_image_archive_left_in_temp(host):
+def test_no_local_images_left_in_temp(host):
     leftovers = host.run("ls /tmp | grep '^ingestctl-image-' || true").stdout.split()
     assert not leftovers, f"{host.backend.hostname}: upload leftovers in /tmp: {', '.join(leftovers)}"

@@ -21,8 +21,8 @@ from ingestctl.errors import ConfigError
 from ingestctl.facts.docker import DockerImage
 from ingestctl.facts.release import REJECTED, ConfigVersions, IngestState, SchemaHead, checked_state
 from ingestctl.hostvalues import HostValueError
-from ingestctl.image_archive import registry_reference
 from ingestctl.inventory import EnvData
+from ingestctl.local_images import registry_reference
 from pyinfra.api.exceptions import FactProcessError
 
 ROOT = Path(__file__).resolve().parents[2]

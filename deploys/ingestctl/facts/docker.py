@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shlex
+from dataclasses import dataclass
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from ingestctl import hostvalues
+from ingestctl import hostvalues, image_layers
 
 
 class DockerImage(FactBase[str | None]):
@@ -34,3 +36,60 @@ class DockerImage(FactBase[str | None]):
             raise FactProcessError(f"expected one image ID like sha256:<64 hex>, found "
                                    f"{hostvalues.shown(chr(10).join(lines))}")
         return lines[0]
+
+
+@dataclass(frozen=True)
+class HostLayers:
+    """What a host's engine holds, for layer-aware shipping: the chain ID of every layer of every image."""
+
+    chains: frozenset[str]
+    # `docker load` skips a layer whose chain is present only in the classic image store; the containerd
+    # store wants every layer in the archive.
+    skips_present_layers: bool
+    has_zstd: bool
+
+
+class ImageLayers(FactBase[HostLayers]):
+    """The layers of every image on the host, whether it decodes zstd, and which image store it runs.
+
+    The engine must answer (`docker info` fails the command otherwise): an engine that is down is not an
+    engine without layers. An image removed between listing and inspecting is simply not counted.
+    """
+
+    def command(self) -> str:
+        return (
+            "docker info --format 'store {{json .DriverStatus}}' && "
+            "{ command -v zstd >/dev/null 2>&1 && echo 'zstd yes' || echo 'zstd no'; } && "
+            "{ docker image ls --quiet --no-trunc | sort -u"
+            " | xargs -r docker image inspect --format 'layers {{json .RootFS.Layers}}' 2>/dev/null || true; }"
+        )
+
+    def process(self, output: list[str]) -> HostLayers:
+        chains: set[str] = set()
+        store = zstd = None
+        for line in output:
+            kind, _, value = line.strip().partition(" ")
+            if kind == "store":
+                store = value
+            elif kind == "zstd":
+                zstd = value == "yes"
+            elif kind == "layers":
+                chains.update(image_layers.chain_ids(_diff_ids(value)))
+            elif line.strip():
+                raise FactProcessError(f"image layers: unexpected line {hostvalues.shown(line)}")
+        if store is None or zstd is None:
+            raise FactProcessError("image layers: the engine's storage driver and the zstd check must be reported")
+        return HostLayers(chains=frozenset(chains), skips_present_layers="io.containerd.snapshotter" not in store,
+                          has_zstd=zstd)
+
+
+def _diff_ids(value: str) -> list[str]:
+    try:
+        layers = json.loads(value)
+    except ValueError as exc:
+        raise FactProcessError(f"image layers: expected a JSON list, found {hostvalues.shown(value)}") from exc
+    if layers is None:
+        return []
+    if not isinstance(layers, list) or not all(hostvalues.IMAGE_ID.matches(layer) for layer in layers):
+        raise FactProcessError(f"image layers: expected a list of sha256:<64 hex>, found {hostvalues.shown(value)}")
+    return layers

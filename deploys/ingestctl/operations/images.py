@@ -1,47 +1,34 @@
 """pyinfra operations that make sure a host's Docker engine holds an exact image, by ID.
 
-Two ways in: `image_loaded` uploads a cached `docker save` archive over SSH and loads it (no registry, also
-the air-gapped case); `image_pulled` pulls from a registry for sites that have one. Both read the host only
-through the `DockerImage` fact and report a noop when the host already has the image under its name.
+Two ways in: `image_loaded` streams the layers the host lacks over OpenSSH into `docker load` (no registry,
+also the air-gapped case; see ingestctl.image_layers); `image_pulled` pulls from a registry for sites that
+have one. Both read the host only through facts and report a noop when the host already has the image
+under its name.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 
-from ingestctl.facts.docker import DockerImage
+from ingestctl import image_layers, openssh
+from ingestctl.errors import HostError
+from ingestctl.facts.docker import DockerImage, HostLayers, ImageLayers
+from ingestctl.image_layers import Codec, LayeredImage, Shipment
+from ingestctl.openssh import ProgressSink
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
+
+logger = logging.getLogger("pyinfra")
 
 
 def image_loaded_name(image: str) -> str:
     return f"Ensure image {image} is loaded"
 
 
-def remote_archive_path(image_id: str, temp_dir: str = "/tmp") -> str:
-    return f"{temp_dir.rstrip('/')}/ingestctl-image-{image_id.removeprefix('sha256:')}.tar.gz"
-
-
-def verify_upload_command(host_name: str, image: str, remote_path: str, sha256: str) -> str:
-    """Fail, naming the host and both checksums, and remove the upload, unless it is byte-identical.
-
-    Runs before `docker load`, so a truncated or corrupt upload never reaches the host's engine.
-    """
-    path = shlex.quote(remote_path)
-    message = (
-        f"upload of {image} to host {host_name} is corrupt or truncated: "
-        f"expected sha256 {sha256}, found sha256 $found ($size bytes); the host's images were left unchanged"
-    )
-    return (
-        f"found=$(sha256sum {path} | cut -d' ' -f1); size=$(stat -c %s {path}); "
-        f'if [ "$found" != {shlex.quote(sha256)} ]; then rm -f {path}; echo "{message}" >&2; exit 1; fi'
-    )
-
-
-def load_archive_command(remote_path: str) -> str:
-    """`docker load` the archive and remove it whatever the outcome, so failed loads leave no litter."""
-    path = shlex.quote(remote_path)
-    return f"docker load --quiet --input {path}; status=$?; rm -f {path}; exit $status"
+def load_command(codec: Codec) -> str:
+    """Decode the stream and `docker load` it; either side failing fails the whole (bash: pipefail)."""
+    return f"bash -c {shlex.quote(f'set -o pipefail; {codec.decompress_command()} | docker load --quiet')}"
 
 
 def verify_image_id_command(host_name: str, reference: str, image_id: str) -> str:
@@ -61,27 +48,47 @@ def pull_command(reference: str) -> str:
     return f"docker pull --quiet {shlex.quote(reference)}"
 
 
+def stream_image(state, host, shipment: Shipment, image: str, progress: ProgressSink | None = None) -> bool:
+    """Send SHIPMENT to the host over OpenSSH and load it; False (the reason in the host's log) on failure."""
+    argv = openssh.ssh_argv(host.name, host.data, load_command(shipment.codec), openssh.control_dir())
+    try:
+        openssh.send(host.name, argv, shipment.chunks(), shipment.size(), progress)
+    except HostError as exc:
+        host.log(f"shipping {image} ({len(shipment.layers)} layers): {exc}; the host's images were left "
+                 "unchanged", log_func=logger.error)
+        return False
+    return True
+
+
+def choose_codec(layers: HostLayers, controller: tuple[Codec, ...]) -> Codec:
+    return Codec.ZSTD if layers.has_zstd and Codec.ZSTD in controller else Codec.GZIP
+
+
+def plan_shipment(image: LayeredImage, layers: HostLayers, codec: Codec) -> Shipment:
+    """Only the layers the host lacks; every layer when its engine cannot reuse present ones."""
+    present = layers.chains if layers.skips_present_layers else frozenset()
+    return Shipment(image, image_layers.layers_to_send(image.diff_ids, present), codec)
+
+
 @operation()
-def image_loaded(image: str, image_id: str, archive: str, sha256: str, temp_dir: str = "/tmp"):
-    """Ensure IMAGE (name:tag) on the host is exactly IMAGE_ID, loading the local ARCHIVE if needed.
+def image_loaded(image: str, image_id: str, progress: ProgressSink | None = None):
+    """Ensure IMAGE (name:tag) on the host is exactly IMAGE_ID, sending only the layers the host lacks.
 
     + image: the name:tag the host must have, e.g. ingest:1.4.2
-    + image_id: the sha256:... image ID it must resolve to
-    + archive: local path of the gzip'd `docker save` of IMAGE_ID
-    + sha256: checksum of ARCHIVE, checked on the host before `docker load`
-    + temp_dir: where the archive lands on the host (removed after loading)
+    + image_id: the sha256:... image ID it must resolve to (in the local engine, which the layers come from)
+    + progress: called with bytes sent and rate every few seconds of a long transfer
     """
     current = host.get_fact(DockerImage, image=image)
     if current == image_id:
         host.noop(f"image {image} already present as {image_id}")
         return
 
-    # The host may hold the same image under another tag (e.g. a release re-tagged): tagging is enough.
+    # The host may hold the same image under another tag (a release re-versioned): tagging is enough.
     if host.get_fact(DockerImage, image=image_id) != image_id:
-        remote_path = remote_archive_path(image_id, temp_dir)
-        yield FileUploadCommand(archive, remote_path)
-        yield StringCommand(verify_upload_command(host.name, image, remote_path, sha256))
-        yield StringCommand(load_archive_command(remote_path))
+        layers = host.get_fact(ImageLayers)
+        codec = choose_codec(layers, image_layers.controller_codecs())
+        shipment = plan_shipment(image_layers.ensure_layers(image_id, [codec]), layers, codec)
+        yield FunctionCommand(stream_image, (shipment, image), {"progress": progress})
         yield StringCommand(verify_image_id_command(host.name, image_id, image_id))
     yield StringCommand(tag_command(image_id, image))
     yield StringCommand(verify_image_id_command(host.name, image, image_id))

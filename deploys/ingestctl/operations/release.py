@@ -259,8 +259,8 @@ def schema_migrated(image: str, config_version: str, infra_images: Mapping[str, 
 
 
 @deploy("Ship the images this host needs")
-def images_for_role_shipped(images_for: Mapping[str, list[str]]):
+def images_for_role_shipped(images_for: Mapping[str, list[str]], progress=None):
     """The app and proxy images everywhere, the database images on the db host: one run for the fleet."""
     from ingestctl.operations.shipping import images_shipped
 
-    images_shipped(images=images_for[host.name])
+    images_shipped(images=images_for[host.name], progress=progress)

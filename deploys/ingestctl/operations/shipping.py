@@ -5,7 +5,6 @@ Inventory data it reads (host, group or `--data` override):
 - `postgres_image`, `redis_image`: shipped to hosts in the `db` group, e.g. the sandbox's `ingest-postgres:15`.
 - `images`: an explicit list that replaces the three above.
 - `registry`: when set (e.g. `registry.example:5000`), images are pushed there once and pulled by hosts.
-- `image_temp_dir`: where archives land on hosts before `docker load` (default `/tmp`).
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from ingestctl import image_archive
+from ingestctl import local_images
 from ingestctl.errors import ConfigError
+from ingestctl.openssh import ProgressSink
 from ingestctl.operations.images import image_loaded, image_loaded_name, image_pulled
 from pyinfra import host
 from pyinfra.api import deploy
@@ -44,21 +44,23 @@ def images_for_host(data, groups: Sequence[str], app_image: str | None = None) -
 def _pushed_reference(image: str, image_id: str, registry: str) -> str:
     """Push each image ID once per process, however many hosts pull it."""
     with _push_lock:
-        reference = image_archive.registry_reference(registry, image)
+        reference = local_images.registry_reference(registry, image)
         if (image_id, reference) not in _pushed:
-            image_archive.push_to_registry(image, registry)
+            local_images.push_to_registry(image, registry)
             _pushed.add((image_id, reference))
         return reference
 
 
 @deploy("Ship images")
-def images_shipped(app_image: str | None = None, images: Sequence[str] | None = None) -> None:
-    """Make every image this host needs present by ID: upload+load, or pull when `registry` is set."""
+def images_shipped(
+    app_image: str | None = None, images: Sequence[str] | None = None, progress: ProgressSink | None = None
+) -> None:
+    """Make every image this host needs present by ID: only missing layers over OpenSSH, or a pull when
+    `registry` is set."""
     wanted = list(images) if images is not None else images_for_host(host.data, host.groups, app_image)
     registry = host.data.get("registry")
-    temp_dir = host.data.get("image_temp_dir") or "/tmp"
     for image in wanted:
-        image_id = image_archive.local_image_id(image)
+        image_id = local_images.local_image_id(image)
         if registry:
             image_pulled(
                 name=f"Ensure image {image} is pulled",
@@ -67,12 +69,4 @@ def images_shipped(app_image: str | None = None, images: Sequence[str] | None = 
                 registry_reference=_pushed_reference(image, image_id, registry),
             )
             continue
-        archive = image_archive.ensure_archive(image_id)
-        image_loaded(
-            name=image_loaded_name(image),
-            image=image,
-            image_id=image_id,
-            archive=str(archive.path),
-            sha256=archive.sha256,
-            temp_dir=temp_dir,
-        )
+        image_loaded(name=image_loaded_name(image), image=image, image_id=image_id, progress=progress)

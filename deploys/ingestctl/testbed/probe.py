@@ -141,3 +141,18 @@ def wait_ready(
             on_wait(f"waiting for sshd and {'sudo' if bare else 'Docker'} on {', '.join(waiting)}")
             last_report = time.monotonic()
         time.sleep(0.5)
+
+
+def received_bytes(container: str, interface: str = "eth0") -> int:
+    """Bytes a sandbox host's network interface has received, read from outside it (docker exec), so a
+    shipping measurement does not trust the code that ships."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        result = client.containers.get(container).exec_run(["cat", f"/sys/class/net/{interface}/statistics/rx_bytes"])
+    finally:
+        client.close()
+    if result.exit_code != 0:
+        raise RuntimeError(f"{container}: reading {interface} rx_bytes failed: {result.output!r}")
+    return int(result.output.decode().strip())
