@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PACKAGES=(
   python3 python3-venv python3-dev gcc git ca-certificates
   docker.io docker-compose debootstrap
-  postgresql redis-server openssh-client curl nginx jq zstd
+  postgresql redis-server openssh-client curl nginx jq zstd docker-registry openssl
 )
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 APT_UPDATED=""
