@@ -131,3 +131,4 @@ def test_hosts_pull_the_exact_image_from_a_real_registry(testbed, registry, app_
 
     again = pyinfra_runner.run_deploy(inventory, images_shipped, images=[app_image.name], data={"registry": registry})
     assert not again.changed_hosts, "a host that has the image by ID pulls nothing"
+    subprocess.run(["docker", "image", "rm", f"{registry}/{app_image.name}"], capture_output=True, check=False)
