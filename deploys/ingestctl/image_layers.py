@@ -6,8 +6,9 @@ cached here once, by diffID, as one compressed frame holding a whole tar member 
 Compressed frames concatenate into one valid stream (zstd and gzip both decode concatenated frames), so a
 layer is compressed once and sent to any number of hosts as is.
 
-A host's stream is: the frames of the layers it lacks, then one small frame with the config, a
-`manifest.json` that names every layer, and the tar trailer. `docker load` (the classic image store) takes
+A host's stream carries every image it lacks at once: the frames of the layers it lacks (each once, however
+many images share it), then one small frame with the configs, a `manifest.json` that names every image's
+layers, and the tar trailer. `docker load` (the classic image store) takes
 a layer from its own store when the layer's chain ID is there already, without opening the absent file, and
 checks every layer it does load against its diffID; the host then checks the image ID. What arrives is
 verified by content, whatever path it took.
@@ -97,13 +98,17 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     return chains
 
 
-def layers_to_send(diff_ids: Sequence[str], present_chains: Iterable[str]) -> tuple[str, ...]:
-    """The diffIDs a host lacks, given the chain IDs of every image it holds; each at most once, in order."""
+def layers_to_send(images: Sequence[Sequence[str]], present_chains: Iterable[str]) -> tuple[str, ...]:
+    """The diffIDs a host lacks for IMAGES (each a list of diffIDs), given the chain IDs of every image it
+    holds: each at most once, in order. A layer sent for an earlier image counts as present for later ones."""
     present = set(present_chains)
     needed: list[str] = []
-    for diff_id, chain in zip(diff_ids, chain_ids(diff_ids), strict=True):
-        if chain not in present and diff_id not in needed:
-            needed.append(diff_id)
+    for diff_ids in images:
+        chains = chain_ids(diff_ids)
+        for diff_id, chain in zip(diff_ids, chains, strict=True):
+            if chain not in present and diff_id not in needed:
+                needed.append(diff_id)
+        present.update(chains)
     return tuple(needed)
 
 
@@ -120,16 +125,18 @@ def padding(size: int) -> bytes:
     return b"\0" * (-size % BLOCK)
 
 
-def manifest_json(image: LayeredImage) -> bytes:
-    """`docker load`'s manifest: no tags (the host tags the loaded ID itself), every layer by member name."""
-    entry = {"Config": image.config_name, "RepoTags": None, "Layers": [layer_member_name(d) for d in image.diff_ids]}
-    return json.dumps([entry]).encode()
+def manifest_json(images: Sequence[LayeredImage]) -> bytes:
+    """`docker load`'s manifest: no tags (the host tags each loaded ID itself), every layer by member name."""
+    entries = [{"Config": image.config_name, "RepoTags": None,
+                "Layers": [layer_member_name(d) for d in image.diff_ids]} for image in images]
+    return json.dumps(entries).encode()
 
 
-def closing_member_bytes(image: LayeredImage) -> bytes:
-    """The config, the manifest and the tar trailer: what ends every stream, uncompressed."""
+def closing_member_bytes(images: Sequence[LayeredImage]) -> bytes:
+    """The configs, the manifest and the tar trailer: what ends every stream, uncompressed."""
+    members = [(image.config_name, image.config) for image in dict.fromkeys(images)]
     parts = []
-    for name, body in ((image.config_name, image.config), ("manifest.json", manifest_json(image))):
+    for name, body in (*members, ("manifest.json", manifest_json(images))):
         parts += [tar_header(name, len(body)), body, padding(len(body))]
     parts.append(b"\0" * (2 * BLOCK))
     return b"".join(parts)
@@ -362,9 +369,9 @@ def _only_manifest(image_id: str, members: _Members) -> dict:
 
 @dataclass(frozen=True)
 class Shipment:
-    """What one host receives for one image: cached frames of the layers it lacks, then the closing frame."""
+    """What one host receives in one stream: cached frames of the layers it lacks, then the closing frame."""
 
-    image: LayeredImage
+    images: tuple[LayeredImage, ...]
     layers: tuple[str, ...]
     codec: Codec
 
@@ -373,7 +380,7 @@ class Shipment:
         return tuple(frame_path(diff_id, self.codec) for diff_id in self.layers)
 
     def closing_frame(self) -> bytes:
-        return compress(closing_member_bytes(self.image), self.codec)
+        return compress(closing_member_bytes(self.images), self.codec)
 
     def size(self) -> int:
         return sum(path.stat().st_size for path in self.frames) + len(self.closing_frame())

@@ -130,6 +130,8 @@ def test_a_code_only_release_sends_each_host_only_the_changed_layer(testbed, inv
     image = f"ingest:{APP_VERSION}-code"
     image_id = _build_in(variant(tmp_path, CODE_CHANGE), f"{APP_VERSION}-code")
     assert image_id != app_image.id
+    for name in hosts:
+        _forget_image(testbed, name, image, image_id)
 
     before = _received(testbed)
     result = _ship(inventory, images=[image])

@@ -43,23 +43,29 @@ def test_chain_ids_follow_the_oci_definition():
 
 def test_a_host_without_layers_gets_every_layer_once():
     repeated = [DIFF_IDS[0], DIFF_IDS[1], DIFF_IDS[1]]
-    assert image_layers.layers_to_send(repeated, []) == (DIFF_IDS[0], DIFF_IDS[1])
+    assert image_layers.layers_to_send([repeated], []) == (DIFF_IDS[0], DIFF_IDS[1])
 
 
 def test_a_host_with_the_previous_release_gets_only_the_changed_layer():
     previous = [*DIFF_IDS[:2], _digest(b"old code")]
     present = image_layers.chain_ids(previous)
-    assert image_layers.layers_to_send(DIFF_IDS, present) == (DIFF_IDS[2],)
+    assert image_layers.layers_to_send([DIFF_IDS], present) == (DIFF_IDS[2],)
 
 
 def test_the_same_layer_on_another_base_is_not_the_same_layer():
     """A layer is reusable only with everything beneath it: its diffID alone on the host proves nothing."""
     other_base = image_layers.chain_ids([_digest(b"other base"), DIFF_IDS[1]])
-    assert image_layers.layers_to_send(DIFF_IDS, [*other_base, DIFF_IDS[1]]) == tuple(DIFF_IDS)
+    assert image_layers.layers_to_send([DIFF_IDS], [*other_base, DIFF_IDS[1]]) == tuple(DIFF_IDS)
+
+
+def test_images_sharing_a_base_send_the_base_once():
+    """The db host's postgres and redis images share their base: one stream carries it once."""
+    redis = [DIFF_IDS[0], _digest(b"redis")]
+    assert image_layers.layers_to_send([DIFF_IDS, redis], []) == (*DIFF_IDS, redis[1])
 
 
 def test_a_complete_image_sends_no_layers():
-    assert image_layers.layers_to_send(DIFF_IDS, image_layers.chain_ids(DIFF_IDS)) == ()
+    assert image_layers.layers_to_send([DIFF_IDS], image_layers.chain_ids(DIFF_IDS)) == ()
 
 
 @pytest.fixture
@@ -86,7 +92,7 @@ def _decoded(shipment: Shipment) -> bytes:
 def test_the_stream_is_the_tar_docker_load_expects_with_only_the_missing_layers(cached):
     image = _image()
     for codec in cached:
-        shipment = Shipment(image, (DIFF_IDS[2],), codec)
+        shipment = Shipment((image,), (DIFF_IDS[2],), codec)
         with tarfile.open(fileobj=io.BytesIO(_decoded(shipment))) as archive:
             names = archive.getnames()
             manifest = json.loads(archive.extractfile("manifest.json").read())
@@ -100,8 +106,18 @@ def test_the_stream_is_the_tar_docker_load_expects_with_only_the_missing_layers(
         assert shipment.size() == len(b"".join(shipment.chunks()))
 
 
+def test_one_stream_carries_several_images_with_a_manifest_entry_each(cached):
+    first, second = _image(DIFF_IDS[:2]), _image(DIFF_IDS)
+    shipment = Shipment((first, second), tuple(DIFF_IDS), Codec.GZIP)
+    with tarfile.open(fileobj=io.BytesIO(_decoded(shipment))) as archive:
+        manifest = json.loads(archive.extractfile("manifest.json").read())
+        assert [_digest(archive.extractfile(entry["Config"]).read()) for entry in manifest] == [
+            first.image_id, second.image_id]
+    assert [len(entry["Layers"]) for entry in manifest] == [2, 3]
+
+
 def test_a_full_stream_carries_every_layer_byte_for_byte(cached):
-    shipment = Shipment(_image(), tuple(DIFF_IDS), Codec.GZIP)
+    shipment = Shipment((_image(),), tuple(DIFF_IDS), Codec.GZIP)
     with tarfile.open(fileobj=io.BytesIO(_decoded(shipment))) as archive:
         for data, diff_id in zip(LAYERS, DIFF_IDS, strict=True):
             assert archive.extractfile(image_layers.layer_member_name(diff_id)).read() == data
@@ -156,7 +172,7 @@ def test_image_layers_fact_on_the_containerd_store_reuses_nothing():
     store = 'store [["driver-type","io.containerd.snapshotter.v1"]]'
     layers = ImageLayers().process([store, "zstd no", f"layers {json.dumps(DIFF_IDS)}"])
     assert not layers.skips_present_layers and not layers.has_zstd
-    assert ops.plan_shipment(_image(), layers, Codec.GZIP).layers == tuple(DIFF_IDS)
+    assert ops.plan_shipment([_image()], layers, Codec.GZIP).layers == tuple(DIFF_IDS)
 
 
 @pytest.mark.parametrize("line", [

@@ -56,7 +56,8 @@ def test_load_verify_tag_pull_commands_are_exact():
     assert ops.pull_command("registry.example:5000/ingest:1.4.2") == (
         "docker pull --quiet registry.example:5000/ingest:1.4.2"
     )
-    assert ops.image_loaded_name("ingest:1.4.2") == "Ensure image ingest:1.4.2 is loaded"
+    assert ops.images_loaded_name(["ingest:1.4.2"]) == "Ensure image ingest:1.4.2 is loaded"
+    assert ops.images_loaded_name(["ingest:2", "ingest-redis:7"]) == "Ensure images ingest:2, ingest-redis:7 are loaded"
 
 
 def test_local_save_and_registry_builders_are_exact():

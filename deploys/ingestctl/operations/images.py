@@ -1,6 +1,6 @@
 """pyinfra operations that make sure a host's Docker engine holds an exact image, by ID.
 
-Two ways in: `image_loaded` streams the layers the host lacks over OpenSSH into `docker load` (no registry,
+Two ways in: `images_loaded` streams the layers the host lacks over OpenSSH into `docker load` (no registry,
 also the air-gapped case; see ingestctl.image_layers); `image_pulled` pulls from a registry for sites that
 have one. Both read the host only through facts and report a noop when the host already has the image
 under its name.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Sequence
 
 from ingestctl import image_layers, openssh
 from ingestctl.errors import HostError
@@ -22,8 +23,10 @@ from pyinfra.api import FunctionCommand, StringCommand, operation
 logger = logging.getLogger("pyinfra")
 
 
-def image_loaded_name(image: str) -> str:
-    return f"Ensure image {image} is loaded"
+def images_loaded_name(images: Sequence[str]) -> str:
+    if len(images) == 1:
+        return f"Ensure image {images[0]} is loaded"
+    return f"Ensure images {', '.join(images)} are loaded"
 
 
 def load_command(codec: Codec) -> str:
@@ -48,13 +51,13 @@ def pull_command(reference: str) -> str:
     return f"docker pull --quiet {shlex.quote(reference)}"
 
 
-def stream_image(state, host, shipment: Shipment, image: str, progress: ProgressSink | None = None) -> bool:
+def stream_images(state, host, shipment: Shipment, names: str, progress: ProgressSink | None = None) -> bool:
     """Send SHIPMENT to the host over OpenSSH and load it; False (the reason in the host's log) on failure."""
     argv = openssh.ssh_argv(host.name, host.data, load_command(shipment.codec), openssh.control_dir())
     try:
         openssh.send(host.name, argv, shipment.chunks(), shipment.size(), progress)
     except HostError as exc:
-        host.log(f"shipping {image} ({len(shipment.layers)} layers): {exc}; the host's images were left "
+        host.log(f"shipping {names} ({len(shipment.layers)} layers): {exc}; the host's images were left "
                  "unchanged", log_func=logger.error)
         return False
     return True
@@ -64,34 +67,43 @@ def choose_codec(layers: HostLayers, controller: tuple[Codec, ...]) -> Codec:
     return Codec.ZSTD if layers.has_zstd and Codec.ZSTD in controller else Codec.GZIP
 
 
-def plan_shipment(image: LayeredImage, layers: HostLayers, codec: Codec) -> Shipment:
-    """Only the layers the host lacks; every layer when its engine cannot reuse present ones."""
+def plan_shipment(images: Sequence[LayeredImage], layers: HostLayers, codec: Codec) -> Shipment:
+    """Only the layers the host lacks, each once; every layer when its engine cannot reuse present ones."""
     present = layers.chains if layers.skips_present_layers else frozenset()
-    return Shipment(image, image_layers.layers_to_send(image.diff_ids, present), codec)
+    needed = image_layers.layers_to_send([image.diff_ids for image in images], present)
+    return Shipment(tuple(images), needed, codec)
 
 
 @operation()
-def image_loaded(image: str, image_id: str, progress: ProgressSink | None = None):
-    """Ensure IMAGE (name:tag) on the host is exactly IMAGE_ID, sending only the layers the host lacks.
+def images_loaded(images: Sequence[tuple[str, str]], progress: ProgressSink | None = None):
+    """Ensure each IMAGE (name:tag) on the host is exactly its IMAGE_ID, in one stream of the layers it lacks.
 
-    + image: the name:tag the host must have, e.g. ingest:1.4.2
-    + image_id: the sha256:... image ID it must resolve to (in the local engine, which the layers come from)
+    + images: (name:tag, sha256:... image ID) pairs, e.g. [("ingest:1.4.2", "sha256:...")]; the IDs must be
+      in the local engine, which the layers come from
     + progress: called with bytes sent and rate every few seconds of a long transfer
     """
-    current = host.get_fact(DockerImage, image=image)
-    if current == image_id:
-        host.noop(f"image {image} already present as {image_id}")
+    wanted = [(image, image_id) for image, image_id in images
+              if host.get_fact(DockerImage, image=image) != image_id]
+    if not wanted:
+        for image, image_id in images:
+            host.noop(f"image {image} already present as {image_id}")
         return
 
-    # The host may hold the same image under another tag (a release re-versioned): tagging is enough.
-    if host.get_fact(DockerImage, image=image_id) != image_id:
+    # The host may hold an image under another tag (a release re-versioned): tagging is enough for that one.
+    to_load = list(dict.fromkeys(image_id for _image, image_id in wanted
+                                 if host.get_fact(DockerImage, image=image_id) != image_id))
+    if to_load:
         layers = host.get_fact(ImageLayers)
         codec = choose_codec(layers, image_layers.controller_codecs())
-        shipment = plan_shipment(image_layers.ensure_layers(image_id, [codec]), layers, codec)
-        yield FunctionCommand(stream_image, (shipment, image), {"progress": progress})
-        yield StringCommand(verify_image_id_command(host.name, image_id, image_id))
-    yield StringCommand(tag_command(image_id, image))
-    yield StringCommand(verify_image_id_command(host.name, image, image_id))
+        shipment = plan_shipment([image_layers.ensure_layers(image_id, [codec]) for image_id in to_load],
+                                 layers, codec)
+        names = ", ".join(image for image, image_id in wanted if image_id in to_load)
+        yield FunctionCommand(stream_images, (shipment, names), {"progress": progress})
+        for image_id in to_load:
+            yield StringCommand(verify_image_id_command(host.name, image_id, image_id))
+    for image, image_id in wanted:
+        yield StringCommand(tag_command(image_id, image))
+        yield StringCommand(verify_image_id_command(host.name, image, image_id))
 
 
 @operation()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ingestctl import local_images
 from ingestctl.errors import ConfigError
 from ingestctl.openssh import ProgressSink
-from ingestctl.operations.images import image_loaded, image_loaded_name, image_pulled
+from ingestctl.operations.images import image_pulled, images_loaded, images_loaded_name
 from pyinfra import host
 from pyinfra.api import deploy
 
@@ -59,14 +59,14 @@ def images_shipped(
     `registry` is set."""
     wanted = list(images) if images is not None else images_for_host(host.data, host.groups, app_image)
     registry = host.data.get("registry")
-    for image in wanted:
-        image_id = local_images.local_image_id(image)
-        if registry:
-            image_pulled(
-                name=f"Ensure image {image} is pulled",
-                image=image,
-                image_id=image_id,
-                registry_reference=_pushed_reference(image, image_id, registry),
-            )
-            continue
-        image_loaded(name=image_loaded_name(image), image=image, image_id=image_id, progress=progress)
+    ids = {image: local_images.local_image_id(image) for image in wanted}
+    if not registry:
+        images_loaded(name=images_loaded_name(wanted), images=list(ids.items()), progress=progress)
+        return
+    for image, image_id in ids.items():
+        image_pulled(
+            name=f"Ensure image {image} is pulled",
+            image=image,
+            image_id=image_id,
+            registry_reference=_pushed_reference(image, image_id, registry),
+        )
