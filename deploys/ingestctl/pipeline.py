@@ -258,7 +258,7 @@ def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bo
 
     version = version or images_mod.checkout_version(paths.project_root())
     with fleet.connected(ctx.name) as active:  # one round for both facts
-        states = {name: host.get_fact(IngestState) for name, host in active.items()}
+        states = fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState))
         db_head = active[ctx.env.db_host].get_fact(SchemaHead)
     plan = deploy_plan(ctx, version, images_mod.image_name(version), batch, skip_bench, allow_incompatible,
                        states, db_head)

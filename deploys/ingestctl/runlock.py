@@ -94,7 +94,7 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
         try:
             if check_setup:
                 require_set_up(ctx, active)
-            guard.before = {name: host.get_fact(IngestState) for name, host in active.items()}
+            guard.before = fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState))
             guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
             journal_start(ctx, run, active)
         except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
