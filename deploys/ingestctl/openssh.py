@@ -51,6 +51,13 @@ def control_dir() -> Path:
     """Where master connections' sockets live: short (socket paths are limited to ~100 bytes) and private."""
     path = Path(tempfile.gettempdir()) / f"ingestctl-ssh-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
+    # Another user could have made it first, to catch our master connections: use it only if it is ours alone.
+    info = path.lstat()
+    if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise EnvironmentMissing(
+            f"{path} must be a directory owned by uid {os.getuid()} with mode 0700, found uid {info.st_uid} "
+            f"mode {oct(info.st_mode & 0o777)}; remove it and run again"
+        )
     return path
 
 

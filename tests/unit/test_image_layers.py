@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 from ingestctl import image_layers, openssh
-from ingestctl.errors import HostError
+from ingestctl.errors import EnvironmentMissing, HostError
 from ingestctl.facts.docker import HostLayers, ImageLayers
 from ingestctl.image_layers import Codec, LayeredImage, Shipment
 from ingestctl.operations import images as ops
@@ -238,3 +238,11 @@ def test_send_names_the_host_and_the_remote_error():
     with pytest.raises(HostError, match=r"host app3: stream of \d+ bytes failed \(exit 3\): no space left"):
         openssh.send("app3", ["sh", "-c", "head -c 10 >/dev/null; echo 'no space left' >&2; exit 3"],
                      iter([b"x" * 100_000] * 50), 5_000_000)
+
+
+def test_control_dir_refuses_one_another_user_could_reach(tmp_path, monkeypatch):
+    monkeypatch.setattr(openssh.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert openssh.control_dir().stat().st_mode & 0o777 == 0o700
+    openssh.control_dir().chmod(0o777)
+    with pytest.raises(EnvironmentMissing, match="mode 0700, found uid .* mode 0o777; remove it"):
+        openssh.control_dir()
