@@ -11,9 +11,16 @@ from pathlib import Path
 from ingestctl import inventory, paths
 from ingestctl.output import Reporter
 
+# How long a host's master connection outlives its last command; the run closes them itself when it ends.
+CONTROL_PERSIST_S = 30
 
-def ssh_config_text(env: inventory.Environment) -> str:
-    """One Host block per inventory host, so test output names hosts and SSH gets the inventory's options."""
+
+def ssh_config_text(env: inventory.Environment, control_dir: Path | None = None) -> str:
+    """One Host block per inventory host, so test output names hosts and SSH gets the inventory's options.
+
+    With CONTROL_DIR, each host's commands share one master connection: testinfra runs one `ssh` per command,
+    and a handshake per command would be most of the suite's time.
+    """
     blocks = []
     for name, spec in env.hosts.items():
         lines = [f"Host {name}", f"  HostName {spec.ssh_hostname}", f"  Port {spec.ssh_port}"]
@@ -26,6 +33,9 @@ def ssh_config_text(env: inventory.Environment) -> str:
         if spec.ssh_strict_host_key_checking:
             lines.append(f"  StrictHostKeyChecking {spec.ssh_strict_host_key_checking}")
         lines += ["  BatchMode yes", "  LogLevel ERROR"]
+        if control_dir is not None:
+            lines += ["  ControlMaster auto", f"  ControlPath {control_dir}/%C",
+                      f"  ControlPersist {CONTROL_PERSIST_S}"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
@@ -46,11 +56,15 @@ def run(env_name: str, reporter: Reporter, extra: list[str]) -> int:
     env = inventory.load(env_name)
     with tempfile.TemporaryDirectory(prefix="ingestctl-verify-") as tmp:
         config = Path(tmp) / "ssh_config"
-        config.write_text(ssh_config_text(env))
+        config.write_text(ssh_config_text(env, Path(tmp)))
         config.chmod(0o600)
         command = pytest_command(env, config, extra)
         reporter.event("step", f"verify {env_name}: testinfra on {', '.join(env.hosts)}", step="verify")
-        completed = subprocess.run(command, cwd=paths.project_root(), env={**os.environ}, check=False)
+        try:
+            completed = subprocess.run(command, cwd=paths.project_root(), env={**os.environ}, check=False)
+        finally:
+            for name in env.hosts:  # no master connection outlives the run
+                subprocess.run(["ssh", "-F", str(config), "-O", "exit", name], capture_output=True, check=False)
     reporter.event("summary", f"verify {env_name}: " + ("passed" if completed.returncode == 0 else "FAILED"),
                    exit_code=completed.returncode)
     return completed.returncode
