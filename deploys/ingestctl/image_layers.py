@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 from ingestctl import paths
@@ -379,18 +380,20 @@ class Shipment:
     def frames(self) -> tuple[Path, ...]:
         return tuple(frame_path(diff_id, self.codec) for diff_id in self.layers)
 
+    @cached_property
     def closing_frame(self) -> bytes:
+        """Compressed once: both the size reported to progress and the stream itself need it."""
         return compress(closing_member_bytes(self.images), self.codec)
 
     def size(self) -> int:
-        return sum(path.stat().st_size for path in self.frames) + len(self.closing_frame())
+        return sum(path.stat().st_size for path in self.frames) + len(self.closing_frame)
 
     def chunks(self) -> Iterator[bytes]:
         for path in self.frames:
             with open(path, "rb") as handle:
                 while chunk := handle.read(CHUNK):
                     yield chunk
-        yield self.closing_frame()
+        yield self.closing_frame
 
 
 def prune(keep_images: set[str]) -> list[Path]:
