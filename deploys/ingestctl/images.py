@@ -687,7 +687,15 @@ def build_app_image(
             f"version {version!r} is not a valid image tag: use letters, digits, '_', '.' and '-'"
         )
     image = image_name(version)
+    # One build at a time on this machine: two at once (parallel test workers, two terminals) would race on the
+    # wheelhouse, and the second of two builds of one source would get another ID (the created label) where
+    # it should re-tag the first.
+    with paths.file_lock(paths.state_dir() / "locks" / "app-build.lock"):
+        return _build_locked(root, service, version, image, say, no_cache, started)
 
+
+def _build_locked(root: Path, service: Path, version: str, image: str, say: Progress, no_cache: bool,
+                  started: float) -> BuiltImage:
     base_image = resolve_base_image(say)
     base = _inspect(base_image)
     if base is None:

@@ -43,7 +43,10 @@ def ssh_config_text(env: inventory.Environment, control_dir: Path | None = None)
 def pytest_command(env: inventory.Environment, ssh_config: Path, extra: list[str]) -> list[str]:
     root = paths.project_root()
     hosts = ",".join(f"ssh://{name}" for name in env.hosts)
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(root / "tests" / "infra"),
+    # `-o addopts=`: the checkout's addopts run the test suite in parallel (pytest-xdist, a test extra), which an
+    # operator's install need not have and the host checks do not want; `timeout` and the rest still apply.
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q",
+               str(root / "tests" / "infra"),
                f"--hosts={hosts}", f"--ssh-config={ssh_config}", f"--ingest-env={env.name}"]
     keys = {spec.ssh_key for spec in env.hosts.values()}
     if len(keys) == 1 and None not in keys:

@@ -1,7 +1,7 @@
 """Shared end-to-end fixtures: a real sandbox testbed (3 hosts with sshd and Docker) for the session.
 
-The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`), never the developer's own
-`ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
+The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`; under pytest-xdist, with the
+worker's id appended: one testbed per worker), never the developer's own `ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
 `ingestctl ... local` and subprocesses all target it. It is taken down after the session unless
 INGESTCTL_KEEP_TESTBED=1 (handy when iterating: the next session's `up` is then a quick no-op).
 
@@ -26,6 +26,9 @@ from pathlib import Path
 import pytest
 
 E2E_TESTBED = os.environ.get("INGESTCTL_E2E_TESTBED", "ingest-e2e")
+# Under pytest-xdist every worker has a sandbox of its own (`ingest-e2e-gw0`, ...): modules run side by side.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    E2E_TESTBED = f"{E2E_TESTBED}-{os.environ['PYTEST_XDIST_WORKER']}"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HOW_TO_GET_DOCKER = (
     "install Docker (`apt-get install docker.io debootstrap`) and run as root; `.ci/run` does this in CI"

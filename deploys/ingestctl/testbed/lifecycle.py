@@ -123,9 +123,12 @@ def _bring_up(
 ) -> UpResult:
     specs = hostspec.testbed_hosts(app_hosts, bare=bare)
     ssh_user = hostspec.BARE_SSH_USER if bare else SSH_USER
-    key_file, public_key = keys.ensure_key_pair(state_mod.key_path())
-    if secrets_mod.generate_file(paths.secrets_file("local")):
-        progress(f"generated local secrets in {paths.secrets_file('local')} (mode 0600)")
+    # Every testbed shares the key pair and the local secrets: two `up`s at once (parallel test workers) must
+    # not both generate them, or one testbed gets a key the other just replaced.
+    with paths.file_lock(paths.state_dir() / "locks" / "shared-files.lock"):
+        key_file, public_key = keys.ensure_key_pair(state_mod.key_path())
+        if secrets_mod.generate_file(paths.secrets_file("local")):
+            progress(f"generated local secrets in {paths.secrets_file('local')} (mode 0600)")
     built = images.ensure_all(progress, client, keys=images.BARE_KEYS if bare else images.READY_MADE_KEYS)
     progress(f"images ready: {', '.join(built.values())}")
 
