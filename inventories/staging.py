@@ -7,7 +7,15 @@ Secrets are not here: they come from the environment, `*_FILE` or `secrets/stagi
 
 from ingestctl.inventory import environment
 
-_ssh = {"ssh_user": "deploy", "ssh_key": "~/.ssh/ingest_staging_ed25519", "sudo": True}
+# Host keys are checked against a file you fill once (`ssh-keyscan` compared with the hosts' own fingerprints),
+# as production does: a staging host that trusts a new key on first use hands its secrets to whoever answers.
+_ssh = {
+    "ssh_user": "deploy",
+    "ssh_key": "~/.ssh/ingest_staging_ed25519",
+    "ssh_known_hosts_file": "~/.ssh/known_hosts_ingest_staging",
+    "ssh_strict_host_key_checking": "yes",
+    "sudo": True,
+}
 
 _env = environment(
     name="staging",

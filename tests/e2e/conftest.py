@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import releases
 
 E2E_TESTBED = os.environ.get("INGESTCTL_E2E_TESTBED", "ingest-e2e")
 # Under pytest-xdist every worker has a sandbox of its own (`ingest-e2e-gw0`, ...): modules run side by side.
@@ -49,7 +50,7 @@ def docker_or_skip():
 def ingestctl(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run the real `ingestctl` console script from the checkout, capturing its output."""
     executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
-    return subprocess.run(
+    completed = subprocess.run(
         [executable, *args],
         cwd=PROJECT_ROOT,
         env={**os.environ, **(env or {})},
@@ -58,6 +59,8 @@ def ingestctl(*args: str, env: dict | None = None, timeout: float = 900) -> subp
         timeout=timeout,
         check=False,
     )
+    releases.OUTPUTS.append(completed.stdout + completed.stderr)
+    return completed
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +95,24 @@ def testbed(testbed_name: str):
     messages: list[str] = []
     result = lifecycle.up(messages.append, name=testbed_name)
     yield result.state
-    if os.environ.get("INGESTCTL_KEEP_TESTBED") != "1":
-        lifecycle.down(messages.append, name=testbed_name)
+    try:
+        # The session ends with a scan for every secret value across what ingestctl printed and what the hosts
+        # keep readable (ledger, docker inspect, logs, image history): it must find none.
+        leaks = releases.secret_leaks(result.state, session_secrets())
+        assert not leaks, "secret values leaked: " + "; ".join(leaks)
+    finally:
+        if os.environ.get("INGESTCTL_KEEP_TESTBED") != "1":
+            lifecycle.down(messages.append, name=testbed_name)
+
+
+def session_secrets() -> dict[str, str]:
+    """The local environment's secret values, and every one a test made up (rotations)."""
+    from ingestctl import paths
+    from ingestctl import secrets as secrets_mod
+
+    values = secrets_mod.load(paths.secrets_file("local"))
+    return {**{name: values[name] for name in secrets_mod.REQUIRED if values.get(name)},
+            **releases.MADE_UP_SECRETS}
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,12 @@ class Result:
         return f"exit {self.code}\n--- stdout\n{self.stdout[-4000:]}\n--- stderr\n{self.stderr[-4000:]}"
 
 
+# Everything `ingestctl` printed in this session, and every secret value a test made up on the way: the session's
+# closing scan (conftest.py `testbed`) looks for each secret in all of it.
+OUTPUTS: list[str] = []
+MADE_UP_SECRETS: dict[str, str] = {}
+
+
 def ingestctl(*args: str, root: Path = PROJECT_ROOT, env: Mapping[str, str] | None = None,
               timeout: float = 1200) -> Result:
     """Run the real console script against ROOT (a checkout), output captured."""
@@ -60,7 +67,38 @@ def ingestctl(*args: str, root: Path = PROJECT_ROOT, env: Mapping[str, str] | No
         [executable, *args], cwd=root, env={**os.environ, "INGESTCTL_ROOT": str(root), **(env or {})},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
+    OUTPUTS.append(completed.stdout + completed.stderr)
     return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def remember_secret(name: str, value: str) -> str:
+    """A secret value a test handed to `ingestctl` (a rotation): the closing scan looks for it too."""
+    MADE_UP_SECRETS[f"{name} (made up by a test)"] = value
+    return value
+
+
+# What a host keeps that anyone with access to it can read: the ledger, every container's `docker inspect` and
+# logs, and every image's history. Secrets belong only in the 0600 files under /opt/ingest/config.
+HOST_TRACES = (
+    "cat /var/lib/ingest/ledger.jsonl 2>/dev/null; "
+    'for c in $(docker ps -aq); do docker inspect "$c"; docker logs "$c" 2>&1; done; '
+    'for i in $(docker images -q | sort -u); do docker history --no-trunc "$i"; done'
+)
+
+
+def secret_leaks(testbed, secret_values: Mapping[str, str]) -> list[str]:
+    """Where any of SECRET_VALUES ({name: value}) shows: this session's output, or a sandbox host's traces."""
+    from ingestctl.testbed.probe import run_ssh
+
+    places = {f"ingestctl output #{n}": text for n, text in enumerate(OUTPUTS, 1)}
+    for host in testbed.hosts:
+        code, out, err = run_ssh(host.address, host.ssh_port, testbed.ssh_user, testbed.ssh_key,
+                                 f"sudo -n sh -c {shlex.quote(HOST_TRACES)}" if testbed.sudo else HOST_TRACES,
+                                 timeout=300)
+        assert code == 0, f"{host.name}: reading the ledger, docker inspect/logs/history failed: {err[-500:]}"
+        places[f"{host.name} (ledger, docker inspect, docker logs, docker history)"] = out + err
+    return [f"{name} in {place}" for place, text in places.items()
+            for name, value in secret_values.items() if value and value in text]
 
 
 def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -> Path:

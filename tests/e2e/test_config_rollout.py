@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from releases import app_urls, ingestctl
+from releases import app_urls, ingestctl, remember_secret
 
 pytestmark = pytest.mark.e2e
 
@@ -161,7 +161,7 @@ def test_config_set_lowers_the_batch_limit_and_rollback_config_restores_it(testb
 def test_config_set_refuses_bad_input_without_touching_any_host(testbed, ssh, baseline, assignment, expected,
                                                                 tmp_path):
     states, entries, dirs = fleet_states(ssh), ledger(ssh), config_dirs(ssh)
-    (tmp_path / "tiny").write_text("e2e8-tiny-sekret\n")
+    (tmp_path / "tiny").write_text(remember_secret("JWT_SECRET", "e2e8-tiny-sekret") + "\n")
     result = ingestctl("config", "set", "local", assignment.format(tiny=tmp_path / "tiny"), "--json")
     assert result.code == 2, result.explain()
     summary = result.summary()
@@ -186,7 +186,7 @@ def test_rollback_config_to_an_unknown_or_live_version_is_refused(testbed, ssh, 
 
 def test_secret_rotation_takes_the_new_key_refuses_the_old_and_never_shows_either(testbed, ssh, baseline, tmp_path):
     old_key = file_secrets()["API_KEY"]
-    new_key = "e2e8" + secrets.token_urlsafe(32)
+    new_key = remember_secret("API_KEY", "e2e8" + secrets.token_urlsafe(32))
     assert ingest_status(testbed, 1, old_key) == everywhere(testbed, 202)
 
     secret_file = tmp_path / "api_key"

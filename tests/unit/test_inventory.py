@@ -257,6 +257,15 @@ def test_plain_pyinfra_cli_sees_groups_and_env_data(monkeypatch):
         assert data == staging.host_data(name)
 
 
+@pytest.mark.parametrize("env_name", ["staging", "production"])
+def test_shipped_remote_inventories_pin_host_keys(env_name, monkeypatch):
+    monkeypatch.setenv("INGESTCTL_ROOT", str(REPO))
+    env = inventory.load(env_name)
+    for name, spec in env.hosts.items():
+        assert spec.ssh_strict_host_key_checking == "yes", f"{env_name} {name} trusts new host keys"
+        assert spec.ssh_known_hosts_file and "ingest" in spec.ssh_known_hosts_file, f"{env_name} {name}"
+
+
 def test_local_inventory_reads_the_testbed_state(checkout, monkeypatch):
     """inventories/local.py (the real file) against a synthetic testbed state: no sandbox needed."""
     import shutil
