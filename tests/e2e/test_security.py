@@ -120,3 +120,39 @@ def test_a_forged_ledger_line_on_app3_runs_nowhere_and_spreads_nowhere(testbed, 
             ssh(host, f"rm -f {PWNED}")
     assert PWNED not in ledger_text(ssh, "app3")
     assert ledger_text(ssh, "app3").startswith(before), "removing the forged lines changed app3's genuine ones"
+
+
+def public_listeners(ssh, host: str) -> dict[int, set[str]]:
+    """{port: addresses} of every TCP socket listening on HOST's network namespace, read from /proc (no tools)."""
+    status, out, err = ssh(host, "cat /proc/net/tcp /proc/net/tcp6")
+    assert status == 0, f"{host}: cannot read /proc/net/tcp: {err}"
+    listening: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+            address, port = fields[1].split(":")
+            listening.setdefault(int(port, 16), set()).add(address)
+    return listening
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net/tcp writes them
+
+
+def test_from_outside_an_app_host_only_ssh_and_the_proxy_answer(testbed, ssh, tmp_path_factory):
+    import socket
+
+    if any(version_of(url) is None for url in app_urls(testbed).values()):  # run on its own: deploy first
+        checkout = variant(tmp_path_factory.mktemp("security-ports"), {})
+        result = ingestctl("deploy", "local", "--version", SEC1, "--skip-bench", "--json", root=checkout)
+        assert result.code == 0, result.explain()
+    for host in (h for h in testbed.hosts if "db" not in h.roles):  # db1 also serves 5432/6379 to the app hosts
+        listening = public_listeners(ssh, host.name)
+        # The live slot (at least) listens, on loopback only; nothing but sshd and the proxy faces the network.
+        slots = {port: addresses for port, addresses in listening.items() if port in (8001, 8002)}
+        assert slots and all(addresses <= LOOPBACK for addresses in slots.values()), f"{host.name}: {slots}"
+        exposed = {port for port, addresses in listening.items() if not addresses <= LOOPBACK}
+        assert exposed == {host.ssh_port, 8000}, f"{host.name}: listening beyond loopback on {sorted(exposed)}"
+        for port in sorted(slots):
+            with pytest.raises(OSError):
+                socket.create_connection((host.address, port), timeout=3).close()
+        assert version_of(f"http://{host.address}:8000") is not None, f"{host.name}: the proxy does not answer"

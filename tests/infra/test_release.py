@@ -102,6 +102,19 @@ def test_api_listens_on_the_public_port(host):
     assert listening, f"{_name(host)}: nothing listens on the proxy's public port {port}"
 
 
+def test_api_slots_listen_on_loopback_only(host):
+    state = _state(host)
+    public = _public_port(host)
+    slots = {"blue": public + 1, "green": public + 2}  # hostlayout.Ports: the slots sit just above the proxy
+    live = slots[state["slot"]]
+    assert host.socket(f"tcp://127.0.0.1:{live}").is_listening, f"{_name(host)}: api_{state['slot']} not on {live}"
+    for port in slots.values():
+        for everywhere in (f"tcp://0.0.0.0:{port}", f"tcp://:::{port}"):
+            assert not host.socket(everywhere).is_listening, (
+                f"{_name(host)}: an api slot listens on {everywhere}: clients could go around the proxy"
+            )
+
+
 def test_api_is_ready_from_the_host(host):
     _state(host)
     url = f"http://127.0.0.1:{_public_port(host)}/health/ready"

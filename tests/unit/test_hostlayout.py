@@ -86,6 +86,12 @@ def test_db_and_app_host_compose_has_every_service():
     assert all(s.get("network_mode") == "host" for s in services.values())
 
 
+def test_api_slots_listen_on_loopback_behind_the_proxy():
+    services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
+    assert services["api_blue"]["environment"]["HOST"] == "127.0.0.1"
+    assert services["api_green"]["environment"]["HOST"] == "127.0.0.1"
+
+
 def test_app_host_compose_has_no_database():
     services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
     assert set(services) == {"api_blue", "api_green", "proxy"}
