@@ -37,10 +37,7 @@ ops.config_version_present(
     version=cfg.version, env_text=config_mod.render_env_file(cfg, secrets_dir="/run/secrets"),
     secret_files=config_mod.render_secret_files(cfg), app_uid=ctx.env.data.app_uid,
 )
-ops.database_running(
-    name="Ensure PostgreSQL and Redis are running", password=cfg.secrets["POSTGRES_PASSWORD"],
-    postgres_uid=ctx.env.data.postgres_uid, infra_images=ctx.infra_images,
-)
+ops.database_running(name="Ensure PostgreSQL and Redis are running", **ctx.database_kwargs(cfg))
 if is_db:
     ops.schema_migrated(
         name=f"Ensure schema is at {release.schema_head}", image=release.image, config_version=cfg.version,

@@ -15,6 +15,7 @@ On-host layout (BASE = /opt/ingest):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shlex
 from collections.abc import Iterable, Mapping
@@ -81,8 +82,42 @@ def render_compose(
             app_uid=app_uid,
             ports=ports,
             stop_grace_s=stop_grace_s,
+            redis_bind=redis_bind(db_address),
         )
     )
+
+
+# Under a secrets/ directory like every file holding a secret, so the host checks (tests/infra) cover it.
+REDIS_CONF = f"{BASE}/db/redis/secrets/redis.conf"
+# What the app's Redis user may not run: wiping data, reconfiguring or replicating the server, reading every key.
+# The rate limiter needs only PING, AUTH and its Lua script (EVALSHA / SCRIPT LOAD).
+REDIS_DENIED = ("flushall", "flushdb", "config", "debug", "replicaof", "slaveof", "module", "shutdown", "monitor",
+                "acl", "keys", "migrate", "save", "bgsave", "bgrewriteaof", "sync", "psync", "failover")
+
+
+def render_redis_conf(password: str) -> str:
+    """The password and the app user's rights, in a 0600 file: never on the command line (`ps`, `docker inspect`).
+
+    The password is checked by ingestctl.secrets (no whitespace, quotes or backslash: redis.conf would split it).
+    """
+    denied = " ".join(f"-{command}" for command in REDIS_DENIED)
+    return (
+        "# Written by ingestctl; the next deploy rewrites it.\n"
+        f"user default on >{password} ~* &* +@all {denied}\n"
+    )
+
+
+def redis_bind(db_address: str) -> list[str]:
+    """Addresses Redis listens on: loopback, and the db host's private address when the inventory names an IP.
+
+    A host name (staging's) cannot be bound: Redis then listens on every address, behind its password and the
+    db host's firewall (`ingestctl setup`).
+    """
+    try:
+        ipaddress.ip_address(db_address)
+    except ValueError:
+        return []
+    return ["127.0.0.1", db_address]
 
 
 def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int) -> str:
@@ -181,6 +216,10 @@ def reload_proxy(binary: str) -> str:
 
 def start_db(binary: str) -> str:
     return compose(binary, "up", "-d", "--no-deps", "postgres", "redis")
+
+
+def restart_service(binary: str, service: str) -> str:
+    return compose(binary, "restart", service)
 
 
 def wait_db_healthy(binary: str, timeout_s: int = 120) -> str:

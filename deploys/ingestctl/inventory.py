@@ -99,6 +99,8 @@ class EnvData(BaseModel):
     # database's password file (999 in the official postgres image).
     app_uid: Integer = Field(default=10001, ge=1, le=2**31 - 1)
     postgres_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
+    # Owns Redis's config file (its password): 999 in the official redis image and in the sandbox's.
+    redis_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
     # How long a draining api slot may finish in-flight requests after SIGTERM.
     drain_grace_s: Integer = Field(default=30, ge=1, le=600)
     # Keep the previous release running, out of traffic, in the other slot: an app rollback to it is then a

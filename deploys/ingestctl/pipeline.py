@@ -56,8 +56,7 @@ def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
     )
     database_call = runner.OperationCall(
         release_ops.database_running,
-        kwargs=dict(name="Ensure PostgreSQL and Redis are running", password=cfg.secrets["POSTGRES_PASSWORD"],
-                    postgres_uid=ctx.env.data.postgres_uid, infra_images=ctx.infra_images),
+        kwargs=dict(name="Ensure PostgreSQL and Redis are running", **ctx.database_kwargs(cfg)),
     )
     runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call])
     ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",

@@ -65,6 +65,12 @@ class Context:
             "PROXY_IMAGE": self.env.data.proxy_image,
         }
 
+    def database_kwargs(self, cfg: config_mod.ServiceConfig) -> dict[str, Any]:
+        """What `database_running` takes: both databases' passwords and the owners of their files."""
+        return dict(password=cfg.secrets["POSTGRES_PASSWORD"], redis_password=cfg.secrets["REDIS_PASSWORD"],
+                    postgres_uid=self.env.data.postgres_uid, redis_uid=self.env.data.redis_uid,
+                    infra_images=self.infra_images)
+
     @property
     def max_body_bytes(self) -> int:
         # The proxy's backstop sits at the configuration's upper bound; the api enforces the real limit.

@@ -37,6 +37,7 @@ def create_app(settings: Settings) -> FastAPI:
         limiter = RateLimiter(
             settings.rate_limit_backend, settings.redis_url.get_secret_value(), settings.redis_timeout_seconds,
             settings.rate_limit_per_minute, settings.rate_limit_burst,
+            password=settings.redis_password.get_secret_value() if settings.redis_password else None,
         )
         await limiter.start()
         app.state.services = Services(

@@ -74,7 +74,7 @@ class MemoryBuckets:
 
 class RateLimiter:
     def __init__(self, backend: str, redis_url: str, timeout: float, per_minute: int, burst: int,
-                 probe_interval: float = 1.0):
+                 probe_interval: float = 1.0, password: str | None = None):
         self.enabled = per_minute > 0
         self.backend = backend
         self.per_minute = per_minute
@@ -86,6 +86,8 @@ class RateLimiter:
             self._redis = aioredis.Redis.from_url(
                 redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0,
                 retry_on_timeout=False, max_connections=64,
+                # A password in the URL wins (redis-py merges the URL's options last); else REDIS_PASSWORD.
+                **({"password": password} if password else {}),
             )
             self._script = self._redis.register_script(_TOKEN_BUCKET)
         self._degraded = False

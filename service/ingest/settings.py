@@ -17,7 +17,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # Variables that may hold a secret; each also accepts NAME_FILE (how the deploy passes them: 0600 files).
-FILE_BACKED = ("POSTGRES_PASSWORD", "API_KEY", "JWT_SECRET", "DATABASE_URL", "REDIS_URL")
+FILE_BACKED = ("POSTGRES_PASSWORD", "API_KEY", "JWT_SECRET", "DATABASE_URL", "REDIS_URL", "REDIS_PASSWORD")
 
 # Kept identical to ingestctl's list: the image cannot import the release tooling.
 PLACEHOLDERS = frozenset(
@@ -179,6 +179,8 @@ class Settings(DatabaseSettings):
 
     # Redis and rate limiting
     redis_url: SecretStr = Field(SecretStr("redis://localhost:6379/0"), alias="REDIS_URL")
+    # Redis's password (the deploy always sets one, as REDIS_PASSWORD_FILE); a password in REDIS_URL wins.
+    redis_password: SecretStr | None = Field(None, alias="REDIS_PASSWORD")
     redis_timeout_seconds: float = Field(0.25, gt=0, le=10, alias="REDIS_TIMEOUT_SECONDS")
     rate_limit_backend: Literal["redis", "memory"] = Field("redis", alias="RATE_LIMIT_BACKEND")
     rate_limit_per_minute: int = Field(6000, ge=0, le=10_000_000, alias="RATE_LIMIT_PER_MINUTE")

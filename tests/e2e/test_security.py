@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import socket
 
 import pytest
 from releases import app_urls, ingestctl, variant, version_of
@@ -138,13 +139,18 @@ def public_listeners(ssh, host: str) -> dict[int, set[str]]:
 LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net/tcp writes them
 
 
-def test_from_outside_an_app_host_only_ssh_and_the_proxy_answer(testbed, ssh, tmp_path_factory):
-    import socket
-
-    if any(version_of(url) is None for url in app_urls(testbed).values()):  # run on its own: deploy first
-        checkout = variant(tmp_path_factory.mktemp("security-ports"), {})
+@pytest.fixture
+def fleet_up(testbed, tmp_path_factory):
+    """The fleet serving: as the first test leaves it, or deployed here when a test runs on its own."""
+    if any(version_of(url) is None for url in app_urls(testbed).values()):
+        checkout = variant(tmp_path_factory.mktemp("security-fleet"), {})
         result = ingestctl("deploy", "local", "--version", SEC1, "--skip-bench", "--json", root=checkout)
         assert result.code == 0, result.explain()
+    return testbed
+
+
+def test_from_outside_an_app_host_only_ssh_and_the_proxy_answer(fleet_up, ssh):
+    testbed = fleet_up
     for host in (h for h in testbed.hosts if "db" not in h.roles):  # db1 also serves 5432/6379 to the app hosts
         listening = public_listeners(ssh, host.name)
         # The live slot (at least) listens, on loopback only; nothing but sshd and the proxy faces the network.
@@ -156,3 +162,23 @@ def test_from_outside_an_app_host_only_ssh_and_the_proxy_answer(testbed, ssh, tm
             with pytest.raises(OSError):
                 socket.create_connection((host.address, port), timeout=3).close()
         assert version_of(f"http://{host.address}:8000") is not None, f"{host.name}: the proxy does not answer"
+
+
+def redis_reply(address: str, command: bytes) -> bytes:
+    """Redis's first reply line to COMMAND (inline protocol), sent from the controller as any client would."""
+    with socket.create_connection((address, 6379), timeout=5) as sock:
+        sock.sendall(command + b"\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def test_redis_refuses_a_client_without_the_password(fleet_up):
+    db1 = fleet_up.host("db1")
+    for command in (b"PING", b"FLUSHALL", b"CONFIG GET requirepass"):
+        reply = redis_reply(db1.address, command)
+        assert reply.startswith(b"-NOAUTH"), f"redis on db1 answered {command!r} without a password: {reply!r}"

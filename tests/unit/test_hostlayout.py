@@ -110,3 +110,25 @@ def test_proxy_keeps_draining_slot_as_backup_and_retries_posts():
     assert "server 127.0.0.1:8001 backup max_fails=0;" in text
     assert "proxy_next_upstream error timeout http_502 non_idempotent;" in text
     assert "reuseport" not in text.replace("No `reuseport`", "")
+
+
+def test_redis_password_lives_in_its_config_file_never_in_the_compose_file():
+    text = layout.render_compose("db1", ["db", "app"], "10.0.0.2", 10001, PORTS)
+    redis = yaml.safe_load(text)["services"]["redis"]
+    assert redis["command"][:2] == ["redis-server", "/run/redis/redis.conf"]
+    assert redis["command"][-3:] == ["--bind", "127.0.0.1", "10.0.0.2"], "loopback and the db host's address"
+    assert "./db/redis/secrets:/run/redis:ro" in redis["volumes"]
+    assert "--protected-mode" not in redis["command"], "protected mode stays on"
+
+
+def test_redis_listens_everywhere_only_when_the_db_host_is_named_not_numbered():
+    redis = yaml.safe_load(layout.render_compose("db1", ["db"], "db1.example.internal", 10001, PORTS))["services"]
+    assert "--bind" not in redis["redis"]["command"]
+
+
+def test_redis_conf_sets_the_password_and_denies_the_dangerous_commands():
+    conf = layout.render_redis_conf("r" * 24)
+    user = next(line for line in conf.splitlines() if line.startswith("user default"))
+    assert user.startswith("user default on >" + "r" * 24 + " ")
+    for command in ("flushall", "config", "replicaof", "keys", "debug", "module"):
+        assert f" -{command}" in user

@@ -103,22 +103,35 @@ def config_version_present(version: str, env_text: str, secret_files: Mapping[st
 
 
 @operation()
-def database_running(password: str, postgres_uid: int, infra_images: Mapping[str, str]):
-    """Ensure PostgreSQL and Redis run on the db host and PostgreSQL accepts connections."""
+def database_running(password: str, redis_password: str, postgres_uid: int, redis_uid: int,
+                     infra_images: Mapping[str, str]):
+    """Ensure PostgreSQL and Redis run on the db host, Redis behind REDIS_PASSWORD, and PostgreSQL answers.
+
+    A changed Redis password restarts Redis: the api slots still on the old one run in degrade mode (their
+    in-process rate limit) until they are switched to the config that has the new one.
+    """
     if "db" not in host.groups:
         host.noop("not the db host")
         return
     password_file = f"{layout.BASE}/db/secrets/postgres_password"
+    redis_conf = layout.render_redis_conf(redis_password)
     running = host.get_fact(RunningServices)
     wanted = {"postgres": infra_images["POSTGRES_IMAGE"], "redis": infra_images["REDIS_IMAGE"]}
-    in_place = host.get_fact(FileDigests, paths=[password_file]).get(password_file) == sha256(password)
-    if in_place and all(running.get(service) == image for service, image in wanted.items()):
+    digests = host.get_fact(FileDigests, paths=[password_file, layout.REDIS_CONF])
+    password_in_place = digests.get(password_file) == sha256(password)
+    redis_conf_in_place = digests.get(layout.REDIS_CONF) == sha256(redis_conf)
+    all_running = all(running.get(service) == image for service, image in wanted.items())
+    if password_in_place and redis_conf_in_place and all_running:
         host.noop("postgres and redis already running")
         return
     binary = compose_binary()
     yield secretfiles.write_command(password_file, password, mode="600", user=str(postgres_uid),
                                     group=str(postgres_uid))
+    yield secretfiles.write_command(layout.REDIS_CONF, redis_conf, mode="600", user=str(redis_uid),
+                                    group=str(redis_uid))
     yield layout.start_db(binary)
+    if not redis_conf_in_place and running.get("redis"):
+        yield layout.restart_service(binary, "redis")  # `up` keeps a running container: it read the old file
     yield layout.wait_db_healthy(binary)
 
 

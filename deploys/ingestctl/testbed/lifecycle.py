@@ -127,8 +127,9 @@ def _bring_up(
     # not both generate them, or one testbed gets a key the other just replaced.
     with paths.file_lock(paths.state_dir() / "locks" / "shared-files.lock"):
         key_file, public_key = keys.ensure_key_pair(state_mod.key_path())
-        if secrets_mod.generate_file(paths.secrets_file("local")):
-            progress(f"generated local secrets in {paths.secrets_file('local')} (mode 0600)")
+        generated = secrets_mod.generate_file(paths.secrets_file("local"))
+        if generated:
+            progress(f"generated {', '.join(generated)} in {paths.secrets_file('local')} (mode 0600)")
     built = images.ensure_all(progress, client, keys=images.BARE_KEYS if bare else images.READY_MADE_KEYS)
     progress(f"images ready: {', '.join(built.values())}")
 
