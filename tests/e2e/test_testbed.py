@@ -247,14 +247,25 @@ def test_redis_image_answers_ping(engine, sandbox_images):
 
 def test_lifecycle_up_repairs_then_down_leaves_nothing_behind(engine, testbed, testbed_name, run_ingestctl):
     """Own testbed: up from cached images, a silent engine is repaired by `up`, `down` removes everything."""
+    from ingestctl.testbed import hostspec
+
     name = f"{testbed_name}-lc"
     env = {"INGESTCTL_TESTBED": name}
+    # What another checkout (or a killed run) would leave: db1's engine volume, holding its deployments.
+    leftover = hostspec.volume_name(name, "db1")
+    engine.volumes.create(leftover)
+    engine.containers.run(hostspec.SANDBOX_IMAGE, ["/x/from-another-checkout"], entrypoint=["touch"], remove=True,
+                          volumes={leftover: {"bind": "/x", "mode": "rw"}})
     try:
         started = time.monotonic()
         up = run_ingestctl("testbed", "up", "--json", env=env)
         up_s = time.monotonic() - started
         assert up.returncode == 0, up.stdout + up.stderr
         print(f"testbed up with cached images: {up_s:.1f}s")
+        assert any(f"removed leftovers of an earlier testbed {name}" in e.get("message", "")
+                   and leftover in e.get("message", "") for e in _events(up.stdout)), up.stdout
+        fresh = engine.containers.get(f"{name}-db1").exec_run(["test", "-e", "/var/lib/docker/from-another-checkout"])
+        assert fresh.exit_code != 0, "db1 came up on the leftover volume of another checkout"
 
         # Stop app3's inner engine (its pid file names the exact process): status must say so, up must repair it.
         engine.containers.get(f"{name}-app3").exec_run(["sh", "-c", "kill $(cat /var/run/docker.pid)"])

@@ -83,10 +83,24 @@ def up(
             if kind is not None:
                 bare = kind[0] if bare is None else bare
                 app_hosts = kind[1] if app_hosts is None else app_hosts
+            else:
+                _clear_leftovers(client, name, progress)
             return _bring_up(
                 client, name, progress, restart=unhealthy, bare=bool(bare),
                 app_hosts=hostspec.DEFAULT_APP_HOSTS if app_hosts is None else app_hosts,
             )
+
+
+def _clear_leftovers(client, name: str, progress: Progress) -> None:
+    """Hosts, volumes and networks named NAME that this checkout has no state for, removed before a fresh start.
+
+    They were left by another checkout (or a killed run) and hold its deployments, made with its key pair and
+    secrets: reused, they refuse this checkout's key, or their databases this checkout's passwords.
+    """
+    left = _take_down(client, name, purge=False, progress=lambda _message: None)
+    if left.containers or left.volumes or left.networks:
+        progress(f"removed leftovers of an earlier testbed {name} this checkout did not start: "
+                 + ", ".join([*left.containers, *left.volumes, *left.networks]))
 
 
 def _recorded_kind(name: str) -> tuple[bool, int] | None:
