@@ -11,6 +11,7 @@ from app3's ledger and the fleet healthy on its first release, with the lock fre
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -123,20 +124,28 @@ def test_a_forged_ledger_line_on_app3_runs_nowhere_and_spreads_nowhere(testbed, 
     assert ledger_text(ssh, "app3").startswith(before), "removing the forged lines changed app3's genuine ones"
 
 
-def public_listeners(ssh, host: str) -> dict[int, set[str]]:
+def proc_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it: hex, in 32-bit words of host (little-endian) byte order."""
+    raw = bytes.fromhex(hex_address)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def listeners(ssh, host: str) -> dict[int, set]:
     """{port: addresses} of every TCP socket listening on HOST's network namespace, read from /proc (no tools)."""
     status, out, err = ssh(host, "cat /proc/net/tcp /proc/net/tcp6")
     assert status == 0, f"{host}: cannot read /proc/net/tcp: {err}"
-    listening: dict[int, set[str]] = {}
+    listening: dict[int, set] = {}
     for line in out.splitlines():
         fields = line.split()
         if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
             address, port = fields[1].split(":")
-            listening.setdefault(int(port, 16), set()).add(address)
+            listening.setdefault(int(port, 16), set()).add(proc_address(address))
     return listening
 
 
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net/tcp writes them
+def loopback_only(addresses: set) -> bool:
+    # 127.0.0.0/8 and ::1: Docker's embedded DNS, for one, listens on 127.0.0.11 of every container network.
+    return all(address.is_loopback for address in addresses)
 
 
 @pytest.fixture
@@ -152,11 +161,11 @@ def fleet_up(testbed, tmp_path_factory):
 def test_from_outside_an_app_host_only_ssh_and_the_proxy_answer(fleet_up, ssh):
     testbed = fleet_up
     for host in (h for h in testbed.hosts if "db" not in h.roles):  # db1 also serves 5432/6379 to the app hosts
-        listening = public_listeners(ssh, host.name)
+        listening = listeners(ssh, host.name)
         # The live slot (at least) listens, on loopback only; nothing but sshd and the proxy faces the network.
         slots = {port: addresses for port, addresses in listening.items() if port in (8001, 8002)}
-        assert slots and all(addresses <= LOOPBACK for addresses in slots.values()), f"{host.name}: {slots}"
-        exposed = {port for port, addresses in listening.items() if not addresses <= LOOPBACK}
+        assert slots and all(loopback_only(addresses) for addresses in slots.values()), f"{host.name}: {slots}"
+        exposed = {port for port, addresses in listening.items() if not loopback_only(addresses)}
         assert exposed == {host.ssh_port, 8000}, f"{host.name}: listening beyond loopback on {sorted(exposed)}"
         for port in sorted(slots):
             with pytest.raises(OSError):
