@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 PROD = ROOT / "docker-compose.prod.yml"
-SECRETS = ("postgres_password", "api_key", "jwt_secret")
+SECRETS = ("postgres_password", "api_key", "jwt_secret", "redis_password")
 
 
 def v1_config(compose_file: Path, project_dir: Path, env: dict[str, str] | None = None):

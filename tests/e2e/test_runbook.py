@@ -41,6 +41,9 @@ NOT_FOR_THE_SANDBOX = {
         "compose baseline",
     'chmod 0400 "$SECRETS_DIR"/postgres_password "$SECRETS_DIR"/api_key "$SECRETS_DIR"/jwt_secret':
         "compose baseline",
+    'printf \'%s\' "$REDIS_PASSWORD" > "$SECRETS_DIR/redis_password"': "compose baseline",
+    'chown 999:10001 "$SECRETS_DIR/redis_password"': "compose baseline",
+    'chmod 0440 "$SECRETS_DIR/redis_password"': "compose baseline",
     'docker compose -f docker-compose.prod.yml up -d --build': "compose baseline",
     'docker compose -f docker-compose.prod.yml --profile migrate run --rm migrate': "compose baseline",
     'python scripts/check_runtime_health.py --base-url http://localhost:8000': "compose baseline (localhost)",
