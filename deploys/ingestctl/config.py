@@ -75,6 +75,7 @@ TUNABLES: dict[str, Tunable] = {
     )
 }
 SECRET_KEYS: tuple[str, ...] = secrets_mod.REQUIRED
+RENDER_FORMAT = 2
 KNOWN_KEYS: tuple[str, ...] = (*TUNABLES, *SECRET_KEYS)
 
 
@@ -211,7 +212,10 @@ class ServiceConfig:
 
     def canonical(self) -> str:
         """The text the version hashes: every key, sorted, secrets included. Never written or printed."""
-        lines = [f"{k}={v}" for k, v in sorted(self.tunables.items())]
+        # The rendering's format: format 2 runs the api as the app role. A new format makes new versions, so
+        # hosts get fresh config directories; an old version rolled back to keeps running as it did.
+        lines = [f"format:{RENDER_FORMAT}"]
+        lines += [f"{k}={v}" for k, v in sorted(self.tunables.items())]
         lines += [f"secret:{k}={v}" for k, v in sorted(self.secrets.items())]
         return "\n".join(lines) + "\n"
 
@@ -235,6 +239,7 @@ def render_env_file(config: ServiceConfig, secrets_dir: str | None = None) -> st
         f"# config version {config.version}",
     ]
     lines += [f"{k}={v}" for k, v in sorted(config.tunables.items())]
+    lines.append(f"POSTGRES_USER={secrets_mod.APP_DB_ROLE}")
     if secrets_dir is not None:
         base = secrets_dir.rstrip("/")
         lines += [f"{k}_FILE={base}/{k}" for k in sorted(config.secrets)]
@@ -242,8 +247,14 @@ def render_env_file(config: ServiceConfig, secrets_dir: str | None = None) -> st
 
 
 def render_secret_files(config: ServiceConfig) -> dict[str, str]:
-    """One file body per secret, keyed by file name. No trailing newline: readers that do not strip stay right."""
-    return {name: value for name, value in sorted(config.secrets.items())}
+    """One file body per secret, keyed by file name. No trailing newline: readers that do not strip stay right.
+
+    POSTGRES_PASSWORD's file holds the app role's password (see POSTGRES_USER above), not the owner's.
+    """
+    files = dict(sorted(config.secrets.items()))
+    if "POSTGRES_PASSWORD" in files:
+        files["POSTGRES_PASSWORD"] = secrets_mod.app_database_password(files["POSTGRES_PASSWORD"])
+    return files
 
 
 def parse_env_file_text(text: str, where: str = "config env file") -> dict[str, str]:

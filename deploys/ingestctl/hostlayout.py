@@ -70,7 +70,8 @@ def _templates() -> jinja2.Environment:
 
 
 def render_compose(
-    host: str, roles: Iterable[str], db_address: str, app_uid: int, ports: Ports, stop_grace_s: int = 30
+    host: str, roles: Iterable[str], db_address: str, app_uid: int, ports: Ports, stop_grace_s: int = 30,
+    postgres_uid: int = 999,
 ) -> str:
     return (
         _templates()
@@ -80,6 +81,7 @@ def render_compose(
             roles=sorted(roles),
             db_address=db_address,
             app_uid=app_uid,
+            postgres_uid=postgres_uid,
             ports=ports,
             stop_grace_s=stop_grace_s,
             redis_bind=redis_bind(db_address),
@@ -105,6 +107,38 @@ def render_redis_conf(password: str) -> str:
         "# Written by ingestctl; the next deploy rewrites it.\n"
         f"user default on >{password} ~* &* +@all {denied}\n"
     )
+
+
+APP_ROLE_FILE = f"{BASE}/db/secrets/app_role_password"
+
+
+def app_role_sql(role: str, password: str, owner: str = "ingest", database: str = "ingest") -> str:
+    """The api's role: it may log in and read and write rows, nothing more (no superuser, no DDL).
+
+    Default privileges carry the grants to every table and sequence the owner's later migrations create.
+    ROLE and PASSWORD are checked here: both go into SQL literals.
+    """
+    if not role.isidentifier() or not all(ch in "0123456789abcdef" for ch in password) or len(password) < 32:
+        raise ValueError(f"app role {role!r}: expected an identifier and a hex password of 32+ characters")
+    return f"""\
+DO $do$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role}; END IF;
+END $do$;
+ALTER ROLE {role} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD '{password}';
+GRANT CONNECT, TEMPORARY ON DATABASE {database} TO {role};
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role};
+ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};
+ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO {role};
+"""
+
+
+def psql_stdin(binary: str) -> str:
+    """psql as the owner in the postgres container, reading its SQL from stdin (so no secret is on a command line)."""
+    return compose(binary, "exec", "-T", "postgres", "psql", "-U", "ingest", "-d", "ingest", "-v", "ON_ERROR_STOP=1",
+                   "-q")
 
 
 def redis_bind(db_address: str) -> list[str]:

@@ -7,6 +7,8 @@ message ever contains a secret's value.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets as _random
 import stat
@@ -43,6 +45,17 @@ PLACEHOLDERS = frozenset(
     }
 )
 MASK = "********"
+# The api connects as this role: DML on the schema, no superuser, no DDL. The migrations run as POSTGRES_USER
+# (`ingest`, the bootstrap superuser that owns the schema), whose password the api never sees.
+APP_DB_ROLE = "ingest_app"
+
+
+def app_database_password(postgres_password: str) -> str:
+    """The app role's password, derived one way from POSTGRES_PASSWORD: the api holds this, never the owner's.
+
+    Derived rather than a fifth secret: rotating POSTGRES_PASSWORD rotates it too, and nothing new to keep.
+    """
+    return hmac.new(postgres_password.encode(), f"{APP_DB_ROLE} database role".encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class _SecretFilesSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for name in FILE_BACKED:
+            if name.lower() not in self.settings_cls.model_fields:
+                continue  # not this model's: the migrations' settings never open the api's secret files
             path_text = os.environ.get(f"{name}_FILE")
             if not path_text or os.environ.get(name):
                 continue

@@ -111,8 +111,10 @@ def session_secrets() -> dict[str, str]:
     from ingestctl import secrets as secrets_mod
 
     values = secrets_mod.load(paths.secrets_file("local"))
-    return {**{name: values[name] for name in secrets_mod.REQUIRED if values.get(name)},
-            **releases.MADE_UP_SECRETS}
+    found = {name: values[name] for name in secrets_mod.REQUIRED if values.get(name)}
+    if values.get("POSTGRES_PASSWORD"):  # the api's own database password, derived from it
+        found["app role password"] = secrets_mod.app_database_password(values["POSTGRES_PASSWORD"])
+    return {**found, **releases.MADE_UP_SECRETS}
 
 
 @pytest.fixture(scope="session")

@@ -191,3 +191,20 @@ def test_redis_refuses_a_client_without_the_password(fleet_up):
     for command in (b"PING", b"FLUSHALL", b"CONFIG GET requirepass"):
         reply = redis_reply(db1.address, command)
         assert reply.startswith(b"-NOAUTH"), f"redis on db1 answered {command!r} without a password: {reply!r}"
+
+
+def test_the_apis_database_sessions_are_not_superuser(fleet_up, ssh):
+    # Every api (each app host's live and standby slots) holds pooled connections: read them off the server.
+    query = ("SELECT DISTINCT a.usename || ':' || r.rolsuper || ':' || r.rolcreaterole FROM pg_stat_activity a "
+             "JOIN pg_roles r ON r.rolname = a.usename WHERE a.backend_type = 'client backend' "
+             "AND a.pid <> pg_backend_pid()")
+    status, out, err = ssh("db1", "cd /opt/ingest && docker exec $(docker ps -q --filter "
+                                  "label=com.docker.compose.service=postgres) psql -U ingest -d ingest -tAc "
+                                  f"{shlex.quote(query)}")
+    assert status == 0, f"db1: reading pg_stat_activity failed: {err}"
+    sessions = set(out.split())
+    assert sessions == {"ingest_app:false:false"}, f"the api's database sessions: {sessions}"
+    # And the role can write rows but not change the schema.
+    ddl = ssh("db1", "docker exec $(docker ps -q --filter label=com.docker.compose.service=postgres) "
+                     "psql -U ingest -d ingest -tAc \"SET ROLE ingest_app; CREATE TABLE e2e_not_allowed (x int)\"")
+    assert ddl[0] != 0 and "permission denied" in ddl[2], f"the app role could create a table: {ddl}"

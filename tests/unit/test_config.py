@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ingestctl import config
+from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError
 from ingestctl.secrets import MASK
 
@@ -157,6 +158,7 @@ def test_env_file_is_deterministic_and_holds_no_secret():
         "RATE_LIMIT_BACKEND=memory\n"
         "RATE_LIMIT_PER_MINUTE=6000\n"
         "SHUTDOWN_GRACE_SECONDS=20\n"
+        "POSTGRES_USER=ingest_app\n"
         "API_KEY_FILE=/run/secrets/API_KEY\n"
         "JWT_SECRET_FILE=/run/secrets/JWT_SECRET\n"
         "POSTGRES_PASSWORD_FILE=/run/secrets/POSTGRES_PASSWORD\n"
@@ -170,7 +172,11 @@ def test_env_file_is_deterministic_and_holds_no_secret():
 
 def test_secret_files_and_masked_view():
     cfg = config.ServiceConfig.build({}, SECRETS)
-    assert config.render_secret_files(cfg) == {name: SECRETS[name] for name in sorted(SECRETS)}
+    files = config.render_secret_files(cfg)
+    # The api's POSTGRES_PASSWORD is its own role's, derived one way from the owner's, which it never holds.
+    assert files == {**SECRETS, "POSTGRES_PASSWORD": secrets_mod.app_database_password(SECRETS["POSTGRES_PASSWORD"])}
+    assert SECRETS["POSTGRES_PASSWORD"] not in files["POSTGRES_PASSWORD"]
+    assert len(files["POSTGRES_PASSWORD"]) == 64
     masked = cfg.masked()
     assert masked["API_KEY"] == MASK and masked["LOG_LEVEL"] == "INFO"
     assert not set(SECRETS.values()) & set(masked.values())

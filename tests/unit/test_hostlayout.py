@@ -132,3 +132,27 @@ def test_redis_conf_sets_the_password_and_denies_the_dangerous_commands():
     assert user.startswith("user default on >" + "r" * 24 + " ")
     for command in ("flushall", "config", "replicaof", "keys", "debug", "module"):
         assert f" -{command}" in user
+
+
+def test_migrations_run_as_the_owner_from_the_db_hosts_own_secret_the_api_as_the_app_role():
+    services = yaml.safe_load(layout.render_compose("db1", ["db", "app"], "10.0.0.2", 10001, PORTS,
+                                                    postgres_uid=999))["services"]
+    migrate = services["migrate"]
+    assert migrate["user"] == "999:999"
+    assert migrate["environment"]["POSTGRES_USER"] == "ingest"
+    assert migrate["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/db-secrets/postgres_password"
+    assert migrate["volumes"] == ["./db/secrets:/run/db-secrets:ro"], "the api's config secrets stay out of it"
+    # The api's user comes from its config (POSTGRES_USER=ingest_app in app.env): compose must not override it.
+    assert "POSTGRES_USER" not in services["api_blue"]["environment"]
+
+
+def test_app_role_sql_grants_rows_only_and_refuses_what_would_break_its_literals():
+    sql = layout.app_role_sql("ingest_app", "ab" * 32)
+    assert "NOSUPERUSER NOCREATEDB NOCREATEROLE" in sql
+    assert "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ingest_app" in sql
+    assert "ALTER DEFAULT PRIVILEGES FOR ROLE ingest IN SCHEMA public" in sql
+    assert "REVOKE CREATE ON SCHEMA public FROM PUBLIC" in sql
+    for role, password in (("ingest_app", "x'; DROP ROLE ingest; --" + "a" * 40), ("app; drop", "ab" * 32),
+                           ("ingest_app", "abc")):
+        with pytest.raises(ValueError):
+            layout.app_role_sql(role, password)

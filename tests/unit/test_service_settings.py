@@ -122,3 +122,18 @@ def test_bad_security_settings_name_the_variable_and_rule(env, assignment, expec
     for value in assignment.values():
         if len(value) > 3:
             assert value not in str(caught.value)
+
+
+def test_migration_settings_never_open_the_apis_secret_files(env, tmp_path):
+    # The migrations run as another user, which may not read the api's secret files: naming them is harmless.
+    (tmp_path / "pg").write_text(GOOD["POSTGRES_PASSWORD"])
+    env(POSTGRES_PASSWORD_FILE=str(tmp_path / "pg"), API_KEY_FILE=str(tmp_path / "unreadable" / "API_KEY"),
+        JWT_SECRET_FILE=str(tmp_path / "unreadable" / "JWT_SECRET"),
+        REDIS_PASSWORD_FILE=str(tmp_path / "unreadable" / "REDIS_PASSWORD"))
+    assert "password=pg-5d4c3b2a1f0e9d8c" in load_database_settings().conninfo
+
+
+def test_redis_password_comes_from_its_file(env, tmp_path):
+    (tmp_path / "redis").write_text("redis-0123456789abcdef\n")
+    env(**GOOD, REDIS_PASSWORD_FILE=str(tmp_path / "redis"))
+    assert load_settings().redis_password.get_secret_value() == "redis-0123456789abcdef"

@@ -24,6 +24,7 @@ from ingestctl.facts.release import (
     SchemaHead,
 )
 from ingestctl.operations import secretfiles
+from ingestctl.secrets import APP_DB_ROLE, app_database_password
 from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.operations import files
@@ -115,14 +116,16 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
         return
     password_file = f"{layout.BASE}/db/secrets/postgres_password"
     redis_conf = layout.render_redis_conf(redis_password)
+    app_password = app_database_password(password)
     running = host.get_fact(RunningServices)
     wanted = {"postgres": infra_images["POSTGRES_IMAGE"], "redis": infra_images["REDIS_IMAGE"]}
-    digests = host.get_fact(FileDigests, paths=[password_file, layout.REDIS_CONF])
+    digests = host.get_fact(FileDigests, paths=[password_file, layout.REDIS_CONF, layout.APP_ROLE_FILE])
     password_in_place = digests.get(password_file) == sha256(password)
     redis_conf_in_place = digests.get(layout.REDIS_CONF) == sha256(redis_conf)
+    app_role_in_place = digests.get(layout.APP_ROLE_FILE) == sha256(app_password)
     all_running = all(running.get(service) == image for service, image in wanted.items())
-    if password_in_place and redis_conf_in_place and all_running:
-        host.noop("postgres and redis already running")
+    if password_in_place and redis_conf_in_place and app_role_in_place and all_running:
+        host.noop("postgres and redis already running, the app role in place")
         return
     binary = compose_binary()
     yield secretfiles.write_command(password_file, password, mode="600", user=str(postgres_uid),
@@ -133,6 +136,10 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
     if not redis_conf_in_place and running.get("redis"):
         yield layout.restart_service(binary, "redis")  # `up` keeps a running container: it read the old file
     yield layout.wait_db_healthy(binary)
+    yield secretfiles.stdin_command(layout.psql_stdin(binary), layout.app_role_sql(APP_DB_ROLE, app_password))
+    # Written last: its digest says the role has this password (the noop check above).
+    yield secretfiles.write_command(layout.APP_ROLE_FILE, app_password, mode="600", user=str(postgres_uid),
+                                    group=str(postgres_uid))
 
 
 RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")

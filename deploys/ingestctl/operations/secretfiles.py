@@ -84,6 +84,11 @@ def write_command(
     )
 
 
+def stdin_command(command: str, content: str | bytes) -> StringCommand:
+    """COMMAND (a shell line) reading CONTENT on its stdin: for secrets a command needs, kept off every argv."""
+    return StringCommand("sh", "-c", shlex.quote(f"base64 -d | ({command})"), _stdin=stdin_payload(content))
+
+
 def _owner_matches(wanted: str | int | None, numeric: str, name: str) -> bool:
     return wanted is None or str(wanted) in (numeric, name)
 
