@@ -26,9 +26,7 @@ ops.images_for_role_shipped(
 )
 ops.layout_present(
     name="Ensure ingest host layout is present",
-    compose_for={host.name: hostlayout.render_compose(
-        host.name, ctx.env.hosts[host.name].roles, ctx.db_address(host.name), ctx.env.data.app_uid, ctx.ports,
-        stop_grace_s=ctx.env.data.drain_grace_s)},
+    compose_for={host.name: ctx.compose_file(host.name)},
     infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid, ports=ctx.ports,
     max_body_bytes=ctx.max_body_bytes,
 )

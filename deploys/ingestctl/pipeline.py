@@ -23,7 +23,7 @@ from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Context, Release, Run, new_run_id, prepare
 from ingestctl.runlock import guarded
-from ingestctl.switching import config_calls, rollout
+from ingestctl.switching import config_calls, database_call, rollout
 
 
 def ship_images(ctx: Context, release: Release) -> None:
@@ -43,22 +43,14 @@ def ship_images(ctx: Context, release: Release) -> None:
 
 def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
     """Layout, compose file and the config version on every host; the database running on the db host."""
-    compose_for = {
-        host: hostlayout.render_compose(host, ctx.env.hosts[host].roles, ctx.db_address(host), ctx.env.data.app_uid,
-                                        ctx.ports, stop_grace_s=ctx.env.data.drain_grace_s)
-        for host in ctx.env.all_hosts
-    }
+    compose_for = {host: ctx.compose_file(host) for host in ctx.env.all_hosts}
     layout_call = runner.OperationCall(
         release_ops.layout_present,
         kwargs=dict(name="Ensure ingest host layout is present", compose_for=compose_for,
                     infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid, ports=ctx.ports,
                     max_body_bytes=ctx.max_body_bytes),
     )
-    database_call = runner.OperationCall(
-        release_ops.database_running,
-        kwargs=dict(name="Ensure PostgreSQL and Redis are running", **ctx.database_kwargs(cfg)),
-    )
-    runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call])
+    runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call(ctx, cfg)])
     ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",
                        step="config", config_version=cfg.version)
 

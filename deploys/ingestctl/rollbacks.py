@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from ingestctl import config as config_mod
 from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migrations, plan
 from ingestctl import pyinfra_runner as runner
+from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead
 from ingestctl.gatekeeper import report_gate
@@ -22,7 +23,7 @@ from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Context, Release, Run, host_states, new_run_id, prepare
 from ingestctl.runlock import guarded
-from ingestctl.switching import config_calls, rollout
+from ingestctl.switching import config_calls, database_call, rollout
 
 
 def begin(kind: str, env_name: str, reporter: Reporter) -> tuple[Context, Run]:
@@ -292,7 +293,22 @@ def read_live_config(ctx: Context, host: str, version: str) -> config_mod.Servic
     for part in secret_parts:
         name, _, value = part.partition("\n")
         secret_values[name.strip()] = value.rstrip("\n")
+    if "POSTGRES_PASSWORD" in secret_values:
+        secret_values["POSTGRES_PASSWORD"] = _owner_password(ctx, host, secret_values["POSTGRES_PASSWORD"])
     return config_mod.ServiceConfig.build(tunables, secret_values)
+
+
+def _owner_password(ctx: Context, host: str, on_host: str) -> str:
+    """The owner's POSTGRES_PASSWORD behind a host's config, which holds the app role's (derived) one.
+
+    Only this checkout's secrets know the owner's; they must be the ones the host's config was made from (a
+    config written before the app role existed holds the owner's itself).
+    """
+    owner = ctx.config.secrets.get("POSTGRES_PASSWORD", "")
+    if on_host in (secrets_mod.app_database_password(owner), owner):
+        return owner
+    raise ConfigError(f"{host}: the live config's database password was not made from this checkout's "
+                      "POSTGRES_PASSWORD; run from the checkout (or with the secrets) that deployed it")
 
 
 def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
@@ -318,7 +334,10 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
                    changes=[{"key": c.key, "old": c.old, "new": c.new} for c in diff])
     with guarded(ctx, run, lock_wait_s, f"config set {env_name}") as guard:
         started = time.time()
-        runner.run_operations(env_name, config_calls(ctx, new))
+        # A new REDIS_PASSWORD reaches Redis first (a restart): slots still on the old config rate-limit in
+        # process (degrade mode) until the rollout switches them.
+        calls = [*config_calls(ctx, new), *([database_call(ctx, new)] if "REDIS_PASSWORD" in changes else [])]
+        runner.run_operations(env_name, calls)
         run.step("config", started)
         from ingestctl.plan import parse_batch_spec, rollout_order
 

@@ -65,6 +65,12 @@ class Context:
             "PROXY_IMAGE": self.env.data.proxy_image,
         }
 
+    def compose_file(self, host: str) -> str:
+        """HOST's compose file, rendered for its roles and this environment's data."""
+        data = self.env.data
+        return hostlayout.render_compose(host, self.env.hosts[host].roles, self.db_address(host), data.app_uid,
+                                         self.ports, stop_grace_s=data.drain_grace_s, postgres_uid=data.postgres_uid)
+
     def database_kwargs(self, cfg: config_mod.ServiceConfig) -> dict[str, Any]:
         """What `database_running` takes: both databases' passwords and the owners of their files."""
         return dict(password=cfg.secrets["POSTGRES_PASSWORD"], redis_password=cfg.secrets["REDIS_PASSWORD"],

@@ -57,6 +57,12 @@ def config_calls(ctx: Context, cfg: config_mod.ServiceConfig) -> list[runner.Ope
     ]
 
 
+def database_call(ctx: Context, cfg: config_mod.ServiceConfig) -> runner.OperationCall:
+    """PostgreSQL and Redis running on the db host with CFG's passwords, the app role in place."""
+    return runner.OperationCall(release_ops.database_running,
+                                kwargs=dict(name="Ensure PostgreSQL and Redis are running", **ctx.database_kwargs(cfg)))
+
+
 # Failures worth a second try: the container runtime or the SSH transport hiccuped, not the release itself.
 TRANSIENT_ERRORS = (
     "OCI runtime", "connection reset", "Connection reset", "Broken pipe", "broken pipe", "EOF",
