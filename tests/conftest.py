@@ -18,7 +18,7 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, where every prerequisite must be installed: {reason}"
 
 
-# Under pytest-xdist (`-n auto --dist loadfile` in pyproject.toml) each test file runs whole on one worker, so an
+# Under pytest-xdist (`-n auto --dist loadfile`, see pyproject.toml) each test file runs whole on one worker, so an
 # end-to-end module's fixtures (the deployed baselines) are built once, on that worker's own sandbox testbed
 # (tests/e2e/conftest.py). (`loadgroup` would say it more exactly, but pytest 9.2 broke it: pytest-xdist#1386.)
 # Minutes per e2e module on one 2-core worker (docs/PERFORMANCE.md). Workers take files in this order, longest
@@ -39,5 +39,7 @@ def scheduling_weight(path: Path, tests_root: Path) -> float:
 
 
 def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: the files in their own order
+        return
     tests_root = Path(__file__).parent
     items.sort(key=lambda item: -scheduling_weight(item.path, tests_root))
