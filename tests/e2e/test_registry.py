@@ -54,7 +54,7 @@ def _free_port(address: str) -> int:
 def registry(testbed, tmp_path_factory) -> Iterator[str]:
     binary = shutil.which("docker-registry")
     if binary is None:
-        pytest.skip("Debian's docker-registry is not installed: run ./scripts/setup.sh (apt-get install docker-registry)")
+        pytest.skip(reason="Debian's docker-registry is not installed: run ./scripts/setup.sh (apt-get install docker-registry)")
     gateway = _gateway(testbed)
     address = f"{gateway}:{_free_port(gateway)}"
     folder = tmp_path_factory.mktemp("registry")

@@ -89,7 +89,7 @@ def test_release_runs_under_its_own_version(host, expected_image):
     name, _image_id = expected_image
     state = host.run("cat /opt/ingest/state.json")
     if state.rc != 0 or not state.stdout.strip():
-        pytest.skip("no release is live on this host (deploy first: `ingestctl deploy ENV`)")
+        pytest.skip(reason="no release is live on this host (deploy first: `ingestctl deploy ENV`)")
     live = json.loads(state.stdout)
     env = host.run("cat /opt/ingest/.env")
     assert env.rc == 0, f"{host.backend.hostname}: /opt/ingest/.env is unreadable: {env.stderr}"
