@@ -1,14 +1,16 @@
 """Service configuration: the tunables `config set` accepts, their rules and defaults, and its versioned rendering.
 
 A config is the full set of tunables plus the secrets. Its version is content-addressed: the first 12 hex
-digits of the sha256 of the canonical rendering, secrets included, so rotating a secret makes a new
-version. The rendering written to hosts is split in two: a non-secret env file, and one file per secret
-(mode 0600 on the host). Neither the version nor any message here ever reveals a secret's value.
+digits of an HMAC-SHA256 of the canonical rendering, secrets included (so rotating a secret makes a new
+version), keyed from JWT_SECRET (so the version tells nothing about a secret to whoever sees it). The
+rendering written to hosts is split in two: a non-secret env file, and one file per secret (mode 0600 on
+the host). Neither the version nor any message here ever reveals a secret's value.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError
 
 VERSION_LENGTH = 12
+VERSION_KEY_LABEL = b"ingest config version key"
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,13 @@ class ServiceConfig:
 
     @property
     def version(self) -> str:
-        return hashlib.sha256(self.canonical().encode()).hexdigest()[:VERSION_LENGTH]
+        """Keyed, so the version (printed everywhere: output, CI logs, the ledger) cannot test a guess of a secret.
+
+        An unkeyed hash over the secrets let anyone who saw it check candidate values offline. The key comes from
+        JWT_SECRET (at least 32 bytes), so only whoever already holds the secrets can compute a version.
+        """
+        key = hmac.new(VERSION_KEY_LABEL, self.secrets.get("JWT_SECRET", "").encode(), hashlib.sha256).digest()
+        return hmac.new(key, self.canonical().encode(), hashlib.sha256).hexdigest()[:VERSION_LENGTH]
 
     def masked(self) -> dict[str, str]:
         """Every key with its value, secrets replaced by the mask: fit for output and --dry plans."""

@@ -85,6 +85,7 @@ def render_compose(
             ports=ports,
             stop_grace_s=stop_grace_s,
             redis_bind=redis_bind(db_address),
+            postgres_listen=postgres_listen(db_address),
         )
     )
 
@@ -141,17 +142,65 @@ def psql_stdin(binary: str) -> str:
                    "-q")
 
 
+PG_HBA = f"{BASE}/db/pg/pg_hba.conf"
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(address)
+    except ValueError:
+        return None
+
+
+def postgres_listen(db_address: str) -> str:
+    """PostgreSQL's listen_addresses: loopback and the address the app hosts use, when the inventory gives an IP.
+
+    A host name (staging's) cannot be bound here: PostgreSQL then listens on every address, and pg_hba and the
+    db host's firewall (`ingestctl setup`) keep everyone but the app hosts out.
+    """
+    return f"127.0.0.1,{db_address}" if _ip(db_address) else "*"
+
+
+def render_pg_hba(db_address: str, app_addresses: Iterable[str], clients: Iterable[str] = ()) -> str:
+    """Who may log in, from where: the container itself, the db host (migrations), the app hosts and CLIENTS.
+
+    Every network login needs a password (scram-sha-256), and only to the ingest database. An address given as a
+    host name cannot be pinned (pg_hba would need reverse DNS to match it): the file then admits any address, and
+    the firewall is what keeps others out, which the comment in the file says.
+    """
+    lines = ["# Written by ingestctl; the next deploy rewrites it. TYPE DATABASE USER ADDRESS METHOD",
+             "# The container's own socket: health checks and the owner's maintenance (docker exec psql).",
+             "local all all trust",
+             "host all all 127.0.0.1/32 scram-sha-256",
+             "host all all ::1/128 scram-sha-256"]
+    named = []
+    for address in dict.fromkeys([db_address, *app_addresses]):
+        ip = _ip(address)
+        if ip is None:
+            named.append(address)
+            continue
+        lines.append(f"host ingest all {ip}/{ip.max_prefixlen} scram-sha-256")
+    for network in clients:
+        lines.append(f"host ingest all {ipaddress.ip_network(network, strict=False)} scram-sha-256")
+    if named:
+        lines.append(f"# {', '.join(named)}: host names, which pg_hba cannot pin; the firewall admits only them.")
+        lines.append("host ingest all all scram-sha-256")
+    return "\n".join(lines) + "\n"
+
+
+def reload_postgres(binary: str) -> str:
+    """Re-read pg_hba.conf without a restart: connections already open stay."""
+    return compose(binary, "exec", "-T", "postgres", "psql", "-U", "ingest", "-d", "ingest", "-q", "-c",
+                   shlex.quote("SELECT pg_reload_conf()"))
+
+
 def redis_bind(db_address: str) -> list[str]:
     """Addresses Redis listens on: loopback, and the db host's private address when the inventory names an IP.
 
     A host name (staging's) cannot be bound: Redis then listens on every address, behind its password and the
     db host's firewall (`ingestctl setup`).
     """
-    try:
-        ipaddress.ip_address(db_address)
-    except ValueError:
-        return []
-    return ["127.0.0.1", db_address]
+    return ["127.0.0.1", db_address] if _ip(db_address) else []
 
 
 def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int) -> str:

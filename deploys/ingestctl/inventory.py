@@ -21,6 +21,7 @@ the same path-style message: `inventories/staging.py: hosts.app2.ssh_port: expec
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import runpy
 import sys
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from ingestctl import config as config_mod
 from ingestctl import paths
@@ -84,6 +85,14 @@ class HostSpec(BaseModel):
         return data
 
 
+def _ip_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("expected an IP address or network such as 10.0.0.5 or 10.0.0.0/24") from None
+    return value
+
+
 class EnvData(BaseModel):
     """Environment-wide data every host of the environment carries."""
 
@@ -101,6 +110,9 @@ class EnvData(BaseModel):
     postgres_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
     # Owns Redis's config file (its password): 999 in the official redis image and in the sandbox's.
     redis_uid: Integer = Field(default=999, ge=1, le=2**31 - 1)
+    # PostgreSQL on the db host admits the app hosts (and itself, for migrations); these addresses or networks
+    # too, e.g. an operator's bastion that reads the database. Nothing else reaches it (pg_hba).
+    db_clients: list[Annotated[str, AfterValidator(_ip_network)]] = Field(default_factory=list)
     # How long a draining api slot may finish in-flight requests after SIGTERM.
     drain_grace_s: Integer = Field(default=30, ge=1, le=600)
     # Keep the previous release running, out of traffic, in the other slot: an app rollback to it is then a
@@ -175,6 +187,8 @@ def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, boo
         return "expected each role once", True
     if kind == "value_error" and "bool" in str(error.get("msg")):
         return "expected a number, not True/False", True
+    if kind == "value_error" and str(error.get("msg")).startswith("Value error, expected "):
+        return str(error["msg"]).removeprefix("Value error, "), True
     return _EXPECTATIONS.get(kind, error.get("msg", "invalid value")), True
 
 

@@ -33,6 +33,8 @@ Kind = Literal["deploy", "rollback-app", "rollback-schema", "rollback-config", "
 # `running` is the journal line a run writes before it changes anything; its final line replaces it (merge).
 Outcome = Literal["success", "rolled-back", "failed", "aborted", "running"]
 RELEASE_KINDS: frozenset[str] = frozenset({"deploy", "rollback-app"})
+# Names only, never values: which secrets a `config set` rotated (a deploy must not silently undo them).
+SecretName = Literal["POSTGRES_PASSWORD", "API_KEY", "JWT_SECRET", "REDIS_PASSWORD"]
 
 
 class Step(BaseModel):
@@ -91,6 +93,7 @@ class LedgerEntry(BaseModel):
     bench_skipped: bool = False
     message: str | None = None
     lock_takeover: str | None = None  # whose expired deploy lock this run took over, if it did
+    rotated_secrets: list[SecretName] = Field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -344,6 +347,47 @@ def release_stack(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
 def config_stack(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
     kinds = frozenset({"deploy", "rollback-app", "config-set", "rollback-config"})
     return _stack(entries, lambda e: e.config_version, "rollback-config", kinds)
+
+
+def live_rotations(entries: Sequence[LedgerEntry]) -> dict[str, LedgerEntry]:
+    """Secrets that `config set` rotated and the live config still carries: {name: the config-set entry}.
+
+    Walks the config stack back from the live config to the last deploy that changed it: a deploy made its
+    config from the secrets it was given, so a rotation before it is no longer the fleet's alone.
+    """
+    rotations: dict[str, LedgerEntry] = {}
+    for entry in reversed(config_stack(entries)):
+        if entry.kind == "deploy":
+            break
+        if entry.kind == "config-set":
+            for name in entry.rotated_secrets:
+                rotations.setdefault(name, entry)
+    return rotations
+
+
+def configs_to_prune(entries: Sequence[LedgerEntry], keep: int) -> list[str]:
+    """Config versions whose directories can go: all but the `keep` most recently live ones (and the live one).
+
+    Old versions hold retired secrets: a rotated-away API key must not stay on disk, nor come back with
+    `rollback config`, past the window `keep_releases` promises. Versions that never went live go too.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"keep_releases: expected an integer of at least 1, found {keep!r}")
+    kinds = frozenset({"deploy", "rollback-app", "config-set", "rollback-config"})
+    last_live: dict[str, datetime] = {}
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.config_version is None:
+            continue
+        seen.add(entry.config_version)
+        if entry.succeeded and entry.kind in kinds:
+            moment = entry.finished or entry.started
+            last_live[entry.config_version] = max(moment, last_live.get(entry.config_version, moment))
+    stack = config_stack(entries)
+    live_now = stack[-1].config_version if stack else None
+    ranked = sorted(last_live, key=lambda v: (v == live_now, last_live[v]), reverse=True)
+    kept = set(ranked[:keep]) | ({live_now} if live_now else set())
+    return sorted(seen - kept)
 
 
 @dataclass(frozen=True)

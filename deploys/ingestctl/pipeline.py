@@ -19,6 +19,7 @@ from ingestctl import secrets as secrets_mod
 from ingestctl.errors import GateFailed, IngestctlError, RollbackFailed
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.gatekeeper import benchmark_gate
+from ingestctl.liveconfig import refuse_reverting_rotations
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Context, Release, Run, new_run_id, prepare
@@ -122,6 +123,7 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
         plan = deploy_plan(ctx, release.version, release.image, batch, skip_bench, allow_incompatible,
                            guard.before, guard.schema_head)
         report_plan(reporter, plan)
+        refuse_reverting_rotations(ctx, guard.before)
         guard.checkpoints.check("shipping images")
         started = time.time()
         ship_images(ctx, release)
@@ -148,6 +150,7 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
         if guard.switched:
             started = time.time()
             prune_images(ctx, release, guard.before)
+            prune_configs(ctx, guard.before)
             run.step("prune", started)
     return run
 
@@ -240,6 +243,34 @@ def prune_images(ctx: Context, release: Release, before: Mapping[str, dict | Non
                            step="prune", images=ids)
     except IngestctlError as exc:  # pruning is housekeeping: report it, never fail a good deploy over it
         ctx.reporter.event("error", f"could not prune old images: {exc}")
+
+
+def prune_configs(ctx: Context, before: Mapping[str, dict | None]) -> None:
+    """Keep the last `keep_releases` config versions on the hosts; remove older ones with their secret files.
+
+    Never the new config or one a slot still runs with (the live one before this deploy is now the standby's).
+    """
+    from ingestctl import fleetview
+    from ingestctl import ledger as ledger_mod
+
+    protected = {ctx.config.version}
+    for state in (s for s in before.values() if s):
+        protected |= {state.get("config_version"), (state.get("standby") or {}).get("config_version")}
+        protected |= {value for variables in (state.get("slots") or {}).values()
+                      for key, value in variables.items() if key.endswith("_CONFIG")}
+    try:
+        versions = [v for v in ledger_mod.configs_to_prune(fleetview.read_ledger(ctx.name, ctx.reporter),
+                                                           ctx.env.data.keep_releases)
+                    if v not in protected and hostvalues.CONFIG_VERSION.matches(v)]
+        if not versions:
+            return
+        paths_ = [f"{hostlayout.BASE}/config/{v}" for v in versions]
+        fleet.run_commands(ctx.name, lambda _h: "rm -rf -- " + " ".join(map(shlex.quote, paths_)),
+                           hosts=ctx.env.all_hosts)
+        ctx.reporter.event("step", f"pruned {len(versions)} old config version(s) and their secret files "
+                           f"(keeping {ctx.env.data.keep_releases})", step="prune", config_versions=versions)
+    except IngestctlError as exc:  # housekeeping, like the images: report it, never fail a good deploy over it
+        ctx.reporter.event("error", f"could not prune old config versions: {exc}")
 
 
 def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool,

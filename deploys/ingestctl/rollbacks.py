@@ -13,12 +13,12 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, fleetview, gates, hostlayout, hostvalues, migrations, plan
+from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
-from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead
 from ingestctl.gatekeeper import report_gate
+from ingestctl.liveconfig import read_live_config
 from ingestctl.operations import release as release_ops
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Context, Release, Run, host_states, new_run_id, prepare
@@ -277,40 +277,6 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
 
 # ----- config set / rollback config / show ------------------------------------------------------------------
 
-def read_live_config(ctx: Context, host: str, version: str) -> config_mod.ServiceConfig:
-    """The full config VERSION as written on HOST, secrets included (read into memory, never printed)."""
-    hostvalues.CONFIG_VERSION.check(version, f"{host}: config version")
-    base = f"{hostlayout.BASE}/config/{version}"
-    quoted = shlex.quote(base)
-    command = (f"cat {quoted}/app.env && for f in {quoted}/secrets/*; do [ -f \"$f\" ] || continue; "
-               "printf '\\n#ingestctl-secret %s\\n' \"$(basename \"$f\")\"; cat \"$f\"; done")
-    result = fleet.run_commands(ctx.name, {host: command})[host]
-    if not result.ok:
-        raise ConfigError(f"{host}: config {version} is not readable at {base}: {result.stderr.strip()[:200]}")
-    env_part, *secret_parts = result.stdout.split("\n#ingestctl-secret ")
-    tunables = config_mod.tunables_from_env_file(env_part, where=f"{host}:{base}/app.env")
-    secret_values = {}
-    for part in secret_parts:
-        name, _, value = part.partition("\n")
-        secret_values[name.strip()] = value.rstrip("\n")
-    if "POSTGRES_PASSWORD" in secret_values:
-        secret_values["POSTGRES_PASSWORD"] = _owner_password(ctx, host, secret_values["POSTGRES_PASSWORD"])
-    return config_mod.ServiceConfig.build(tunables, secret_values)
-
-
-def _owner_password(ctx: Context, host: str, on_host: str) -> str:
-    """The owner's POSTGRES_PASSWORD behind a host's config, which holds the app role's (derived) one.
-
-    Only this checkout's secrets know the owner's; they must be the ones the host's config was made from (a
-    config written before the app role existed holds the owner's itself).
-    """
-    owner = ctx.config.secrets.get("POSTGRES_PASSWORD", "")
-    if on_host in (secrets_mod.app_database_password(owner), owner):
-        return owner
-    raise ConfigError(f"{host}: the live config's database password was not made from this checkout's "
-                      "POSTGRES_PASSWORD; run from the checkout (or with the secrets) that deployed it")
-
-
 def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
     ctx, run = begin("config-set", env_name, reporter)
     changes = config_mod.parse_assignments(assignments, ctx.config.secrets)
@@ -328,7 +294,8 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
         return run
     release = Release(current["release"], current["image"], current["image_id"], current.get("schema_head"))
     run.facts.update(release=release.version, image_id=release.image_id, config_version=new.version,
-                     previous_config_version=live.version, release_schema_head=release.schema_head)
+                     previous_config_version=live.version, release_schema_head=release.schema_head,
+                     rotated_secrets=sorted(k for k in changes if k in config_mod.SECRET_KEYS))
     reporter.event("plan", f"config {live.version} -> {new.version}: " + "; ".join(map(str, diff)),
                    config_before=live.version, config_after=new.version,
                    changes=[{"key": c.key, "old": c.old, "new": c.new} for c in diff])

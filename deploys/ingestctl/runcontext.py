@@ -73,9 +73,11 @@ class Context:
 
     def database_kwargs(self, cfg: config_mod.ServiceConfig) -> dict[str, Any]:
         """What `database_running` takes: both databases' passwords and the owners of their files."""
+        app_addresses = [self.env.hosts[host].ssh_hostname for host in self.env.app_hosts]
+        pg_hba = hostlayout.render_pg_hba(self.db_address(self.env.db_host), app_addresses, self.env.data.db_clients)
         return dict(password=cfg.secrets["POSTGRES_PASSWORD"], redis_password=cfg.secrets["REDIS_PASSWORD"],
                     postgres_uid=self.env.data.postgres_uid, redis_uid=self.env.data.redis_uid,
-                    infra_images=self.infra_images)
+                    infra_images=self.infra_images, pg_hba=pg_hba)
 
     @property
     def max_body_bytes(self) -> int:

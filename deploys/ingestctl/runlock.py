@@ -263,6 +263,7 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
         bench_skipped=bool(facts.get("skip_bench")),
         message=facts.get("message"),
         lock_takeover=facts.get("lock_takeover"),
+        rotated_secrets=list(facts.get("rotated_secrets") or []),
     )
 
 

@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import secrets
 import shlex
+import shutil
 import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
+import httpx
 import pytest
-from releases import app_urls, ingestctl, variant, version_of
+import releases
+from releases import app_urls, ingestctl, remember_secret, variant, version_of
 
 pytestmark = pytest.mark.e2e
 
-SEC1, SEC2 = "e2e9-sec1", "e2e9-sec2"
+SEC1, SEC2, SEC3 = "e2e9-sec1", "e2e9-sec2", "e2e9-sec3"
 HOSTS = ("db1", "app2", "app3")
 LEDGER = "/var/lib/ingest/ledger.jsonl"
 LOCK_DIR = "/var/lib/ingest/lock"
@@ -208,3 +218,140 @@ def test_the_apis_database_sessions_are_not_superuser(fleet_up, ssh):
     ddl = ssh("db1", "docker exec $(docker ps -q --filter label=com.docker.compose.service=postgres) "
                      "psql -U ingest -d ingest -tAc \"SET ROLE ingest_app; CREATE TABLE e2e_not_allowed (x int)\"")
     assert ddl[0] != 0 and "permission denied" in ddl[2], f"the app role could create a table: {ddl}"
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off_within_the_proxys_timeout(fleet_up):
+    # One header line a second, never the blank line that ends them: the proxy's client_header_timeout (10 s)
+    # runs over the whole header, so the connection is closed then, however steadily the client trickles.
+    app2 = fleet_up.host("app2")
+    with socket.create_connection((app2.address, 8000), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: e2e\r\n")
+        closed_after = None
+        for n in range(30):  # bounded: 30 lines, about 30 s
+            try:
+                sock.sendall(f"X-Trickle-{n}: 1\r\n".encode())
+                sock.settimeout(1.0)
+                if sock.recv(4096) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:  # reset: `reset_timedout_connection on`
+                closed_after = time.monotonic() - started
+                break
+    assert closed_after is not None, "the proxy kept a trickling client's connection open for 30 s"
+    assert 8 <= closed_after <= 16, f"cut off after {closed_after:.1f} s; the proxy's header timeout is 10 s"
+    assert version_of(f"http://{app2.address}:8000") is not None, "the proxy stopped serving other clients"
+
+
+class CommandLineWatch:
+    """Every command line on the controller and on each sandbox host, sampled while a command runs."""
+
+    def __init__(self, ssh, hosts):
+        self.ssh, self.hosts = ssh, hosts
+        self.seen: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 600  # bounded even if the watched command hangs
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.seen.append(subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout)
+            for host in self.hosts:  # /proc/*/cmdline: no tools needed on the host
+                status, out, _err = self.ssh(host, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '",
+                                             timeout=20)
+                self.seen.append(out)
+            self.samples += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def config_set_from_stdin(assignment: str, value: str) -> releases.Result:
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    done = subprocess.run([executable, "config", "set", "local", assignment, "--json"], input=value + "\n",
+                          capture_output=True, text=True, timeout=600, cwd=releases.PROJECT_ROOT,
+                          env=dict(os.environ), check=False)
+    releases.OUTPUTS.append(done.stdout + done.stderr)
+    return releases.Result(done.returncode, done.stdout, done.stderr)
+
+
+def live_configs(ssh) -> dict[str, str | None]:
+    found = {}
+    for host in ("app2", "app3"):
+        status, out, _err = ssh(host, "cat /var/lib/ingest/state.json 2>/dev/null || true")
+        found[host] = json.loads(out).get("config_version") if status == 0 and out.strip() else None
+    return found
+
+
+def test_secrets_are_taken_only_from_stdin_or_a_file_and_never_show_nor_get_silently_reverted(fleet_up, ssh, tmp_path):
+    testbed = fleet_up
+    baseline = live_configs(ssh)
+    stdin_key = remember_secret("API_KEY", "e2e9stdin" + secrets.token_urlsafe(24))
+    file_key = remember_secret("API_KEY", "e2e9file" + secrets.token_urlsafe(24))
+
+    inline = ingestctl("config", "set", "local", f"API_KEY={stdin_key}", "--json")
+    assert inline.code == 2, inline.explain()
+    assert "never inline" in inline.summary()["error"] and stdin_key not in inline.stdout + inline.stderr
+    assert live_configs(ssh) == baseline, "a refused inline secret changed a host"
+
+    with CommandLineWatch(ssh, HOSTS) as watch:
+        rotated = config_set_from_stdin("API_KEY=-", stdin_key)
+    assert rotated.code == 0, rotated.explain()
+    assert watch.samples >= 3, f"only {watch.samples} samples of the command lines were taken"
+    assert not [text for text in watch.seen if stdin_key in text], "the secret appeared in a command line (ps)"
+    url = app_urls(testbed)["app2"] + "/api/v1/events"
+    event = [{"id": f"e2e9-{secrets.token_hex(8)}", "source": "e2e9", "type": "t", "payload": {},
+              "timestamp": "2026-12-02T00:00:00+00:00"}]
+    assert httpx.post(url, json=event, headers={"X-API-Key": stdin_key}, timeout=10).status_code == 202
+
+    # The checkout's secrets file still has the old key: a deploy would undo the rotation, so it is refused.
+    deploy = ingestctl("deploy", "local", "--version", SEC3, "--skip-bench", "--json")
+    assert deploy.code == 2, deploy.explain()
+    assert "API_KEY: rotated by `config set`" in deploy.summary()["error"], deploy.explain()
+    assert live_configs(ssh) != baseline and len(set(live_configs(ssh).values())) == 1
+
+    key_file = tmp_path / "api_key"
+    key_file.write_text(file_key + "\n")
+    key_file.chmod(0o600)
+    with CommandLineWatch(ssh, HOSTS) as watch:
+        rotated = ingestctl("config", "set", "local", f"API_KEY=@{key_file}", "--json")
+    assert rotated.code == 0, rotated.explain()
+    assert not [text for text in watch.seen if file_key in text], "the secret appeared in a command line (ps)"
+    assert httpx.post(url, json=event, headers={"X-API-Key": file_key}, timeout=10).status_code == 202
+
+    back = ingestctl("rollback", "config", "local", "--to", baseline["app2"], "--json")
+    assert back.code == 0, back.explain()
+    assert live_configs(ssh) == baseline
+    # Nothing written or printed anywhere holds either value: output, ledger, docker inspect, logs, history.
+    assert releases.secret_leaks(testbed, {"stdin key": stdin_key, "file key": file_key}) == []
+
+
+def test_postgres_listens_only_where_the_app_hosts_reach_it_and_admits_only_them(fleet_up, ssh):
+    from ingestctl.testbed.images import POSTGRES_IMAGE
+
+    testbed = fleet_up
+    db1 = testbed.host("db1")
+    assert listeners(ssh, "db1")[5432] == {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address(db1.address)}
+
+    def login_from(network_args: list[str]) -> str:
+        # A wrong password on purpose: pg_hba decides before any password is checked, so the answer says which.
+        dsn = f"host={db1.address} dbname=ingest user=ingest_app password=e2e9-not-the-password connect_timeout=5"
+        done = subprocess.run(["docker", "run", "--rm", *network_args, "--entrypoint", "psql", POSTGRES_IMAGE,
+                               dsn, "-c", "SELECT 1"], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode != 0, f"logged in with a wrong password: {done.stdout}"
+        return done.stderr
+
+    # A machine on the sandbox network that is no app host: refused before its password is even read.
+    outsider = login_from(["--network", testbed.network])
+    assert "no pg_hba.conf entry for host" in outsider, outsider
+    # This machine is a named client of the sandbox (db_clients): admitted, so it gets to the password check.
+    admitted = login_from(["--network", "host"])
+    assert "password authentication failed" in admitted, admitted

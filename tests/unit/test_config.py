@@ -146,6 +146,20 @@ def test_version_is_content_addressed_and_includes_secrets():
     assert lowered.with_changes({"INGEST_MAX_BATCH_ITEMS": "500"}).version == base.version
 
 
+def test_the_version_cannot_test_a_guess_of_a_secret_without_jwt_secret():
+    import hashlib
+    import hmac
+
+    cfg = config.ServiceConfig.build({}, SECRETS)
+    canonical = cfg.canonical().encode()
+    # Whoever sees the version (CI logs, the ledger) and guesses API_KEY right still cannot confirm the guess:
+    # neither an unkeyed hash nor one keyed without JWT_SECRET gives the version.
+    assert cfg.version != hashlib.sha256(canonical).hexdigest()[:12]
+    assert cfg.version != hmac.new(b"", canonical, hashlib.sha256).hexdigest()[:12]
+    # Rotating the key's source makes a new version too.
+    assert cfg.with_changes({"JWT_SECRET": "jwt-" + "e5f6a7b8" * 5}).version != cfg.version
+
+
 def test_env_file_is_deterministic_and_holds_no_secret():
     cfg = config.ServiceConfig.build({"RATE_LIMIT_BACKEND": "memory"}, SECRETS)
     text = config.render_env_file(cfg, secrets_dir="/run/secrets/")

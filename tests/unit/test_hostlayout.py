@@ -156,3 +156,36 @@ def test_app_role_sql_grants_rows_only_and_refuses_what_would_break_its_literals
                            ("ingest_app", "abc")):
         with pytest.raises(ValueError):
             layout.app_role_sql(role, password)
+
+
+def test_postgres_listens_on_loopback_and_the_db_hosts_address_and_reads_ingestctls_pg_hba():
+    postgres = yaml.safe_load(layout.render_compose("db1", ["db"], "10.0.0.2", 10001, PORTS))["services"]["postgres"]
+    assert postgres["command"] == ["postgres", "-c", "listen_addresses=127.0.0.1,10.0.0.2", "-c",
+                                   "hba_file=/run/pg/pg_hba.conf"]
+    assert "./db/pg:/run/pg:ro" in postgres["volumes"]
+    named = yaml.safe_load(layout.render_compose("db1", ["db"], "db1.example.internal", 10001, PORTS))["services"]
+    assert named["postgres"]["command"][2] == "listen_addresses=*", "a host name cannot be bound"
+
+
+def hba_rules(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_pg_hba_admits_the_db_host_the_app_hosts_and_named_clients_only_with_a_password():
+    rules = hba_rules(layout.render_pg_hba("10.0.0.2", ["10.0.0.3", "10.0.0.4", "10.0.0.2"], ["192.168.5.0/24"]))
+    assert rules == [
+        ["local", "all", "all", "trust"],
+        ["host", "all", "all", "127.0.0.1/32", "scram-sha-256"],
+        ["host", "all", "all", "::1/128", "scram-sha-256"],
+        ["host", "ingest", "all", "10.0.0.2/32", "scram-sha-256"],
+        ["host", "ingest", "all", "10.0.0.3/32", "scram-sha-256"],
+        ["host", "ingest", "all", "10.0.0.4/32", "scram-sha-256"],
+        ["host", "ingest", "all", "192.168.5.0/24", "scram-sha-256"],
+    ]
+    assert not [r for r in rules if r[0] == "host" and r[3] in ("all", "0.0.0.0/0")], "nobody else"
+
+
+def test_pg_hba_with_host_names_admits_any_address_and_says_why():
+    text = layout.render_pg_hba("db1.example.internal", ["app2.example.internal"])
+    assert ["host", "ingest", "all", "all", "scram-sha-256"] in hba_rules(text)
+    assert "# db1.example.internal, app2.example.internal: host names, which pg_hba cannot pin" in text

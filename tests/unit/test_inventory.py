@@ -138,6 +138,8 @@ def test_host_errors(hosts, message):
         ({"config": {"INGEST_MAX_BATCH_ITEMS": 0}},
          "data.config.INGEST_MAX_BATCH_ITEMS: expected an integer from 1 to 100000, found '0'"),
         ({"config": {"JWT_SECRET": "x" * 40}}, "data.config.JWT_SECRET: secrets do not belong in inventory config"),
+        ({"db_clients": ["10.0.0.0/24", "bastion"]},
+         "data.db_clients.1: expected an IP address or network such as 10.0.0.5 or 10.0.0.0/24, found 'bastion'"),
     ],
 )
 def test_data_errors(data, message):
@@ -279,6 +281,7 @@ def test_local_inventory_reads_the_testbed_state(checkout, monkeypatch):
     (state_dir / "state.json").write_text(json.dumps({
         "name": "tb-unit", "network": "tb-unit-net", "storage_driver": "vfs", "security_mode": "explicit",
         "ssh_user": "root", "ssh_key": str(checkout / ".testbed" / "id_ed25519"), "hosts": hosts,
+        "gateway": "172.30.0.1",
     }))
     monkeypatch.setenv("INGESTCTL_TESTBED", "tb-unit")
     env = inventory.load("local")
@@ -288,6 +291,8 @@ def test_local_inventory_reads_the_testbed_state(checkout, monkeypatch):
     assert data["ssh_strict_host_key_checking"] == "no" and data["ssh_allow_agent"] is False
     # The sandbox cannot pull official images, so local.py names the ones it builds.
     assert data["postgres_image"] != "postgres:16"
+    # PostgreSQL admits this machine (the sandbox's gateway) besides the hosts: the benchmarks count events.
+    assert env.data.db_clients == ["172.30.0.1"]
 
     monkeypatch.setenv("INGESTCTL_TESTBED", "tb-missing")
     with pytest.raises(ConfigError, match="is not up .* run `INGESTCTL_TESTBED=tb-missing ingestctl testbed up`"):

@@ -297,3 +297,39 @@ def test_a_run_that_never_finished_and_holds_no_lock_is_interrupted_with_the_hos
     assert marked[1].hosts == ["app2"] and "app2" in marked[1].message
     row = ledger.history_rows(marked)[1]
     assert row[5] == "interrupted on app2"
+
+
+def cfg(n: int) -> str:
+    return f"c0ffee{n:06d}"
+
+
+def test_configs_to_prune_keeps_the_most_recently_live_and_drops_never_live_ones():
+    entries = [entry(n, release="v1", config=cfg(n)) for n in range(1, 6)]
+    entries.append(entry(6, kind="config-set", release="v1", config=cfg(6), outcome="rolled-back"))  # never live
+    assert ledger.configs_to_prune(entries, keep=2) == [cfg(1), cfg(2), cfg(3), cfg(6)]
+    # `rollback config` to cfg(2) makes it live again: kept, and cfg(4) goes instead.
+    entries.append(entry(7, kind="rollback-config", release="v1", config=cfg(2)))
+    assert ledger.configs_to_prune(entries, keep=2) == [cfg(1), cfg(3), cfg(4), cfg(6)]
+    with pytest.raises(ConfigError, match="keep_releases: expected an integer of at least 1, found 0"):
+        ledger.configs_to_prune(entries, keep=0)
+
+
+def test_a_live_rotation_is_one_config_set_has_made_since_the_last_deploy():
+    deploy = entry(1, config=cfg(1))
+    rotate = entry(2, kind="config-set", config=cfg(2), rotated_secrets=["API_KEY"])
+    tune = entry(3, kind="config-set", config=cfg(3))
+    assert ledger.live_rotations([deploy, rotate, tune]) == {"API_KEY": rotate}
+    # Undone by `rollback config` back past it: nothing rotated is live any more.
+    assert ledger.live_rotations([deploy, rotate, tune, entry(4, kind="rollback-config", config=cfg(1))]) == {}
+    # A deploy with a new config after it made its config from the secrets it was given.
+    assert ledger.live_rotations([deploy, rotate, entry(5, config=cfg(5))]) == {}
+    # A rotation that failed never went live.
+    failed = entry(6, kind="config-set", config=cfg(6), outcome="rolled-back", rotated_secrets=["JWT_SECRET"])
+    assert ledger.live_rotations([deploy, failed]) == {}
+
+
+def test_a_forged_rotated_secret_name_skips_the_line():
+    record = json.loads(forged_line("message", "ok"))
+    record["rotated_secrets"] = ["API_KEY; touch /tmp/pwned"]
+    parsed = ledger.parse(json.dumps(record) + "\n", source=SOURCE)
+    assert parsed.entries == [] and len(parsed.skipped) == 1

@@ -105,11 +105,12 @@ def config_version_present(version: str, env_text: str, secret_files: Mapping[st
 
 @operation()
 def database_running(password: str, redis_password: str, postgres_uid: int, redis_uid: int,
-                     infra_images: Mapping[str, str]):
+                     infra_images: Mapping[str, str], pg_hba: str):
     """Ensure PostgreSQL and Redis run on the db host, Redis behind REDIS_PASSWORD, and PostgreSQL answers.
 
     A changed Redis password restarts Redis: the api slots still on the old one run in degrade mode (their
-    in-process rate limit) until they are switched to the config that has the new one.
+    in-process rate limit) until they are switched to the config that has the new one. A changed pg_hba.conf
+    (PG_HBA: who may connect from where) is reloaded, not restarted: open connections stay.
     """
     if "db" not in host.groups:
         host.noop("not the db host")
@@ -119,15 +120,19 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
     app_password = app_database_password(password)
     running = host.get_fact(RunningServices)
     wanted = {"postgres": infra_images["POSTGRES_IMAGE"], "redis": infra_images["REDIS_IMAGE"]}
-    digests = host.get_fact(FileDigests, paths=[password_file, layout.REDIS_CONF, layout.APP_ROLE_FILE])
+    digests = host.get_fact(FileDigests, paths=[password_file, layout.REDIS_CONF, layout.APP_ROLE_FILE,
+                                                 layout.PG_HBA])
     password_in_place = digests.get(password_file) == sha256(password)
+    pg_hba_in_place = digests.get(layout.PG_HBA) == sha256(pg_hba)
     redis_conf_in_place = digests.get(layout.REDIS_CONF) == sha256(redis_conf)
     app_role_in_place = digests.get(layout.APP_ROLE_FILE) == sha256(app_password)
     all_running = all(running.get(service) == image for service, image in wanted.items())
-    if password_in_place and redis_conf_in_place and app_role_in_place and all_running:
-        host.noop("postgres and redis already running, the app role in place")
+    if password_in_place and redis_conf_in_place and app_role_in_place and pg_hba_in_place and all_running:
+        host.noop("postgres and redis already running, the app role and pg_hba in place")
         return
     binary = compose_binary()
+    yield secretfiles.write_command(layout.PG_HBA, pg_hba, mode="600", user=str(postgres_uid),
+                                    group=str(postgres_uid))
     yield secretfiles.write_command(password_file, password, mode="600", user=str(postgres_uid),
                                     group=str(postgres_uid))
     yield secretfiles.write_command(layout.REDIS_CONF, redis_conf, mode="600", user=str(redis_uid),
@@ -136,6 +141,8 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
     if not redis_conf_in_place and running.get("redis"):
         yield layout.restart_service(binary, "redis")  # `up` keeps a running container: it read the old file
     yield layout.wait_db_healthy(binary)
+    if not pg_hba_in_place and running.get("postgres"):
+        yield layout.reload_postgres(binary)  # `up` kept a running container, which read the old file
     yield secretfiles.stdin_command(layout.psql_stdin(binary), layout.app_role_sql(APP_DB_ROLE, app_password))
     # Written last: its digest says the role has this password (the noop check above).
     yield secretfiles.write_command(layout.APP_ROLE_FILE, app_password, mode="600", user=str(postgres_uid),

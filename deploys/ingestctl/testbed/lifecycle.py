@@ -177,6 +177,7 @@ def _bring_up(
         hosts=hosts,
         bare=bare,
         sudo=bare,
+        gateway=_gateway(network),
     )
     if bare:
         progress(f"waiting for sshd and passwordless sudo for {ssh_user} on every host")
@@ -317,6 +318,13 @@ def _ensure_volume(client, name: str, host: str) -> None:
         client.volumes.get(vol_name)
     except docker.errors.NotFound:
         client.volumes.create(vol_name, labels=hostspec.labels(name, host))
+
+
+def _gateway(network) -> str:
+    """The network's gateway: the controller's own address as the sandbox hosts see it ("" if Docker names none)."""
+    network.reload()
+    configs = (network.attrs.get("IPAM") or {}).get("Config") or [{}]
+    return next((c["Gateway"] for c in configs if c.get("Gateway")), "")
 
 
 def _address(container, network: str) -> str:

@@ -43,6 +43,8 @@ class TestbedState:
     # reaches root through sudo (the `deploy` user) rather than logging in as root.
     bare: bool = False
     sudo: bool = False
+    # The controller's address on the sandbox network (its gateway): where the benchmarks reach PostgreSQL from.
+    gateway: str = ""
 
     @property
     def app_host_count(self) -> int:
