@@ -438,3 +438,46 @@ def test_a_host_paused_mid_rollout_ends_honestly_and_the_next_deploy_converges(t
     assert again.code == 0, again.explain()
     assert_fleet_on(testbed, ssh, target)
     assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values())
+
+
+RESTART_DOCKERD = (
+    # The engine as the sandbox host started it (same flags), killed and started again: its containers stop
+    # with it and come back by their restart policy, as on a host whose docker.service was restarted.
+    'pid=$(pidof dockerd) && args=$(tr "\\0" " " < /proc/$pid/cmdline) && kill $pid && '
+    'for i in $(seq 1 60); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done; '
+    'nohup $args >>/var/log/dockerd.log 2>&1 </dev/null & '
+    'for i in $(seq 1 60); do timeout 5 docker info >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1'
+)
+
+
+def test_dockerd_restarted_on_a_host_mid_rollout_ends_honestly_and_the_next_deploy_converges(testbed, ssh,
+                                                                                            deployed_v2, checkout):
+    """Restart the Docker engine of the second batch's host once batch 1 is live. The run either rides it out
+    (its steps retry transient engine errors) or rolls back (exit 3); either way every host then serves one
+    release, ready, and the next deploy converges without a lock break."""
+    current = next(iter(live_releases(testbed, ssh).values()))
+    target = V2 if current != V2 else V3
+    batches: list[list[str]] = []
+    restarted: dict[str, tuple[int, str, str]] = {}
+
+    def restart_dockerd_once_batch_1_is_live(event, _process):
+        if event.get("type") == "plan" and "batches" in event:
+            batches.extend(event["batches"])
+        if not restarted and event.get("step") == "switched" and event.get("batch") == 1:
+            restarted[batches[1][0]] = ssh(batches[1][0], RESTART_DOCKERD, timeout=90)
+
+    result = deploy_watched(checkout, target, restart_dockerd_once_batch_1_is_live)
+    assert restarted, f"the deploy never reported batch 1 switched: {result.explain()}"
+    [(host, (status, _out, err))] = restarted.items()
+    assert status == 0, f"{host}: restarting dockerd failed: {err}"
+    assert result.code in (0, 3), result.explain()
+    expected = target if result.code == 0 else current
+    deadline = time.monotonic() + 120  # the restarted host's containers come back by their restart policy
+    while set(served_versions(testbed).values()) != {expected}:
+        assert time.monotonic() < deadline, f"exit {result.code} but the fleet serves {served_versions(testbed)}"
+        time.sleep(2)
+    assert all(s["lock"] == "free" for s in host_snapshot(testbed, ssh).values()), "the run kept the lock"
+
+    again = ingestctl("deploy", "local", "--version", target, "--skip-bench", "--json", root=checkout)
+    assert again.code == 0, again.explain()
+    assert_fleet_on(testbed, ssh, target)

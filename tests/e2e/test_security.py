@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -308,7 +309,7 @@ def test_secrets_are_taken_only_from_stdin_or_a_file_and_never_show_nor_get_sile
     assert watch.samples >= 3, f"only {watch.samples} samples of the command lines were taken"
     assert not [text for text in watch.seen if stdin_key in text], "the secret appeared in a command line (ps)"
     url = app_urls(testbed)["app2"] + "/api/v1/events"
-    event = [{"id": f"e2e9-{secrets.token_hex(8)}", "source": "e2e9", "type": "t", "payload": {},
+    event = [{"id": str(uuid.uuid4()), "source": "e2e9-security", "type": "rotation", "payload": {"n": 1},
               "timestamp": "2026-12-02T00:00:00+00:00"}]
     assert httpx.post(url, json=event, headers={"X-API-Key": stdin_key}, timeout=10).status_code == 202
 
