@@ -147,6 +147,8 @@ def _finish(run, reporter: Reporter) -> None:
 
 
 lock_wait_option = click.option("--lock-wait", "lock_wait", metavar="S", help="Wait up to S seconds for the lock.")
+dry_option = click.option("--dry", is_flag=True,
+                          help="Print the plan, decided as the real run decides it, and change nothing.")
 
 
 @main.group("rollback")
@@ -160,42 +162,47 @@ def rollback_group() -> None:
 @click.option("--with-schema", is_flag=True,
               help="Also downgrade the schema to the target release's head when the migrations in between are not "
                    "backward-compatible but declare data-safe downgrades (brief unavailability, measured).")
+@dry_option
 @lock_wait_option
 @json_option
 @reporting
-def rollback_app_command(env: str, to: str | None, with_schema: bool, lock_wait: str | None,
+def rollback_app_command(env: str, to: str | None, with_schema: bool, dry: bool, lock_wait: str | None,
                          reporter: Reporter) -> None:
     """Put ENV's app hosts back on the previous known-good release (or --to RELEASE), gated by health."""
     from ingestctl import rollbacks
 
     _finish(rollbacks.rollback_app(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait),
-                                   with_schema=with_schema), reporter)
+                                   with_schema=with_schema, dry=dry), reporter)
 
 
 @rollback_group.command("schema")
 @click.argument("env")
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True, help="Migrations to undo.")
+@dry_option
 @lock_wait_option
 @json_option
 @reporting
-def rollback_schema_command(env: str, steps: int, lock_wait: str | None, reporter: Reporter) -> None:
+def rollback_schema_command(env: str, steps: int, dry: bool, lock_wait: str | None, reporter: Reporter) -> None:
     """`alembic downgrade -N` made safe: only data-safe downgrades the running release does not need."""
     from ingestctl import rollbacks
 
-    _finish(rollbacks.rollback_schema(env, reporter, steps=steps, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+    _finish(rollbacks.rollback_schema(env, reporter, steps=steps, lock_wait_s=parse_lock_wait(lock_wait), dry=dry),
+            reporter)
 
 
 @rollback_group.command("config")
 @click.argument("env")
 @click.option("--to", "to", metavar="CONFIG_VERSION", help="Config version (or unique prefix). Default: previous.")
+@dry_option
 @lock_wait_option
 @json_option
 @reporting
-def rollback_config_command(env: str, to: str | None, lock_wait: str | None, reporter: Reporter) -> None:
+def rollback_config_command(env: str, to: str | None, dry: bool, lock_wait: str | None, reporter: Reporter) -> None:
     """Restore ENV's previous config version (or --to VERSION), gated; a failing one is undone (exit 3)."""
     from ingestctl import rollbacks
 
-    _finish(rollbacks.rollback_config(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait)), reporter)
+    _finish(rollbacks.rollback_config(env, reporter, to=to, lock_wait_s=parse_lock_wait(lock_wait), dry=dry),
+            reporter)
 
 
 @main.group("config")
@@ -206,14 +213,16 @@ def config_group() -> None:
 @config_group.command("set")
 @click.argument("env")
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@dry_option
 @lock_wait_option
 @json_option
 @reporting
-def config_set_command(env: str, assignments: tuple[str, ...], lock_wait: str | None, reporter: Reporter) -> None:
+def config_set_command(env: str, assignments: tuple[str, ...], dry: bool, lock_wait: str | None,
+                       reporter: Reporter) -> None:
     """Roll out a new config version (e.g. a lower INGEST_MAX_BATCH_ITEMS in a surge) in gated batches."""
     from ingestctl import rollbacks
 
-    _finish(rollbacks.config_set(env, reporter, list(assignments), lock_wait_s=parse_lock_wait(lock_wait)),
+    _finish(rollbacks.config_set(env, reporter, list(assignments), lock_wait_s=parse_lock_wait(lock_wait), dry=dry),
             reporter)
 
 

@@ -75,6 +75,13 @@ def live_release(ctx: Context, states: Mapping[str, dict | None]) -> tuple[str, 
     return next(iter(trusted.items()))
 
 
+def stopped_for_dry_run(dry: bool, reporter: Reporter) -> bool:
+    """--dry: the plan above was decided exactly as the real run decides it; stop before the lock."""
+    if dry:
+        reporter.event("summary", "dry run: nothing was changed", dry=True)
+    return dry
+
+
 def all_at_once(ctx: Context) -> list[list[str]]:
     """Rollbacks switch every app host in one batch: the fastest way back, still gated by health."""
     return [plan.rollout_order(ctx.env)]
@@ -98,7 +105,7 @@ def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: 
 # ----- rollback app -----------------------------------------------------------------------------------------
 
 def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0,
-                 with_schema: bool = False) -> Run:
+                 with_schema: bool = False, dry: bool = False) -> Run:
     """The live app hosts back on the previous known-good release (or TO), judged from what the hosts and the
     database record, so it works from any checkout. WITH_SCHEMA also brings the schema down to the target's head
     when the revisions in between are not backward-compatible but declare data-safe downgrades."""
@@ -123,6 +130,8 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
                    f"(config {current['config_version']} kept, {schema_note})",
                    from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts,
                    schema_before=db_head, schema_after=schema_after)
+    if stopped_for_dry_run(dry, reporter):
+        return run
     with guarded(ctx, run, lock_wait_s, f"rollback app {env_name} -> {release.version}") as guard:
         require_unmoved_schema(guard.schema_head, db_head, env_name)
         started = time.time()
@@ -205,7 +214,8 @@ def ensure_image_available(ctx: Context, release: Release) -> None:
 
 # ----- rollback schema --------------------------------------------------------------------------------------
 
-def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait_s: float = 0.0) -> Run:
+def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait_s: float = 0.0,
+                    dry: bool = False) -> Run:
     """Undo the newest STEPS migrations when each is data-safe and no running release needs them. Planned from
     the migrations inside the image that added the database's head (any checkout works), run to an absolute
     revision, and re-checked under the lock."""
@@ -235,6 +245,8 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
     reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names}, "
                    f"code from {carrier_image})", schema_before=db_head, schema_after=new_head,
                    undo=[m.name for m in to_undo])
+    if stopped_for_dry_run(dry, reporter):
+        return run
     with guarded(ctx, run, lock_wait_s, f"rollback schema {env_name} --steps {steps}") as guard:
         require_unmoved_schema(guard.schema_head, db_head, env_name)
         started = time.time()
@@ -277,7 +289,8 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
 
 # ----- config set / rollback config / show ------------------------------------------------------------------
 
-def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0) -> Run:
+def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_wait_s: float = 0.0,
+               dry: bool = False) -> Run:
     ctx, run = begin("config-set", env_name, reporter)
     changes = config_mod.parse_assignments(assignments, ctx.config.secrets)
     if "POSTGRES_PASSWORD" in changes:
@@ -299,6 +312,8 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
     reporter.event("plan", f"config {live.version} -> {new.version}: " + "; ".join(map(str, diff)),
                    config_before=live.version, config_after=new.version,
                    changes=[{"key": c.key, "old": c.old, "new": c.new} for c in diff])
+    if stopped_for_dry_run(dry, reporter):
+        return run
     with guarded(ctx, run, lock_wait_s, f"config set {env_name}") as guard:
         started = time.time()
         # A new REDIS_PASSWORD reaches Redis first (a restart): slots still on the old config rate-limit in
@@ -313,7 +328,8 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
     return run
 
 
-def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0) -> Run:
+def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0,
+                    dry: bool = False) -> Run:
     ctx, run = begin("rollback-config", env_name, reporter)
     entries = fleetview.read_ledger(env_name, reporter)
     states = host_states(ctx)
@@ -330,6 +346,8 @@ def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lo
                      previous_config_version=current["config_version"], release_schema_head=release.schema_head)
     reporter.event("plan", f"rollback config {env_name}: {current['config_version']} -> {target}",
                    config_before=current["config_version"], config_after=target)
+    if stopped_for_dry_run(dry, reporter):
+        return run
     with guarded(ctx, run, lock_wait_s, f"rollback config {env_name} -> {target}") as guard:
         started = time.time()
         switch_all(ctx, run, guard, release, target, metrics=True)

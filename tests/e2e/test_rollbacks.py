@@ -225,6 +225,22 @@ def variants(tmp_path_factory) -> dict[str, Path]:
 
 # ----- application rollback ---------------------------------------------------------------------------------
 
+def test_dry_runs_print_the_plan_the_real_run_would_follow_and_change_nothing(testbed, ssh, baseline):
+    states, entries = fleet_states(ssh), ledger(ssh)
+    app = ingestctl("rollback", "app", "local", "--dry", "--json")
+    assert app.code == 0, app.explain()
+    [plan] = [e for e in app.events if e["type"] == "plan"]
+    assert (plan["from_release"], plan["to_release"]) == (V2, V1), plan
+    assert app.summary().get("dry") is True
+    config = ingestctl("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=7", "--dry", "--json")
+    assert config.code == 0, config.explain()
+    [plan] = [e for e in config.events if e["type"] == "plan"]
+    assert {"key": "INGEST_MAX_BATCH_ITEMS", "old": "1000", "new": "7"} in plan["changes"], plan
+    assert config.summary().get("dry") is True
+    assert_nothing_changed(ssh, states, entries)
+    assert lock_holders(ssh) == []
+
+
 def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named_one(testbed, ssh, baseline):
     before = ledger(ssh)
     result = ingestctl("rollback", "app", "local", "--json")
