@@ -27,8 +27,7 @@ ops.images_for_role_shipped(
 ops.layout_present(
     name="Ensure ingest host layout is present",
     compose_for={host.name: ctx.compose_file(host.name)},
-    infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid, ports=ctx.ports,
-    max_body_bytes=ctx.max_body_bytes,
+    infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid,
 )
 ops.config_version_present(
     name=f"Ensure ingest config {cfg.version} is present",
@@ -46,7 +45,7 @@ if "app" in host.groups:
     ops.release_live(
         name=f"Ensure ingest release {release.version} is current",
         release=release.version, image=release.image, image_id=release.image_id, config_version=cfg.version,
-        infra_images=ctx.infra_images, ports=ctx.ports, max_body_bytes=ctx.max_body_bytes,
+        infra_images=ctx.infra_images, ports=ctx.ports, clients=ctx.client_limits,
         ready_timeout_s=int(ctx.env.data.health_timeout_s), drain_grace_s=ctx.env.data.drain_grace_s,
         schema_head=release.schema_head, keep_standby=ctx.env.data.keep_standby,
     )

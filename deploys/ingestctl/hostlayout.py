@@ -9,7 +9,7 @@ On-host layout (BASE = /opt/ingest):
     state.json          the live slot and what it runs (read by the IngestHostState fact)
     config/<version>/   app.env + secrets/ (0600, owned by the app user): content-addressed config versions
     db/secrets/         the database's own password file (db host)
-    proxy/nginx.conf    the proxy's upstream: which slot is live
+    proxy/nginx.conf    the proxy: which slot is live, the live config's body limit, per-client limits
     backups/            restore points (pg_dump -Fc) on the db host
 """
 
@@ -203,11 +203,33 @@ def redis_bind(db_address: str) -> list[str]:
     return ["127.0.0.1", db_address] if _ip(db_address) else []
 
 
-def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int) -> str:
+@dataclass(frozen=True)
+class ClientLimits:
+    """What the proxy allows one client address (inventory data `proxy_limit_*`); 0 turns a limit off.
+
+    connections: requests in progress at once; requests_per_s and burst: nginx's leaky bucket (`limit_req`),
+    where up to BURST requests above the rate are served at once and the rest refused.
+    """
+
+    connections: int
+    requests_per_s: int
+    burst: int
+
+
+def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int,
+                 clients: ClientLimits) -> str:
+    """The proxy's config. MAX_BODY_BYTES is the live config version's MAX_REQUEST_BODY_BYTES, so a body the api
+    would refuse is refused before nginx buffers it; CLIENTS are the inventory's per-address limits."""
+    # Rendered into nginx directives: only plain integers may get there. A body limit of 0 would mean none.
+    for name, value, low in (("max_body_bytes", max_body_bytes, 1), ("connections", clients.connections, 0),
+                             ("requests_per_s", clients.requests_per_s, 0), ("burst", clients.burst, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"proxy {name}: expected an integer >= {low}, found {value!r}")
     return (
         _templates()
         .get_template("nginx.conf.j2")
-        .render(live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes)
+        .render(live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes,
+                clients=clients)
     )
 
 

@@ -104,6 +104,13 @@ class EnvData(BaseModel):
     redis_image: str = Field(default="redis:7", min_length=1)
     # The per-host proxy in front of the api slots (zero-downtime switches); see docs/ARCHITECTURE.md.
     proxy_image: str = Field(default="nginx:1.27", min_length=1)
+    # What the proxy allows one client address on one host before the api sees a request (0 turns a limit off):
+    # requests in progress at once, and requests per second with bursts above that rate. Refusals are 429 in
+    # the api's JSON shape. Sized above one client's share of the api's own per-key limit (RATE_LIMIT_PER_MINUTE,
+    # 6000 = 100/s by default) and the benchmark gate's concurrency (16 in its production profile).
+    proxy_limit_conn: Integer = Field(default=64, ge=0, le=65536)
+    proxy_limit_req_per_s: Integer = Field(default=200, ge=0, le=1_000_000)
+    proxy_limit_req_burst: Integer = Field(default=400, ge=0, le=1_000_000)
     # The api runs as this uid (it owns the config's secret files, mode 0600); postgres_uid owns the
     # database's password file (999 in the official postgres image).
     app_uid: Integer = Field(default=10001, ge=1, le=2**31 - 1)

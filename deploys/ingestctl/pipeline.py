@@ -48,8 +48,7 @@ def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
     layout_call = runner.OperationCall(
         release_ops.layout_present,
         kwargs=dict(name="Ensure ingest host layout is present", compose_for=compose_for,
-                    infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid, ports=ctx.ports,
-                    max_body_bytes=ctx.max_body_bytes),
+                    infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid),
     )
     runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call(ctx, cfg)])
     ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",

@@ -80,9 +80,12 @@ class Context:
                     infra_images=self.infra_images, pg_hba=pg_hba)
 
     @property
-    def max_body_bytes(self) -> int:
-        # The proxy's backstop sits at the configuration's upper bound; the api enforces the real limit.
-        return 104857600
+    def client_limits(self) -> hostlayout.ClientLimits:
+        """The proxy's per-client-address limits. Its body limit is not here: it follows each host's live config
+        version (`operations.release.release_live` reads it there)."""
+        data = self.env.data
+        return hostlayout.ClientLimits(connections=data.proxy_limit_conn, requests_per_s=data.proxy_limit_req_per_s,
+                                       burst=data.proxy_limit_req_burst)
 
     def base_url(self, host: str, port: int | None = None) -> str:
         address = self.env.hosts[host].ssh_hostname

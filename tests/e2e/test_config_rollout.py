@@ -3,8 +3,9 @@
 refusals that must leave every host untouched.
 
 Effects are proved through the service itself (a batch of 6 events answered 202, then 413, then 202 again on
-every app host; the old API key refused after a rotation) and through the hosts (state.json, the config
-directories, the ledger), not only through exit codes. Each scenario ends with `ingestctl verify local`.
+every app host; a 3000-byte body that the proxy in front refuses while MAX_REQUEST_BODY_BYTES is 2048; the old API
+key refused after a rotation) and through the hosts (state.json, the config directories, the ledger), not only
+through exit codes. Each scenario ends with `ingestctl verify local`.
 The module starts by deploying its baseline (the inventory's config) and ends with the baseline config live.
 """
 
@@ -90,7 +91,22 @@ def ingest_status(testbed, n: int, api_key: str) -> dict[str, int]:
     return found
 
 
-def everywhere(testbed, status: int) -> dict[str, int]:
+def padded_status(testbed, size: int, api_key: str) -> dict[str, int | str]:
+    """One event padded to SIZE bytes of JSON, posted to every app host: its status, or for a 413 its message
+    (the proxy's names its own limit, so the test sees which limit answered)."""
+    event = events(1)[0]
+    event["payload"] = {"pad": ""}
+    event["payload"]["pad"] = "x" * (size - len(json.dumps([event]).encode()))
+    body = json.dumps([event]).encode()
+    found: dict[str, int | str] = {}
+    for name, url in app_urls(testbed).items():
+        response = httpx.post(url + "/api/v1/events", content=body, timeout=10,
+                              headers={"X-API-Key": api_key, "Content-Type": "application/json"})
+        found[name] = response.json()["error"]["message"] if response.status_code == 413 else response.status_code
+    return found
+
+
+def everywhere(testbed, status: int | str) -> dict[str, int | str]:
     return {name: status for name in app_urls(testbed)}
 
 
@@ -122,28 +138,38 @@ def baseline(testbed, ssh):
         ingestctl("deploy", "local", "--version", RELEASE, "--skip-bench", "--json")
 
 
+# Refused by the proxy itself once MAX_REQUEST_BODY_BYTES is lowered: its client_max_body_size follows the config.
+PROXY_413 = "request body must be at most 2048 bytes (MAX_REQUEST_BODY_BYTES, client_max_body_size of the proxy)"
+
+
 def test_config_set_lowers_the_batch_limit_and_rollback_config_restores_it(testbed, ssh, baseline):
     api_key = file_secrets()["API_KEY"]
     assert ingest_status(testbed, 6, api_key) == everywhere(testbed, 202)
+    assert padded_status(testbed, 3000, api_key) == everywhere(testbed, 202)
     before = ledger(ssh)
 
-    result = ingestctl("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=5", "--json")
+    result = ingestctl("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=5", "MAX_REQUEST_BODY_BYTES=2048", "--json")
     assert result.code == 0, result.explain()
     lowered = set(config_versions(ssh).values())
     assert len(lowered) == 1 and lowered != {baseline}, f"expected one new config version, found {lowered}"
     assert ingest_status(testbed, 6, api_key) == everywhere(testbed, 413)
     assert ingest_status(testbed, 5, api_key) == everywhere(testbed, 202)
+    assert {name: str(found)[:len(PROXY_413)] for name, found in padded_status(testbed, 3000, api_key).items()} \
+        == everywhere(testbed, PROXY_413)
+    assert padded_status(testbed, 2048, api_key) == everywhere(testbed, 202), "a body at the limit passes"
     new = [e for i, e in ledger(ssh).items() if i not in before]
     assert [(e["kind"], e["outcome"]) for e in new] == [("config-set", "success")]
     assert new[0]["config_version"] in lowered and new[0]["previous_config_version"] == baseline
     plan = next(e for e in result.events if e["type"] == "plan")
     assert {"key": "INGEST_MAX_BATCH_ITEMS", "old": "1000", "new": "5"} in plan["changes"]
+    assert {"key": "MAX_REQUEST_BODY_BYTES", "old": "1048576", "new": "2048"} in plan["changes"]
 
     before = ledger(ssh)
     result = ingestctl("rollback", "config", "local", "--json")
     assert result.code == 0, result.explain()
     assert set(config_versions(ssh).values()) == {baseline}
     assert ingest_status(testbed, 6, api_key) == everywhere(testbed, 202)
+    assert padded_status(testbed, 3000, api_key) == everywhere(testbed, 202), "the proxy's limit came back too"
     new = [e for i, e in ledger(ssh).items() if i not in before]
     assert [(e["kind"], e["outcome"]) for e in new] == [("rollback-config", "success")]
     assert new[0]["config_version"] == baseline and isinstance(new[0]["time_to_healthy_s"], (int, float))

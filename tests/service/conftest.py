@@ -7,6 +7,7 @@ Session-scoped: one throwaway PostgreSQL cluster and one Redis for the run. Test
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,3 +203,86 @@ def ingest_headers() -> dict[str, str]:
 @pytest.fixture
 def read_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token()}"}
+
+
+# ----- the per-host proxy: a real nginx running the project's own template ----------------------------------
+
+def free_port_pair() -> int:
+    """A free port P whose P + 1 is free too: Ports puts the proxy on P and the blue slot on P + 1."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
+    if found is None:
+        pytest.skip(reason="nginx is not installed: apt-get install nginx (scripts/setup.sh installs it)")
+    return found
+
+
+def wait_listening(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nginx exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nginx not listening on {port} within {timeout}s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def proxy_ports():
+    """The module's proxy port and, one above it, the blue slot's, where the module starts its upstream."""
+    from ingestctl.hostlayout import Ports
+
+    return Ports(public=free_port_pair())
+
+
+@pytest.fixture
+def start_proxy(proxy_ports, tmp_path) -> Iterator[Callable[..., int]]:
+    """Start nginx with the project's proxy template (blue live), the given body limit and client limits
+    (the inventory's defaults unless given). One proxy per test: it listens on the module's public port."""
+    from ingestctl.hostlayout import ClientLimits, render_proxy
+    from ingestctl.inventory import EnvData
+
+    nginx = nginx_binary()
+    started: list[subprocess.Popen] = []
+    fields = EnvData.model_fields
+    defaults = ClientLimits(fields["proxy_limit_conn"].default, fields["proxy_limit_req_per_s"].default,
+                            fields["proxy_limit_req_burst"].default)
+
+    def start(max_body_bytes: int, clients: ClientLimits = defaults) -> int:
+        conf = render_proxy(["blue"], [], proxy_ports, max_body_bytes, clients)
+        # The template's pid file and temp dirs are fixed paths under /tmp: move them into this test's own
+        # directory so it never shares (or, on exit, deletes) another proxy's files.
+        assert "/tmp/ingest-proxy" in conf
+        conf_path = tmp_path / "nginx.conf"
+        conf_path.write_text(conf.replace("/tmp/ingest-proxy", str(tmp_path / "ingest-proxy")))
+        log_path = tmp_path / "nginx.log"
+        with log_path.open("ab") as log:
+            # Run as root, nginx would start its workers as `nobody`, who cannot enter pytest's private tmp_path
+            # to buffer bodies; run as any other user, nginx ignores the directive.
+            process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf_path),
+                                        "-g", "daemon off; user root;"], stdout=log, stderr=subprocess.STDOUT)
+        started.append(process)
+        wait_listening(proxy_ports.public, process, log_path)
+        return proxy_ports.public
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -3,24 +3,23 @@
 Over real TCP sockets: straight to a real uvicorn service, and through a real nginx running the project's own
 proxy template. A server that closes while the client is still uploading makes the kernel send an RST, and
 whether the client reads the 413 first is a race; each request is repeated so that race would show.
+
+Deployed, the proxy's client_max_body_size is the live config's MAX_REQUEST_BODY_BYTES (the service's own limit),
+so the proxy refuses an oversized body before buffering it; the tests with a larger proxy limit reach the
+service's own 413 through the proxy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from conftest import API_KEY, ServiceProcess, read_http_response, service_env
-from ingest.tools.localservers import free_port
-from ingestctl.hostlayout import Ports, render_proxy
 
 pytestmark = pytest.mark.service
 
@@ -36,13 +35,26 @@ def oversized_body(size: int) -> bytes:
     return b"[" + b"0" * (size - 2) + b"]"
 
 
+def event_batch(size: int) -> bytes:
+    """A valid batch of one event whose JSON is exactly SIZE bytes (its payload padded)."""
+    event = {"id": str(uuid.uuid4()), "source": "proxy-body-limit", "type": "padded",
+             "timestamp": "2024-05-01T12:00:00Z", "payload": {"pad": ""}}
+    event["payload"]["pad"] = "x" * (size - len(json.dumps([event]).encode()))
+    body = json.dumps([event]).encode()
+    assert len(body) == size
+    return body
+
+
 def post_body(port: int, size: int, framing: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return post_bytes(port, oversized_body(size), framing, headers)
+
+
+def post_bytes(port: int, body: bytes, framing: str, headers: dict[str, str] | None = None) -> httpx.Response:
     """The plainest HTTP/1.1 client: upload the whole body over a raw socket, then read the answer.
 
     Unlike httpx, which ignores a failed upload and still tries to read an answer, this one fails on the reset, so
     the race shows.
     """
-    body = oversized_body(size)
     head = ("POST /api/v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"X-API-Key: {API_KEY}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()))
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -78,87 +90,13 @@ def send_repeatedly(port: int, size: int, framing: str) -> None:
         assert_payload_too_large(response)
 
 
-def free_port_pair() -> int:
-    """A free port P whose P + 1 is free too: Ports puts the proxy on P and the blue slot on P + 1."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two adjacent free ports")
-
-
 @pytest.fixture(scope="module")
-def ports() -> Ports:
-    return Ports(public=free_port_pair())
-
-
-@pytest.fixture(scope="module")
-def limited_service(database_url, redis_server, tmp_path_factory, ports) -> Iterator[ServiceProcess]:
+def limited_service(database_url, redis_server, tmp_path_factory, proxy_ports) -> Iterator[ServiceProcess]:
     """A service of this module's own, on the blue slot's port so the rendered proxy reaches it."""
     proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(SERVICE_LIMIT)),
-                          tmp_path_factory.mktemp("body-limit") / "service.log", port=ports.blue).start()
+                          tmp_path_factory.mktemp("body-limit") / "service.log", port=proxy_ports.blue).start()
     yield proc
     proc.stop()
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
-    if found is None:
-        pytest.skip(reason="nginx is not installed: apt-get install nginx (scripts/setup.sh installs it)")
-    return found
-
-
-def wait_listening(port: int, process: subprocess.Popen, log_path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nginx not listening on {port} within {timeout}s: {log_path.read_text()[-2000:]}")
-
-
-@pytest.fixture
-def start_proxy(ports, tmp_path) -> Iterator[Callable[[int], int]]:
-    """Start nginx with the project's proxy template (blue live) and the given client_max_body_size.
-
-    One proxy per test: it listens on the module's public port.
-    """
-    nginx = nginx_binary()
-    started: list[subprocess.Popen] = []
-
-    def start(max_body_bytes: int) -> int:
-        conf = render_proxy(["blue"], [], ports, max_body_bytes)
-        # The template's pid file and temp dirs are fixed paths under /tmp: move them into this test's own
-        # directory so it never shares (or, on exit, deletes) another proxy's files.
-        assert "/tmp/ingest-proxy" in conf
-        conf_path = tmp_path / "nginx.conf"
-        conf_path.write_text(conf.replace("/tmp/ingest-proxy", str(tmp_path / "ingest-proxy")))
-        log_path = tmp_path / "nginx.log"
-        with log_path.open("ab") as log:
-            # Run as root, nginx would start its workers as `nobody`, who cannot enter pytest's private tmp_path
-            # to buffer bodies; run as any other user, nginx ignores the directive.
-            process = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf_path),
-                                        "-g", "daemon off; user root;"], stdout=log, stderr=subprocess.STDOUT)
-        started.append(process)
-        wait_listening(ports.public, process, log_path)
-        return ports.public
-
-    yield start
-    for process in started:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
@@ -184,16 +122,30 @@ def test_service_answers_an_expect_100_continue_client_without_asking_for_the_bo
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-def test_proxy_backstop_answers_the_same_json_error(limited_service, start_proxy, framing):
+def test_proxy_answers_its_own_413_in_the_same_json_error(limited_service, start_proxy, framing):
     port = start_proxy(1024 * 1024)
     for attempt in range(REPEATS):
-        request_id = f"backstop-{framing}-{attempt}"
+        request_id = f"proxy-{framing}-{attempt}"
         error = assert_payload_too_large(post_body(port, SIZES["2MB"], framing, {"X-Request-Id": request_id}))
         assert error["request_id"] == request_id
-        assert "(client_max_body_size of the proxy)" in error["message"], "answered by the service, not nginx"
+        assert "client_max_body_size of the proxy)" in error["message"], "answered by the service, not nginx"
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_proxy_limit_is_the_configured_one_a_body_at_it_passes_one_byte_more_is_refused(limited_service,
+                                                                                         start_proxy, framing):
+    """As deployed: the proxy rendered with the live config's MAX_REQUEST_BODY_BYTES, the service running it."""
+    port = start_proxy(SERVICE_LIMIT)
+    at_limit = post_bytes(port, event_batch(SERVICE_LIMIT), framing)
+    assert at_limit.status_code == 202, at_limit.text
+    assert at_limit.json()["accepted"] == 1
+    for attempt in range(REPEATS):
+        error = assert_payload_too_large(post_bytes(port, event_batch(SERVICE_LIMIT + 1), framing))
+        assert f"at most {SERVICE_LIMIT} bytes (MAX_REQUEST_BODY_BYTES, client_max_body_size of the proxy)" in \
+            error["message"], f"attempt {attempt + 1}: answered by the service, not by nginx: {error}"
 
 
 @pytest.mark.parametrize("headers", [{}, {"X-Request-Id": 'x", "code": "OK'}], ids=["none", "unsafe"])
-def test_proxy_backstop_names_its_own_request_id_without_a_usable_one(limited_service, start_proxy, headers):
+def test_proxy_413_names_its_own_request_id_without_a_usable_one(limited_service, start_proxy, headers):
     error = assert_payload_too_large(post_body(start_proxy(1024 * 1024), SIZES["2MB"], "content-length", headers))
     assert re.fullmatch("[0-9a-f]{32}", error["request_id"]), error  # nginx's $request_id

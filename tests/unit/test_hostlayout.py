@@ -5,6 +5,7 @@ import yaml
 from ingestctl import hostlayout as layout
 
 PORTS = layout.Ports(public=8000)
+CLIENTS = layout.ClientLimits(connections=64, requests_per_s=200, burst=400)
 
 
 def test_slot_ports_follow_the_public_port():
@@ -105,7 +106,7 @@ def test_compose_never_carries_a_secret_value():
 
 
 def test_proxy_keeps_draining_slot_as_backup_and_retries_posts():
-    text = layout.render_proxy(["green"], ["blue"], PORTS, 1048576)
+    text = layout.render_proxy(["green"], ["blue"], PORTS, 1048576, CLIENTS)
     assert "server 127.0.0.1:8002 max_fails=0;" in text
     assert "server 127.0.0.1:8001 backup max_fails=0;" in text
     assert "proxy_next_upstream error timeout http_502 non_idempotent;" in text

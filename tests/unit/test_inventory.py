@@ -76,6 +76,17 @@ def test_defaults_and_merged_host_data():
     assert "ssh_user" not in data and "ssh_key" not in data and "registry" not in data
 
 
+def test_proxy_client_limits_default_and_reach_the_run_context():
+    from ingestctl.hostlayout import ClientLimits
+    from ingestctl.runcontext import Context
+
+    env = make()
+    assert (env.data.proxy_limit_conn, env.data.proxy_limit_req_per_s, env.data.proxy_limit_req_burst) == (64, 200, 400)
+    tuned = make(data={"proxy_limit_conn": 0, "proxy_limit_req_per_s": 50, "proxy_limit_req_burst": 10})
+    ctx = Context(env=tuned, reporter=None, config=None, ports=None, who="unit@test")
+    assert ctx.client_limits == ClientLimits(connections=0, requests_per_s=50, burst=10)
+
+
 def test_groups_are_pyinfra_host_tuples():
     env = make()
     assert [name for name, _ in env.group("db")] == ["db1"]
@@ -140,6 +151,11 @@ def test_host_errors(hosts, message):
         ({"config": {"JWT_SECRET": "x" * 40}}, "data.config.JWT_SECRET: secrets do not belong in inventory config"),
         ({"db_clients": ["10.0.0.0/24", "bastion"]},
          "data.db_clients.1: expected an IP address or network such as 10.0.0.5 or 10.0.0.0/24, found 'bastion'"),
+        ({"proxy_limit_conn": -1}, "data.proxy_limit_conn: expected a value >= 0, found -1"),
+        ({"proxy_limit_conn": 70000}, "data.proxy_limit_conn: expected a value <= 65536, found 70000"),
+        ({"proxy_limit_req_per_s": "fast"}, "data.proxy_limit_req_per_s: expected an integer, found 'fast'"),
+        ({"proxy_limit_req_per_s": 2.5}, "data.proxy_limit_req_per_s: expected an integer, found 2.5"),
+        ({"proxy_limit_req_burst": True}, "data.proxy_limit_req_burst: expected a number, not True/False, found True"),
     ],
 )
 def test_data_errors(data, message):
@@ -293,7 +309,34 @@ def test_local_inventory_reads_the_testbed_state(checkout, monkeypatch):
     assert data["postgres_image"] != "postgres:16"
     # PostgreSQL admits this machine (the sandbox's gateway) besides the hosts: the benchmarks count events.
     assert env.data.db_clients == ["172.30.0.1"]
+    assert_sandbox_proxy_admits_the_test_loads(env)
 
     monkeypatch.setenv("INGESTCTL_TESTBED", "tb-missing")
     with pytest.raises(ConfigError, match="is not up .* run `INGESTCTL_TESTBED=tb-missing ingestctl testbed up`"):
         inventory.load("local")
+
+
+def assert_sandbox_proxy_admits_the_test_loads(env) -> None:
+    """Every sandbox client is this one machine, one address to the proxy: its loads must never be throttled.
+
+    At once on one host: bench/load.py's workers (the zero-downtime bench, e2e loads), the benchmark gate's
+    concurrency and the metric gate's probe. Per second: no more than the api's own per-key limit, which the
+    sandbox raises for those loads (RATE_LIMIT_PER_MINUTE), so the proxy must allow at least as much.
+    """
+    import importlib.util
+    import inspect
+
+    from ingest.tools.query_benchmark import PROFILES
+
+    spec = importlib.util.spec_from_file_location("bench_load", REPO / "bench" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = load  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(load)
+    finally:
+        del sys.modules[spec.name]
+    workers = inspect.signature(load.Load).parameters["workers"].default
+    at_once = workers + PROFILES[env.data.bench_profile].concurrency + 1
+    assert env.data.proxy_limit_conn >= at_once, f"{env.data.proxy_limit_conn} at once < the loads' {at_once}"
+    per_second = int(env.data.config["RATE_LIMIT_PER_MINUTE"]) / 60
+    assert env.data.proxy_limit_req_per_s >= per_second and env.data.proxy_limit_req_burst >= per_second

@@ -61,10 +61,10 @@ def test_the_fact_reads_the_live_slot_from_the_rendered_proxy_config(tmp_path):
     import subprocess
 
     from ingestctl.facts.proxy import ProxyRouting
-    from ingestctl.hostlayout import BASE, render_proxy
+    from ingestctl.hostlayout import BASE, ClientLimits, render_proxy
 
     (tmp_path / "proxy").mkdir()
-    (tmp_path / "proxy" / "nginx.conf").write_text(render_proxy(["green"], ["blue"], Ports(), 1 << 20))
+    (tmp_path / "proxy" / "nginx.conf").write_text(render_proxy(["green"], ["blue"], Ports(), 1 << 20, ClientLimits(64, 200, 400)))
     (tmp_path / ".env").write_text("API_GREEN_IMAGE=ingest:v2\nAPI_GREEN_VERSION=v2\nPOSTGRES_IMAGE=pg\n")
     command = ProxyRouting().command().replace(BASE, str(tmp_path))
     output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()

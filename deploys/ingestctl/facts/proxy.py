@@ -1,11 +1,18 @@
-"""Where a host's proxy sends traffic, read from its config file, beside what compose runs in each api slot."""
+"""What a host's proxy is configured from: where its config file routes traffic (beside what compose runs in each
+api slot), and the body limit of a config version, which the proxy's client_max_body_size follows."""
 
 from __future__ import annotations
 
 from pyinfra.api import FactBase
+from pyinfra.api.exceptions import FactProcessError
 
-from ingestctl.hostlayout import BASE
+from ingestctl import config as config_mod
+from ingestctl import hostvalues
+from ingestctl.errors import ConfigError
+from ingestctl.hostlayout import BASE, EMPTY_CONFIG
 from ingestctl.reconcile import Routing, parse_routing
+
+BODY_LIMIT_KEY = "MAX_REQUEST_BODY_BYTES"
 
 
 class ProxyRouting(FactBase[Routing | None]):
@@ -20,3 +27,44 @@ class ProxyRouting(FactBase[Routing | None]):
 
     def process(self, output: list[str]) -> Routing | None:
         return parse_routing(output)
+
+
+def body_limit(output: list[str]) -> int:
+    """MAX_REQUEST_BODY_BYTES from the `grep` of a config version's app.env: the tunable's own rule, since the
+    file is read back from a host (untrusted) and the number goes into the proxy's config."""
+    lines = [line.strip() for line in output if line.strip()]
+    if not lines:
+        return default_body_limit()
+    _key, _, value = lines[0].partition("=")
+    try:
+        return int(config_mod.validate_tunable(BODY_LIMIT_KEY, value))
+    except ConfigError:
+        rule = config_mod.TUNABLES[BODY_LIMIT_KEY].rule
+        raise hostvalues.HostValueError(f"config app.env {BODY_LIMIT_KEY}", rule, value) from None
+
+
+def default_body_limit() -> int:
+    """The service's own default, for a config version that does not set the key (or a host with none yet)."""
+    return int(config_mod.TUNABLES[BODY_LIMIT_KEY].default)
+
+
+class ConfigBodyLimit(FactBase[int]):
+    """MAX_REQUEST_BODY_BYTES of config VERSION on the host, or the service's default when the version (or its
+    key) is absent. A value not in the tunable's rule fails the fact, and so this host's step, naming it."""
+
+    @staticmethod
+    def default() -> int:
+        return default_body_limit()
+
+    def command(self, version: str) -> str:
+        if version != EMPTY_CONFIG:
+            hostvalues.CONFIG_VERSION.check(version, "config version")
+        return f"grep -m1 '^{BODY_LIMIT_KEY}=' {BASE}/config/{version}/app.env 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> int:
+        try:
+            return body_limit(output)
+        except hostvalues.HostValueError as exc:
+            # pyinfra fails only this host on a FactProcessError and logs the message; anything else would stop
+            # the whole run for one host's bad file.
+            raise FactProcessError(str(exc)) from None

@@ -7,14 +7,14 @@ They read the host only through facts (`ingestctl.facts.release`), yield the com
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from io import StringIO
 
 from ingestctl import hostlayout as layout
 from ingestctl import reconcile
 from ingestctl.errors import HostError
 from ingestctl.facts.docker import DockerImage
-from ingestctl.facts.proxy import ProxyRouting
+from ingestctl.facts.proxy import ConfigBodyLimit, ProxyRouting
 from ingestctl.facts.release import (
     ComposeBinary,
     ConfigVersions,
@@ -52,19 +52,18 @@ def dotenv(infra_images: Mapping[str, str], slots: Mapping[str, Mapping[str, str
 
 
 @operation()
-def layout_present(compose_for: Mapping[str, str], infra_images: Mapping[str, str], app_uid: int, ports: layout.Ports,
-                   max_body_bytes: int):
-    """Ensure the ingest directory, compose file, compose .env and proxy config exist on the host.
+def layout_present(compose_for: Mapping[str, str], infra_images: Mapping[str, str], app_uid: int):
+    """Ensure the ingest directory, compose file and compose .env exist on the host.
+
+    The proxy's config is the switch's (`release_live`): it follows the live slot and that slot's config version.
 
     + compose_for: the rendered compose file for each host name (hosts differ by role)
     """
     compose_text = compose_for[host.name]
     state = host.get_fact(IngestState) or {}
-    live = [state["slot"]] if state.get("slot") else []
     wanted = {
         f"{layout.BASE}/compose.yml": compose_text,
         f"{layout.BASE}/.env": dotenv(infra_images, state.get("slots", {})),
-        f"{layout.BASE}/proxy/nginx.conf": layout.render_proxy(live or ["blue"], [], ports, max_body_bytes),
     }
     # One round trip for the common case, a re-deploy: every file already as wanted.
     if host.get_fact(FileDigests, paths=sorted(wanted)) == {path: sha256(text) for path, text in wanted.items()}:
@@ -168,6 +167,21 @@ def live_state(ports: layout.Ports) -> tuple[dict, bool]:
     return state, stale
 
 
+PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
+
+
+def proxy_conf(slot: str, config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits) -> str:
+    """The proxy's config routing to SLOT, whose config version CONFIG_VERSION sets the body limit."""
+    limit = host.get_fact(ConfigBodyLimit, version=config_version or layout.EMPTY_CONFIG)
+    return layout.render_proxy([slot], [], ports, limit, clients)
+
+
+def proxy_conf_put(text: str) -> Iterator:
+    """Put the proxy's config when the file on the host differs from TEXT. Reloading is the caller's."""
+    if host.get_fact(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) != sha256(text):
+        yield from files.put._inner(src=StringIO(text), dest=PROXY_CONF, mode="644")
+
+
 @operation()
 def release_live(
     release: str,
@@ -176,7 +190,7 @@ def release_live(
     config_version: str,
     infra_images: Mapping[str, str],
     ports: layout.Ports,
-    max_body_bytes: int,
+    clients: layout.ClientLimits,
     ready_timeout_s: int = 60,
     drain_grace_s: int = 30,
     schema_head: str | None = None,
@@ -190,6 +204,9 @@ def release_live(
     slot stays up as the warm standby (`keep_standby`), so rolling back to it is a proxy reload; without
     `keep_standby` it is drained with SIGTERM and removed.
 
+    The proxy's body limit is CONFIG_VERSION's MAX_REQUEST_BODY_BYTES as written on the host, so a config rollout
+    or rollback moves it with the same reload; its per-client limits are CLIENTS.
+
     + clear_failed_idle: when RELEASE is already live, also remove whatever runs in the idle slot that state.json
       does not record as the standby: the leftover of a switch that failed (a release that never got ready).
     """
@@ -197,12 +214,19 @@ def release_live(
               "schema_head": schema_head}
     state, stale = live_state(ports)
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
+        puts = list(proxy_conf_put(proxy_conf(state["slot"], config_version, ports, clients)))
         if stale:
             # Half-switched towards this very release: the proxy config routes here, state.json was never
             # written. Reload (the reload itself may be what failed) and record it; nothing else moves.
+            yield from puts
             yield layout.reload_proxy(compose_binary())
             yield layout.write_state({**state, "schema_head": schema_head})
             return
+        if puts:
+            # The proxy's config is not what this release and config want: the inventory's client limits (or the
+            # template) changed. A graceful reload applies it without a switch; old workers finish their requests.
+            yield from puts
+            yield layout.reload_proxy(compose_binary())
         if clear_failed_idle:
             idle = layout.other_slot(state.get("slot"))
             standby = state.get("standby") or {}
@@ -211,7 +235,8 @@ def release_live(
                 # No traffic ever reached it (the proxy moves only to a ready slot): no drain needed.
                 yield layout.stop_slot(compose_binary(), idle, 1)
                 return
-        host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
+        if not puts:
+            host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
         return
     binary = compose_binary()
     live = state.get("slot")
@@ -232,10 +257,8 @@ def release_live(
         )
         yield layout.start_slot(binary, new)
     yield layout.wait_slot_ready(new, ports[new], ready_timeout_s)
-    yield from files.put._inner(
-        src=StringIO(layout.render_proxy([new], [], ports, max_body_bytes)),
-        dest=f"{layout.BASE}/proxy/nginx.conf", mode="644",
-    )
+    yield from files.put._inner(src=StringIO(proxy_conf(new, config_version, ports, clients)), dest=PROXY_CONF,
+                                mode="644")
     yield layout.reload_proxy(binary)
     previous = {key: state[key] for key in RELEASE_KEYS if key in state}
     if live and not keep_standby:
