@@ -349,6 +349,28 @@ def config_stack(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
     return _stack(entries, lambda e: e.config_version, "rollback-config", kinds)
 
 
+def _last_live(entries: Sequence[LedgerEntry], value_of, kinds: frozenset[str]) -> dict[str, datetime]:
+    """When each value (a release, a config version) last went live through a successful run of KINDS."""
+    last_live: dict[str, datetime] = {}
+    for entry in entries:
+        value = value_of(entry)
+        if value is not None and entry.succeeded and entry.kind in kinds:
+            moment = entry.finished or entry.started
+            last_live[value] = max(moment, last_live.get(value, moment))
+    return last_live
+
+
+def _most_recently_live(entries: Sequence[LedgerEntry], keep: int, value_of, kinds: frozenset[str],
+                        stack: Sequence[LedgerEntry]) -> set[str]:
+    """The KEEP values most recently live, the live one (the top of STACK) always among them."""
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"keep_releases: expected an integer of at least 1, found {keep!r}")
+    last_live = _last_live(entries, value_of, kinds)
+    live_now = value_of(stack[-1]) if stack else None
+    ranked = sorted(last_live, key=lambda v: (v == live_now, last_live[v]), reverse=True)
+    return set(ranked[:keep]) | ({live_now} if live_now else set())
+
+
 def live_rotations(entries: Sequence[LedgerEntry]) -> dict[str, LedgerEntry]:
     """Secrets that `config set` rotated and the live config still carries: {name: the config-set entry}.
 
@@ -371,22 +393,9 @@ def configs_to_prune(entries: Sequence[LedgerEntry], keep: int) -> list[str]:
     Old versions hold retired secrets: a rotated-away API key must not stay on disk, nor come back with
     `rollback config`, past the window `keep_releases` promises. Versions that never went live go too.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ConfigError(f"keep_releases: expected an integer of at least 1, found {keep!r}")
     kinds = frozenset({"deploy", "rollback-app", "config-set", "rollback-config"})
-    last_live: dict[str, datetime] = {}
-    seen: set[str] = set()
-    for entry in entries:
-        if entry.config_version is None:
-            continue
-        seen.add(entry.config_version)
-        if entry.succeeded and entry.kind in kinds:
-            moment = entry.finished or entry.started
-            last_live[entry.config_version] = max(moment, last_live.get(entry.config_version, moment))
-    stack = config_stack(entries)
-    live_now = stack[-1].config_version if stack else None
-    ranked = sorted(last_live, key=lambda v: (v == live_now, last_live[v]), reverse=True)
-    kept = set(ranked[:keep]) | ({live_now} if live_now else set())
+    kept = _most_recently_live(entries, keep, lambda e: e.config_version, kinds, config_stack(entries))
+    seen = {entry.config_version for entry in entries if entry.config_version is not None}
     return sorted(seen - kept)
 
 
@@ -402,23 +411,15 @@ def releases_to_prune(entries: Sequence[LedgerEntry], keep: int) -> list[PruneIt
     Releases that never went live (failed deploys) are pruned too. An image id still used by a kept
     release is never listed, even under another release name.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ConfigError(f"keep_releases: expected an integer of at least 1, found {keep!r}")
-    last_live: dict[str, datetime] = {}
+    kept = _most_recently_live(entries, keep, lambda e: e.release, RELEASE_KINDS, release_stack(entries))
+    last_live = _last_live(entries, lambda e: e.release, RELEASE_KINDS)
     images: dict[str, list[str]] = {}
     for entry in entries:
         if entry.release is None:
             continue
-        if entry.image_id and entry.image_id not in images.setdefault(entry.release, []):
-            images[entry.release].append(entry.image_id)
-        images.setdefault(entry.release, [])
-        if entry.succeeded and entry.kind in RELEASE_KINDS:
-            moment = entry.finished or entry.started
-            last_live[entry.release] = max(moment, last_live.get(entry.release, moment))
-    stack = release_stack(entries)
-    live_now = stack[-1].release if stack else None
-    ranked = sorted(last_live, key=lambda r: (r == live_now, last_live[r]), reverse=True)
-    kept = set(ranked[:keep])
+        ids = images.setdefault(entry.release, [])
+        if entry.image_id and entry.image_id not in ids:
+            ids.append(entry.image_id)
     kept_images = {image for release in kept for image in images.get(release, [])}
     prune = []
     for release, ids in images.items():
