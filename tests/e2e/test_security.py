@@ -37,6 +37,7 @@ SEC1, SEC2, SEC3 = "e2e9-sec1", "e2e9-sec2", "e2e9-sec3"
 HOSTS = ("db1", "app2", "app3")
 LEDGER = "/var/lib/ingest/ledger.jsonl"
 LOCK_DIR = "/var/lib/ingest/lock"
+STATE_FILE = "/opt/ingest/state.json"
 PWNED = "/tmp/pwned-ledger"  # what the injected commands would create; every forged line names it
 IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -287,7 +288,7 @@ def config_set_from_stdin(assignment: str, value: str) -> releases.Result:
 def live_configs(ssh) -> dict[str, str | None]:
     found = {}
     for host in ("app2", "app3"):
-        status, out, _err = ssh(host, "cat /var/lib/ingest/state.json 2>/dev/null || true")
+        status, out, _err = ssh(host, f"cat {STATE_FILE} 2>/dev/null || true")
         found[host] = json.loads(out).get("config_version") if status == 0 and out.strip() else None
     return found
 
@@ -303,32 +304,35 @@ def test_secrets_are_taken_only_from_stdin_or_a_file_and_never_show_nor_get_sile
     assert "never inline" in inline.summary()["error"] and stdin_key not in inline.stdout + inline.stderr
     assert live_configs(ssh) == baseline, "a refused inline secret changed a host"
 
-    with CommandLineWatch(ssh, HOSTS) as watch:
-        rotated = config_set_from_stdin("API_KEY=-", stdin_key)
-    assert rotated.code == 0, rotated.explain()
-    assert watch.samples >= 3, f"only {watch.samples} samples of the command lines were taken"
-    assert not [text for text in watch.seen if stdin_key in text], "the secret appeared in a command line (ps)"
-    url = app_urls(testbed)["app2"] + "/api/v1/events"
-    event = [{"id": str(uuid.uuid4()), "source": "e2e9-security", "type": "rotation", "payload": {"n": 1},
-              "timestamp": "2026-12-02T00:00:00+00:00"}]
-    assert httpx.post(url, json=event, headers={"X-API-Key": stdin_key}, timeout=10).status_code == 202
+    assert None not in baseline.values() and len(set(baseline.values())) == 1, baseline
+    try:
+        with CommandLineWatch(ssh, HOSTS) as watch:
+            rotated = config_set_from_stdin("API_KEY=-", stdin_key)
+        assert rotated.code == 0, rotated.explain()
+        assert watch.samples >= 3, f"only {watch.samples} samples of the command lines were taken"
+        assert not [text for text in watch.seen if stdin_key in text], "the secret appeared in a command line (ps)"
+        url = app_urls(testbed)["app2"] + "/api/v1/events"
+        event = [{"id": str(uuid.uuid4()), "source": "e2e9-security", "type": "rotation", "payload": {"n": 1},
+                  "timestamp": "2026-12-02T00:00:00+00:00"}]
+        assert httpx.post(url, json=event, headers={"X-API-Key": stdin_key}, timeout=10).status_code == 202
 
-    # The checkout's secrets file still has the old key: a deploy would undo the rotation, so it is refused.
-    deploy = ingestctl("deploy", "local", "--version", SEC3, "--skip-bench", "--json")
-    assert deploy.code == 2, deploy.explain()
-    assert "API_KEY: rotated by `config set`" in deploy.summary()["error"], deploy.explain()
-    assert live_configs(ssh) != baseline and len(set(live_configs(ssh).values())) == 1
+        # The checkout's secrets file still has the old key: a deploy would undo the rotation, so it is refused.
+        deploy = ingestctl("deploy", "local", "--version", SEC3, "--skip-bench", "--json")
+        assert deploy.code == 2, deploy.explain()
+        assert "API_KEY: rotated by `config set`" in deploy.summary()["error"], deploy.explain()
+        assert live_configs(ssh) != baseline and len(set(live_configs(ssh).values())) == 1
 
-    key_file = tmp_path / "api_key"
-    key_file.write_text(file_key + "\n")
-    key_file.chmod(0o600)
-    with CommandLineWatch(ssh, HOSTS) as watch:
-        rotated = ingestctl("config", "set", "local", f"API_KEY=@{key_file}", "--json")
-    assert rotated.code == 0, rotated.explain()
-    assert not [text for text in watch.seen if file_key in text], "the secret appeared in a command line (ps)"
-    assert httpx.post(url, json=event, headers={"X-API-Key": file_key}, timeout=10).status_code == 202
+        key_file = tmp_path / "api_key"
+        key_file.write_text(file_key + "\n")
+        key_file.chmod(0o600)
+        with CommandLineWatch(ssh, HOSTS) as watch:
+            rotated = ingestctl("config", "set", "local", f"API_KEY=@{key_file}", "--json")
+        assert rotated.code == 0, rotated.explain()
+        assert not [text for text in watch.seen if file_key in text], "the secret appeared in a command line (ps)"
+        assert httpx.post(url, json=event, headers={"X-API-Key": file_key}, timeout=10).status_code == 202
 
-    back = ingestctl("rollback", "config", "local", "--to", baseline["app2"], "--json")
+    finally:  # the rotation undone whatever failed: the next modules deploy from the checkout's secrets
+        back = ingestctl("rollback", "config", "local", "--to", baseline["app2"], "--json")
     assert back.code == 0, back.explain()
     assert live_configs(ssh) == baseline
     # Nothing written or printed anywhere holds either value: output, ledger, docker inspect, logs, history.
