@@ -21,8 +21,8 @@ cfg = ctx.config
 is_db = "db" in host.groups
 
 ops.images_for_role_shipped(
-    images_for={host.name: [release.image, ctx.infra_images["PROXY_IMAGE"]]
-                + ([ctx.infra_images["POSTGRES_IMAGE"], ctx.infra_images["REDIS_IMAGE"]] if is_db else [])},
+    images_for={host.name: [release.image, ctx.infra_references["PROXY_IMAGE"]]
+                + ([ctx.infra_references["POSTGRES_IMAGE"], ctx.infra_references["REDIS_IMAGE"]] if is_db else [])},
 )
 ops.layout_present(
     name="Ensure ingest host layout is present",

@@ -20,6 +20,8 @@ _env = environment(
     name="production",
     data={
         "app_port": 8000,
+        # Bare tags: ingestctl warns until they are pinned as name:tag@sha256:<digest> of the images you
+        # tested (docs/DEPLOYING.md, "Pinning what goes into the images").
         "postgres_image": "postgres:16",
         "redis_image": "redis:7",
         "registry": "registry.ingest.example.internal:5000",

@@ -22,6 +22,8 @@ _env = environment(
     data={
         "app_port": 8000,
         # Staging mirrors production's official images; the local sandbox builds equivalents instead.
+        # Bare tags: ingestctl warns until they are pinned as name:tag@sha256:<digest> of the images you
+        # tested (docs/DEPLOYING.md, "Pinning what goes into the images").
         "postgres_image": "postgres:16",
         "redis_image": "redis:7",
         "keep_releases": 5,

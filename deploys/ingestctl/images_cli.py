@@ -52,11 +52,13 @@ def build_command(version: str | None, no_cache: bool, reporter: Reporter) -> No
 @reporting
 def ship_command(env: str, version: str | None, hosts: tuple[str, ...], reporter: Reporter) -> None:
     """Make every host of ENV hold its images by ID: the app image, plus PostgreSQL/Redis on the db host."""
-    from ingestctl import pyinfra_runner
+    from ingestctl import inventory, pyinfra_runner
     from ingestctl.images import checkout_version, image_name
     from ingestctl.operations.shipping import images_shipped
     from ingestctl.paths import project_root
+    from ingestctl.runcontext import warn_unpinned_images
 
+    warn_unpinned_images(inventory.load(env), reporter)
     app_image = image_name(version or checkout_version(project_root()))
     started = time.monotonic()
     reporter.event("step", f"shipping {app_image} to {env}", image=app_image, env=env)

@@ -35,10 +35,15 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from ingestctl import config as config_mod
 from ingestctl import paths
 from ingestctl.errors import ConfigError, IngestctlError
+from ingestctl.imageref import ImageRef, pin_hint
 
 Role = Literal["db", "app"]
 ROLES: tuple[Role, ...] = ("db", "app")
 ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# The sandbox (`ingestctl testbed up`): its images are built on this machine, so there is no digest to pin.
+SANDBOX_ENV = "local"
+# Inventory data naming images that come from a registry; each may be pinned as name:tag@sha256:<digest>.
+IMAGE_KEYS = ("postgres_image", "redis_image", "proxy_image")
 
 
 def _reject_bool(value: Any) -> Any:
@@ -149,6 +154,11 @@ class EnvData(BaseModel):
     config: dict[str, str | int] = Field(default_factory=dict)
     secrets_file: str | None = None
 
+    @field_validator(*IMAGE_KEYS)
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        return str(ImageRef.parse(value))
+
     @field_validator("config")
     @classmethod
     def _tunables(cls, values: dict[str, str | int]) -> dict[str, str | int]:
@@ -211,6 +221,20 @@ def _path_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> l
 
 
 @dataclass(frozen=True)
+class UnpinnedImage:
+    """An image a staging or production inventory names by tag only: the registry decides what it is."""
+
+    source: str
+    key: str
+    image: str
+
+    @property
+    def message(self) -> str:
+        return (f"{self.source}: data.{self.key} is {self.image!r}, a bare tag the registry can move to other "
+                f"content; pin it by digest: {pin_hint(self.image)}")
+
+
+@dataclass(frozen=True)
 class Environment:
     """A validated environment. Not a list, so pyinfra does not mistake it for a host group."""
 
@@ -232,6 +256,14 @@ class Environment:
         if role not in ROLES:
             raise ConfigError(f"{self.source or self.name}: unknown role {role!r}; roles: {', '.join(ROLES)}")
         return [(name, self.host_data(name)) for name in self.hosts if role in self.hosts[name].roles]
+
+    def unpinned_images(self) -> list[UnpinnedImage]:
+        """Images this environment names by a bare tag, outside the sandbox: each one a warning, never a failure."""
+        if self.name == SANDBOX_ENV:
+            return []
+        references = {key: ImageRef.parse(getattr(self.data, key)) for key in IMAGE_KEYS}
+        return [UnpinnedImage(self.source or self.name, key, str(ref)) for key, ref in references.items()
+                if not ref.pinned]
 
     @property
     def db_host(self) -> str:

@@ -31,9 +31,9 @@ def registry_reference(registry: str, image: str) -> str:
     return f"{registry.rstrip('/')}/{image}"
 
 
-def push_commands(image: str, registry: str) -> list[list[str]]:
-    reference = registry_reference(registry, image)
-    return [["docker", "tag", image, reference], ["docker", "push", reference]]
+def push_commands(image_id: str, reference: str) -> list[list[str]]:
+    """Tag IMAGE_ID (never a name, which may have moved since it was resolved) as REFERENCE and push it."""
+    return [["docker", "tag", image_id, reference], ["docker", "push", reference]]
 
 
 def _run_docker(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -50,6 +50,12 @@ def local_image_id(image: str) -> str:
     result = _run_docker(inspect_id_command(image))
     if result.returncode != 0:
         detail = result.stderr.strip() or "no output"
+        if "@sha256:" in image:
+            # The engine knows a digest only for an image pulled with it: that pull is what checks the content.
+            raise BuildError(
+                f"image {image} is not in the local Docker engine ({detail}); pull it by its digest first "
+                f"(`docker pull {image}`), or correct the digest in the inventory data"
+            )
         raise BuildError(
             f"image {image} is not in the local Docker engine ({detail}); "
             "build it first (`ingestctl image build`) or check the image name in the inventory data"
@@ -67,10 +73,10 @@ def local_image_ids() -> set[str]:
     return set(result.stdout.split())
 
 
-def push_to_registry(image: str, registry: str) -> str:
-    """Push IMAGE to REGISTRY; returns the reference hosts pull."""
-    for argv in push_commands(image, registry):
+def push_to_registry(image_id: str, reference: str) -> str:
+    """Push IMAGE_ID as REFERENCE (registry_reference); returns the reference hosts pull."""
+    for argv in push_commands(image_id, reference):
         result = _run_docker(argv)
         if result.returncode != 0:
             raise BuildError(f"`{' '.join(argv)}` failed: {result.stderr.strip() or 'no output'}")
-    return registry_reference(registry, image)
+    return reference

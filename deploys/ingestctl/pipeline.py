@@ -29,9 +29,11 @@ from ingestctl.switching import config_calls, database_call, rollout
 
 def ship_images(ctx: Context, release: Release) -> None:
     """Every host gets the app and proxy images; the db host also its database images. Noop when present."""
-    common = [release.image, ctx.infra_images["PROXY_IMAGE"]]
+    # The inventory's references: a digest-pinned one is resolved here and hosts get its image ID under name:tag.
+    references = ctx.infra_references
+    common = [release.image, references["PROXY_IMAGE"]]
     images_for = {
-        host: common + ([ctx.infra_images["POSTGRES_IMAGE"], ctx.infra_images["REDIS_IMAGE"]]
+        host: common + ([references["POSTGRES_IMAGE"], references["REDIS_IMAGE"]]
                         if host == ctx.env.db_host else [])
         for host in ctx.env.all_hosts
     }

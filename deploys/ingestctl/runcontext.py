@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, hostlayout, paths
+from ingestctl import fleet, hostlayout, imageref, paths
 from ingestctl import inventory as inventory_mod
 from ingestctl import secrets as secrets_mod
 from ingestctl.errors import IngestctlError
@@ -58,12 +58,19 @@ class Context:
         return self.env.name
 
     @property
-    def infra_images(self) -> dict[str, str]:
+    def infra_references(self) -> dict[str, str]:
+        """The inventory's references, digest and all: what shipping resolves in this machine's engine."""
         return {
             "POSTGRES_IMAGE": self.env.data.postgres_image,
             "REDIS_IMAGE": self.env.data.redis_image,
             "PROXY_IMAGE": self.env.data.proxy_image,
         }
+
+    @property
+    def infra_images(self) -> dict[str, str]:
+        """What hosts name those images (compose files, `.env`, running containers): name:tag, never a digest,
+        which shipping made point at the pinned image ID (see ingestctl.imageref)."""
+        return {key: imageref.host_name(reference) for key, reference in self.infra_references.items()}
 
     def compose_file(self, host: str) -> str:
         """HOST's compose file, rendered for its roles and this environment's data."""
@@ -105,7 +112,15 @@ def prepare(env_name: str, reporter: Reporter, overrides: Mapping[str, str] | No
     ports = hostlayout.Ports(public=env.data.app_port)
     reporter.event("step", f"preflight: inventory {env.source or env_name} and secrets valid", step="preflight",
                    env=env_name, hosts=env.all_hosts, config_version=cfg.version)
+    warn_unpinned_images(env, reporter)
     return Context(env=env, reporter=reporter, config=cfg, ports=ports)
+
+
+def warn_unpinned_images(env: inventory_mod.Environment, reporter: Reporter) -> None:
+    """A `warning` event per image a staging or production inventory names by bare tag (never a failure)."""
+    for unpinned in env.unpinned_images():
+        reporter.event("warning", f"warning: {unpinned.message}", env=env.name, key=unpinned.key,
+                       image=unpinned.image)
 
 
 def abort_flag(env_name: str):

@@ -132,3 +132,34 @@ def test_hosts_pull_the_exact_image_from_a_real_registry(testbed, registry, app_
     again = pyinfra_runner.run_deploy(inventory, images_shipped, images=[app_image.name], data={"registry": registry})
     assert not again.changed_hosts, "a host that has the image by ID pulls nothing"
     subprocess.run(["docker", "image", "rm", f"{registry}/{app_image.name}"], capture_output=True, check=False)
+
+
+def test_an_image_pinned_by_digest_is_resolved_here_and_named_by_its_tag_on_the_host(testbed, registry):
+    """`name:tag@sha256:...` in inventory data: this machine's engine resolves it (it knows the digest only of what
+    it pushed or pulled), the host gets that image ID under name:tag (`docker tag` cannot create a digest
+    reference), streamed over SSH without the registry."""
+    from ingestctl import local_images, paths, pyinfra_runner
+    from ingestctl.operations.shipping import images_shipped
+    from ingestctl.testbed.images import REDIS_IMAGE
+
+    named = f"{registry}/{REDIS_IMAGE}"
+    for argv in (["docker", "tag", REDIS_IMAGE, named], ["docker", "push", "--quiet", named]):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    host = testbed.hosts[-1].name
+    try:
+        repo_digest = subprocess.run(["docker", "image", "inspect", "--format", "{{index .RepoDigests 0}}", named],
+                                     capture_output=True, text=True, check=True).stdout.strip()
+        pinned = f"{named}@{repo_digest.split('@')[1]}"
+        image_id = local_images.local_image_id(pinned)
+        assert image_id == local_images.local_image_id(REDIS_IMAGE)
+        _ssh(testbed, host, f"docker image rm --force {named} >/dev/null 2>&1; true")
+        inventory = paths.project_root() / "inventories" / "local.py"
+        result = pyinfra_runner.run_deploy(inventory, images_shipped, images=[pinned], hosts=[host])
+        assert result.changed_hosts == [host]
+        assert _host_image_id(testbed, host, named) == image_id, f"{host}: {named} is not the pinned image"
+        again = pyinfra_runner.run_deploy(inventory, images_shipped, images=[pinned], hosts=[host])
+        assert not again.changed_hosts, "a host holding the pinned image by ID under its tag is a noop"
+    finally:
+        _ssh(testbed, host, f"docker image rm {named} >/dev/null 2>&1; true")
+        subprocess.run(["docker", "image", "rm", named], capture_output=True, check=False)

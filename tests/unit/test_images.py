@@ -1,4 +1,4 @@
-"""The app image build's pure parts: command strings, source hash, schema head, wheelhouse completeness."""
+"""The app image build's pure parts: command strings, source hash, schema head (the wheelhouse: test_wheelhouse)."""
 
 from __future__ import annotations
 
@@ -30,22 +30,11 @@ def test_build_command_without_layer_cache():
     )
 
 
-def test_git_and_pip_commands_are_exact():
+def test_git_commands_are_exact():
     assert shlex.join(images.describe_command()) == "git describe --tags --always --dirty"
     assert shlex.join(images.revision_command()) == "git rev-parse HEAD"
     assert shlex.join(images.source_files_command()) == (
         "git ls-files -z --cached --others --exclude-standard -- service"
-    )
-    command = images.wheelhouse_command(
-        "/venv/bin/python", Path("service/requirements.txt"), Path("service/wheelhouse"), images.WheelTarget()
-    )
-    # The full argv, platforms and all, is checked in test_wheelhouse.py: here, the shape.
-    assert shlex.join(command[:14]) == (
-        "/venv/bin/python -m pip download --quiet --only-binary=:all: --implementation cp --python-version 3.11"
-        " --abi cp311 --platform manylinux_2_36_x86_64"
-    )
-    assert shlex.join(command[-6:]) == (
-        "--find-links service/wheelhouse --dest service/wheelhouse -r service/requirements.txt"
     )
 
 
@@ -80,13 +69,6 @@ def test_source_hash_is_stable_and_order_independent():
 )
 def test_source_hash_changes_with_every_input(files, stamp, base):
     assert images.source_hash(files, stamp, base) != images.source_hash(FILES, "stamp", "sha256:base")
-
-
-def test_requirements_hash_depends_on_interpreter_and_pins():
-    base = images.requirements_hash(b"redis==8.1.0\n", "cp311-linux-sha256:a")
-    assert base != images.requirements_hash(b"redis==8.1.1\n", "cp311-linux-sha256:a")
-    assert base != images.requirements_hash(b"redis==8.1.0\n", "cp312-linux-sha256:a")
-    assert base != images.requirements_hash(b"redis==8.1.0\n", "cp311-linux-sha256:b")
 
 
 def _migration(revision, down):
@@ -134,46 +116,3 @@ def test_schema_head_of_the_service_is_the_plans_head():
 
     versions = ROOT / "service" / "alembic" / "versions"
     assert images.schema_head(versions) == migrations.load_revisions(versions)[-1].revision
-
-
-# Requires-Dist as published by redis 8.1.0 and psycopg 3.3.9 (trimmed to what matters here).
-REQUIRES = {
-    "redis": ['async-timeout>=4.0.3; python_full_version < "3.11.3"', 'hiredis>=3.2.0; extra == "hiredis"'],
-    "psycopg": [
-        'typing-extensions>=4.6; python_version < "3.13"',
-        'psycopg-binary==3.3.9; implementation_name != "pypy" and extra == "binary"',
-    ],
-    "psycopg-binary": [],
-    "typing-extensions": [],
-}
-
-
-def test_missing_requirements_follow_the_images_interpreter_not_the_builders():
-    roots = ["redis==8.1.0", "psycopg[binary]==3.3.9"]
-    # bookworm's python3 is 3.11.2: redis needs async-timeout there, which pip on 3.11.7 skipped.
-    assert images.missing_requirements(roots, REQUIRES, images.target_environment("3.11.2")) == [
-        "async-timeout>=4.0.3"
-    ]
-    assert images.missing_requirements(roots, REQUIRES, images.target_environment("3.11.7")) == []
-
-
-def test_missing_requirements_honours_extras_only_when_requested():
-    without_extra = {**REQUIRES, "psycopg-binary": ["never-installed==1"]}
-    assert (
-        images.missing_requirements(["psycopg==3.3.9"], without_extra, images.target_environment("3.11.7"))
-        == []
-    )
-    assert images.missing_requirements(
-        ["psycopg[binary]==3.3.9"], without_extra, images.target_environment("3.11.7")
-    ) == ["never-installed==1"]
-
-
-def test_requirement_lines_skip_comments_and_reject_pip_options(tmp_path):
-    requirements = tmp_path / "requirements.txt"
-    requirements.write_text("# pins\nredis==8.1.0  # cache\n\npsycopg[binary]==3.3.9\n")
-    assert images.requirement_lines(requirements) == ["redis==8.1.0", "psycopg[binary]==3.3.9"]
-    requirements.write_text("--index-url http://example\n")
-    with pytest.raises(
-        BuildError, match="pip options such as '--index-url http://example' are not supported"
-    ):
-        images.requirement_lines(requirements)

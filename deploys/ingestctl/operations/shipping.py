@@ -5,6 +5,10 @@ Inventory data it reads (host, group or `--data` override):
 - `postgres_image`, `redis_image`: shipped to hosts in the `db` group, e.g. the sandbox's `ingest-postgres:15`.
 - `images`: an explicit list that replaces the three above.
 - `registry`: when set (e.g. `registry.example:5000`), images are pushed there once and pulled by hosts.
+
+Any of them may be pinned by digest (`postgres:16@sha256:...`, see ingestctl.imageref): the reference is resolved
+in this machine's engine (which holds it only if it was pulled with that digest), and the host gets that image ID
+under `name:tag`, the name its compose file uses.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Sequence
 
 from ingestctl import local_images
 from ingestctl.errors import ConfigError
+from ingestctl.imageref import ImageRef
 from ingestctl.openssh import ProgressSink
 from ingestctl.operations.images import image_pulled, images_loaded, images_loaded_name
 from pyinfra import host
@@ -42,13 +47,28 @@ def images_for_host(data, groups: Sequence[str], app_image: str | None = None) -
 
 
 def _pushed_reference(image: str, image_id: str, registry: str) -> str:
-    """Push each image ID once per process, however many hosts pull it."""
+    """Push each image ID once per process, however many hosts pull it. IMAGE is the host's name:tag."""
     with _push_lock:
         reference = local_images.registry_reference(registry, image)
         if (image_id, reference) not in _pushed:
-            local_images.push_to_registry(image, registry)
+            local_images.push_to_registry(image_id, reference)
             _pushed.add((image_id, reference))
         return reference
+
+
+def _host_names(references: Sequence[str]) -> dict[str, str]:
+    """{name hosts use: reference to resolve here}; ConfigError naming a reference that is not name:tag[@digest]."""
+    names: dict[str, str] = {}
+    for reference in references:
+        try:
+            ref = ImageRef.parse(reference)
+        except ValueError as exc:
+            raise ConfigError(f"image {reference!r}: {exc}") from None
+        if names.get(ref.host_name, reference) != reference:
+            raise ConfigError(f"images {names[ref.host_name]!r} and {reference!r} would both be "
+                              f"{ref.host_name} on the host: name one image per tag")
+        names[ref.host_name] = reference
+    return names
 
 
 @deploy("Ship images")
@@ -59,7 +79,7 @@ def images_shipped(
     `registry` is set."""
     wanted = list(images) if images is not None else images_for_host(host.data, host.groups, app_image)
     registry = host.data.get("registry")
-    ids = {image: local_images.local_image_id(image) for image in wanted}
+    ids = {name: local_images.local_image_id(reference) for name, reference in _host_names(wanted).items()}
     if not registry:
         images_loaded(name=images_loaded_name(wanted), images=list(ids.items()), progress=progress)
         return
