@@ -52,6 +52,7 @@ class GateResult(BaseModel):
     passed: bool
     numbers: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
     host: str | None = None
+    at: datetime | None = None  # when the gate reached its verdict (older entries lack it)
 
 
 class LedgerEntry(BaseModel):
@@ -91,6 +92,7 @@ class LedgerEntry(BaseModel):
     bench_skipped: bool = False
     message: str | None = None
     lock_takeover: str | None = None  # whose expired deploy lock this run took over, if it did
+    emergency: bool = False  # a deploy run with --emergency (past an exhausted error budget)
 
     @property
     def succeeded(self) -> bool:
