@@ -131,11 +131,11 @@ class EnvData(BaseModel):
     secrets_file: str | None = None
     # Change events (CDEvents JSON) are POSTed here in the background: deploy start/finish, rollbacks, gate
     # failures, incidents opened and closed. Delivery never blocks or fails a run (ingestctl.webhooks).
-    webhooks: tuple[str, ...] = ()
+    webhooks: list[str] = Field(default_factory=list)
 
     @field_validator("webhooks")
     @classmethod
-    def _webhook_urls(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
         from urllib.parse import urlsplit
 
         for position, url in enumerate(urls):

@@ -155,3 +155,22 @@ def test_append_command_keeps_every_line_whatever_the_text(tmp_path):
                        check=True, cwd=tmp_path)
     assert incidents.parse(path.read_text()).events == events
     assert not (tmp_path / "pwned").exists()
+
+
+# --- the command line's own parsing -----------------------------------------------------------------------
+
+
+def test_since_takes_an_iso_time_or_a_duration_ago_and_never_the_future():
+    from ingestctl.incident_cli import parse_since
+
+    now = T0
+    assert parse_since(None, now) is None
+    assert parse_since("15m", now) == T0 - timedelta(minutes=15)
+    assert parse_since("2h", now) == T0 - timedelta(hours=2)
+    assert parse_since("2024-05-01T11:30:00Z", now) == T0 - timedelta(minutes=30)
+    assert parse_since("2024-05-01T11:30:00", now) == T0 - timedelta(minutes=30)  # no offset: UTC
+    assert parse_since("2024-05-01T13:30:00+02:00", now) == T0 - timedelta(minutes=30)
+    with pytest.raises(ConfigError, match="--since: expected an ISO 8601 time"):
+        parse_since("yesterday", now)
+    with pytest.raises(ConfigError, match="in the future"):
+        parse_since("2024-05-01T12:30:00Z", now)
