@@ -143,6 +143,9 @@ def _finish(run, reporter: Reporter) -> None:
     from ingestctl import runcontext
 
     if run.facts.get("outcome"):
+        from ingestctl import changes
+
+        changes.rolled_back(run.env, run, reporter)
         runcontext.summarise(run, reporter)
 
 
@@ -292,6 +295,9 @@ def _attach_optional_groups() -> None:
     from ingestctl.setup_cli import setup
 
     main.add_command(setup)
+    from ingestctl.incident_cli import incident
+
+    main.add_command(incident)
 
 
 _attach_optional_groups()

@@ -31,9 +31,12 @@ class GateResult:
     passed: bool
     message: str
     numbers: dict[str, Any] = field(default_factory=dict)
+    # When the gate reached its verdict (epoch seconds): an incident's timeline and MTTD are read from it.
+    at: float = field(default_factory=lambda: round(time.time(), 3))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"gate": self.name, "passed": self.passed, "message": self.message, "numbers": self.numbers}
+        return {"gate": self.name, "passed": self.passed, "message": self.message, "numbers": self.numbers,
+                "at": self.at}
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,9 @@ SLOT = _value("|".join(SLOTS), f"a slot name ({' or '.join(SLOTS)})")
 # pipeline.new_run_id (local time, no Z) and ledger.new_entry_id (UTC, Z): second plus 6 random hex digits.
 RUN_ID = _value(r"[0-9]{8}T[0-9]{6}Z?-[0-9a-f]{6}", "a run id like 20240501T120000Z-1a2b3c")
 
+# incidents.new_incident_id: `inc-` + UTC date + 6 random hex digits; what on-call types after `incident note`.
+INCIDENT_ID = _value(r"inc-[0-9]{8}-[0-9a-f]{6}", "an incident id like inc-20240501-1a2b3c")
+
 # inventory.ENV_NAME, bounded.
 ENV_NAME = _value(r"[a-z0-9][a-z0-9_-]{0,63}", "an environment name (lower-case letters, digits, '-', '_')")
 

@@ -153,6 +153,23 @@ class EnvData(BaseModel):
     migration_timeout_s: Integer = Field(default=3600, ge=30, le=86400)
     config: dict[str, str | int] = Field(default_factory=dict)
     secrets_file: str | None = None
+    # Change events (CDEvents JSON) are POSTed here in the background: deploy start/finish, rollbacks, gate
+    # failures, incidents opened and closed. Delivery never blocks or fails a run (ingestctl.webhooks).
+    webhooks: list[str] = Field(default_factory=list)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_urls(cls, urls: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for position, url in enumerate(urls):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+                raise ValueError(f"[{position}]: expected an http:// or https:// URL with a host, found "
+                                 f"{parts.scheme or 'no scheme'}://{parts.hostname or '(no host)'}")
+        if len(set(urls)) != len(urls):
+            raise ValueError("the same URL is listed twice")
+        return urls
 
     @field_validator(*IMAGE_KEYS)
     @classmethod
@@ -202,6 +219,9 @@ def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, boo
         return "expected a non-empty value", True
     if kind == "value_error" and "duplicate role" in str(error.get("msg")):
         return "expected each role once", True
+    if kind == "value_error" and error["loc"][:1] == ("webhooks",):
+        # A webhook URL may carry a token: the validator's message names the problem without echoing it.
+        return str(error.get("msg")).removeprefix("Value error, "), False
     if kind == "value_error" and "bool" in str(error.get("msg")):
         return "expected a number, not True/False", True
     if kind == "value_error" and str(error.get("msg")).startswith("Value error, expected "):

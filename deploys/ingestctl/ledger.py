@@ -54,6 +54,7 @@ class GateResult(BaseModel):
     passed: bool
     numbers: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
     host: str | None = None
+    at: datetime | None = None  # when the gate reached its verdict (older entries lack it)
 
 
 class LedgerEntry(BaseModel):
@@ -94,6 +95,7 @@ class LedgerEntry(BaseModel):
     message: str | None = None
     lock_takeover: str | None = None  # whose expired deploy lock this run took over, if it did
     rotated_secrets: list[SecretName] = Field(default_factory=list)
+    emergency: bool = False  # a deploy run with --emergency (past an exhausted error budget)
 
     @property
     def succeeded(self) -> bool:

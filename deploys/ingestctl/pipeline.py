@@ -16,6 +16,7 @@ from ingestctl import config as config_mod
 from ingestctl import fleet, hostlayout, hostvalues, paths
 from ingestctl import pyinfra_runner as runner
 from ingestctl import secrets as secrets_mod
+from ingestctl.changes import observed_deploy
 from ingestctl.errors import GateFailed, IngestctlError, RollbackFailed
 from ingestctl.facts.release import IngestState, SchemaHead
 from ingestctl.gatekeeper import benchmark_gate
@@ -118,7 +119,8 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
     reporter.event("step", f"image {release.image} ({release.image_id[:19]}) ready", step="build",
                    image=release.image, image_id=release.image_id, cached=built.cached)
 
-    with guarded(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}", check_setup=True) as guard:
+    with (observed_deploy(ctx, run),
+          guarded(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}", check_setup=True) as guard):
         run.facts["previous"] = {h: (s or {}).get("release") for h, s in guard.before.items()}
         # The plan --dry prints, built from what the hosts say under the lock: its checks guard the real run.
         plan = deploy_plan(ctx, release.version, release.image, batch, skip_bench, allow_incompatible,

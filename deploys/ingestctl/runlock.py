@@ -251,7 +251,8 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
         steps=[ledger_mod.Step(name=s["name"], started=at(s["started"]), duration_s=s["duration_s"])
                for s in run.steps],
         gates=[ledger_mod.GateResult(name=g["gate"], passed=bool(g.get("passed")),
-                                     numbers=_flat_numbers(g.get("numbers") or {}))
+                                     numbers=_flat_numbers(g.get("numbers") or {}),
+                                     at=at(g["at"]) if g.get("at") else None)
                for g in run.gates if g.get("passed") is not None],
         outcome="running" if running else OUTCOMES.get(facts.get("outcome", "failed"), facts.get("outcome", "failed")),
         duration_s=round(time.time() - run.started, 2),
@@ -264,6 +265,7 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
         message=facts.get("message"),
         lock_takeover=facts.get("lock_takeover"),
         rotated_secrets=list(facts.get("rotated_secrets") or []),
+        emergency=bool(facts.get("emergency")),
     )
 
 

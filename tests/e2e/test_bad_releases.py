@@ -99,6 +99,57 @@ def assert_rolled_back(result: Result, release: str, gate: str, testbed, ssh) ->
     return failed[-1]
 
 
+def assert_incident_draft(result: Result, release: str, ssh, testbed) -> None:
+    """Exit 3 after the canary took traffic and the metric gate failed: a SEV-2 draft linking the run, whose
+    report has the runbook's headings, the gate's numbers in its timeline, and MTTD/MTTR equal to what the
+    ledger's own timestamps give. Then the draft is noted, confirmed (closed) and listed as closed."""
+    from datetime import datetime
+
+    from markdown_it import MarkdownIt
+
+    [draft] = [e for e in result.events if e["type"] == "incident"]
+    assert draft["sev"] == 2 and draft["status"] == "draft", draft
+    entry = last_ledger_entry(ssh, testbed.hosts[0].name)
+    assert draft["run_id"] == entry["id"] and entry["release"] == release, (draft, entry)
+
+    md = ingestctl("incident", "report", "local", draft["incident"])
+    assert md.code == 0, md.explain()
+    tokens = MarkdownIt("commonmark").enable("table").parse(md.stdout)
+    headings = [tokens[i + 1].content for i, t in enumerate(tokens) if t.type == "heading_open" and t.tag == "h2"]
+    assert headings[:4] == ["영향 (Impact)", "원인 (Cause)", "임시조치 (Mitigation)", "복구검증 (Recovery Validation)"]
+    assert "SEV-2 보고" in headings and "타임라인 (Timeline)" in headings, headings
+    assert len([t for t in tokens if t.type == "table_open"]) == 3, md.stdout[:3000]
+
+    report = ingestctl("incident", "report", "local", draft["incident"], "--format", "json")
+    assert report.code == 0, report.explain()
+    data = json.loads(report.stdout)
+    failed = [row for row in data["timeline"] if row["kind"] == "gate" and row["event"] == "metrics gate FAILED"]
+    assert failed and "error_ratio=" in failed[0]["details"], data["timeline"]
+    assert any(row["kind"] == "rollback" for row in data["timeline"]), data["timeline"]
+
+    # MTTD and MTTR from the ledger entry itself: detection is the failing gate's verdict, the first signal the
+    # end of the last step completed before it, recovery the end of the run's own rollback.
+    def ts(text: str) -> float:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+    detected = ts(next(g for g in entry["gates"] if not g["passed"])["at"])
+    ends = [ts(s["started"]) + s["duration_s"] for s in entry["steps"]]
+    signal = max(end for end in ends if end <= detected)
+    assert data["mttd_s"] == pytest.approx(detected - signal, abs=0.002), (data, entry)
+    assert data["mttr_s"] == pytest.approx(ts(entry["finished"]) - detected, abs=0.002), (data, entry)
+    assert 0 < data["mttd_s"] < 120 and 0 < data["mttr_s"] < 300, data
+
+    assert ingestctl("incident", "note", "local", draft["incident"], "users saw 500s on /api/v1/events").code == 0
+    closed = ingestctl("incident", "close", "local", draft["incident"], "--json")
+    assert closed.code == 0 and closed.summary()["status"] == "closed", closed.explain()
+    listed = ingestctl("incident", "list", "local", "--json")
+    rows = {e["id"]: e for e in listed.events if e["type"] == "row"}
+    assert rows[draft["incident"]]["status"] == "closed" and rows[draft["incident"]]["run"] == entry["id"], rows
+    again = ingestctl("incident", "report", "local", draft["incident"], "--format", "json")
+    notes = json.loads(again.stdout)["notes"]
+    assert [n["text"] for n in notes] == ["users saw 500s on /api/v1/events"], notes
+
+
 # ----- fixtures ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -144,6 +195,7 @@ def test_release_whose_errors_trip_the_metric_gate_is_rolled_back(testbed, ssh, 
     ratios = {k: v for k, v in gate["numbers"].items() if k.endswith(".error_ratio")}
     assert ratios and max(ratios.values()) > gate["numbers"]["thresholds.max_error_ratio"], gate
     assert "error ratio" in result.stdout, result.explain()
+    assert_incident_draft(result, release, ssh, testbed)
 
 
 def test_release_whose_latency_trips_the_metric_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):

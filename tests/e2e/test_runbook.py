@@ -115,6 +115,9 @@ def checkout_version() -> str:
     return describe(PROJECT_ROOT)
 
 
+# The incident draft the aborted deploy left (its `incident` event): the post-incident commands work on it.
+ABORT_DRAFT: dict[str, object] = {}
+
 # The release `ingestctl deploy local` made live (the checkout's git describe when it ran: read once, because
 # a checkout that changes during the session would describe itself differently later).
 DEPLOYED: dict[str, str] = {}
@@ -257,6 +260,10 @@ def test_deploy_incident_abort_and_app_rollbacks(shell, ssh, testbed):
     assert deploy.returncode == 3, out[-3000:]
     assert "aborted by `ingestctl abort`" in out
     assert releases_live(testbed) == {PREVIOUS}
+    # Exit 3 left an incident draft linking the run: SEV-3, since no metric or benchmark gate failed.
+    drafts = [json.loads(line) for line in out.splitlines() if line.startswith('{"type": "incident"')]
+    assert len(drafts) == 1 and drafts[0]["sev"] == 3 and drafts[0]["status"] == "draft", out[-3000:]
+    ABORT_DRAFT.update(drafts[0])
 
     shell.run('ingestctl rollback app local --to "$RELEASE"', RELEASE=current)
     assert releases_live(testbed) == {current}
@@ -271,20 +278,57 @@ def test_deploy_incident_abort_and_app_rollbacks(shell, ssh, testbed):
 
 
 def test_post_incident_and_performance_commands(shell, testbed):
-    ledger_file = PROJECT_ROOT / "incident-ledger.jsonl"
-    existed = ledger_file.exists()
+    files = {name: PROJECT_ROOT / name for name in ("incident-ledger.jsonl", "incident-report.md",
+                                                    "incident-report.json")}
+    existed = {name for name, path in files.items() if path.exists()}
     try:
         shell.run("ingestctl history local --json > incident-ledger.jsonl")
-        kinds = {json.loads(line).get("kind") for line in ledger_file.read_text().splitlines() if line.strip()}
+        kinds = {json.loads(line).get("kind") for line in files["incident-ledger.jsonl"].read_text().splitlines()
+                 if line.strip()}
         assert {"deploy", "rollback-app", "config-set", "rollback-config"} <= kinds, kinds
+        post_incident(shell)
     finally:
-        if not existed:
-            ledger_file.unlink(missing_ok=True)
+        for name, path in files.items():
+            if name not in existed:
+                path.unlink(missing_ok=True)
     shell.run("ingestctl history local --json")
     shell.run("BENCH_PROFILE=local BENCH_FAIL_THRESHOLD_MS=250 BENCH_FAIL_P95_THRESHOLD_MS=400 "
               'python scripts/benchmark_queries.py --base-url "$APP_URL"')
     shell.run("BENCH_PROFILE=staging BENCH_FAIL_THRESHOLD_MS=250 BENCH_FAIL_P95_THRESHOLD_MS=400 "
               "python scripts/benchmark_queries.py", timeout=1200)
+
+
+def incident_rows(shell) -> dict[str, dict]:
+    out = shell.run("ingestctl incident list local --json")
+    return {row["id"]: row for row in map(json.loads, out.splitlines()) if row.get("type") == "row"}
+
+
+def post_incident(shell) -> None:
+    """The runbook's incident commands: the abort's draft dismissed, one opened by hand noted, reported, closed."""
+    draft = str(ABORT_DRAFT.get("incident") or "")
+    assert draft, "test_deploy_incident_abort_and_app_rollbacks must run first (its abort leaves the draft)"
+    assert incident_rows(shell)[draft]["status"] == "draft"
+    assert draft in shell.run("ingestctl incident list local")
+    shell.run('ingestctl incident close local "$INCIDENT" --dismiss --reason "$REASON"', INCIDENT=draft,
+              REASON="a deliberate abort in the runbook drill")
+
+    out = shell.run('ingestctl incident open local --sev 2 --title "$TITLE" --since 15m', TITLE="runbook drill")
+    opened = next(i for i, row in incident_rows(shell).items() if row["title"] == "runbook drill"
+                  and row["status"] == "open" and i in out)
+    shell.run('ingestctl incident note local "$INCIDENT" "$NOTE"', INCIDENT=opened, NOTE="p95 | 900 ms on app2")
+    shell.run('ingestctl incident report local "$INCIDENT" > incident-report.md', INCIDENT=opened)
+    report = (PROJECT_ROOT / "incident-report.md").read_text()
+    for heading in ("## 영향 (Impact)", "## 원인 (Cause)", "## 임시조치 (Mitigation)", "## 복구검증 (Recovery Validation)",
+                    "## SEV-2 보고", "## 타임라인 (Timeline)"):
+        assert heading in report, report[:3000]
+    assert "p95 \\| 900 ms on app2" in report, report  # the note, inert in its table cell
+    shell.run('ingestctl incident close local "$INCIDENT"', INCIDENT=opened)
+    shell.run('ingestctl incident report local "$INCIDENT" --format json > incident-report.json', INCIDENT=opened)
+    data = json.loads((PROJECT_ROOT / "incident-report.json").read_text())
+    assert data["incident"]["status"] == "closed" and data["mttd_s"] == pytest.approx(15 * 60, abs=60), data
+    rows = incident_rows(shell)
+    assert rows[draft]["status"] == "dismissed" and rows[opened]["status"] == "closed"
+    shell.run('ingestctl incident close local "$INCIDENT"', expect=2, INCIDENT=opened)  # already closed
 
 
 def test_every_runbook_command_is_run():
