@@ -27,6 +27,15 @@ _env = environment(
         "drain_grace_s": 15,
         # One machine drives every sandbox client from one address: allow it the load tests' rate.
         "config": {"RATE_LIMIT_PER_MINUTE": 120000},
+        # The sandbox's Prometheus (`ingestctl testbed status --json`): the metric gate and `ingestctl slo` query it.
+        "prometheus_url": _testbed.prometheus_url or None,
+        # Shown by `ingestctl slo local`; not enforced here, because the end-to-end bad releases burn the budget
+        # on purpose and the next test must still deploy (tests/e2e/test_slo.py enforces it in a copy).
+        "slos": {
+            "availability": {"target": 0.99, "window": "1h", "burn_window": "5m"},
+            "latency": {"p95_ms": 500, "window": "1h", "burn_window": "5m"},
+        } if _testbed.prometheus_url else None,
+        "error_budget_policy": "report",
     },
     hosts={
         host.name: {

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestctl import config as config_mod
 from ingestctl import paths
 from ingestctl.errors import ConfigError, IngestctlError
+from ingestctl.slospec import SLOs
 
 Role = Literal["db", "app"]
 ROLES: tuple[Role, ...] = ("db", "app")
@@ -129,6 +130,19 @@ class EnvData(BaseModel):
     migration_timeout_s: Integer = Field(default=3600, ge=30, le=86400)
     config: dict[str, str | int] = Field(default_factory=dict)
     secrets_file: str | None = None
+    # When set, the metric gate and the SLOs query this Prometheus (PromQL over /api/v1/query) instead of the
+    # gate scraping each host's /metrics itself.
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    slos: SLOs | None = None
+    # The seed's policy: no deploy while an availability budget is exhausted (`deploy --emergency` overrides);
+    # "report" only shows the budget (the sandbox, whose e2e bad releases burn it on purpose).
+    error_budget_policy: Literal["refuse", "report"] = "refuse"
+
+    @model_validator(mode="after")
+    def _slos_need_prometheus(self) -> EnvData:
+        if self.slos is not None and self.prometheus_url is None:
+            raise ValueError("expected prometheus_url beside slos: the SLOs are read from Prometheus")
+        return self
 
     @field_validator("config")
     @classmethod
@@ -173,6 +187,10 @@ def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, boo
         return "expected a non-empty value", True
     if kind == "value_error" and "duplicate role" in str(error.get("msg")):
         return "expected each role once", True
+    if kind == "value_error" and str(error.get("msg")).startswith("Value error, expected "):
+        return str(error["msg"]).removeprefix("Value error, "), False
+    if kind == "string_pattern_mismatch":
+        return "expected an http:// or https:// URL", True
     if kind == "value_error" and "bool" in str(error.get("msg")):
         return "expected a number, not True/False", True
     return _EXPECTATIONS.get(kind, error.get("msg", "invalid value")), True

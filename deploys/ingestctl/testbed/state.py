@@ -43,6 +43,8 @@ class TestbedState:
     # reaches root through sudo (the `deploy` user) rather than logging in as root.
     bare: bool = False
     sudo: bool = False
+    # The sandbox's Prometheus (ready-made testbeds only): `inventories/local.py` sets prometheus_url from it.
+    prometheus_url: str = ""
 
     @property
     def app_host_count(self) -> int:
