@@ -47,17 +47,20 @@ def judge_release(window: ReleaseWindow, hosts: int, max_error_ratio: float, max
     for host, tally in probes.items():
         if tally.sent and tally.failed / tally.sent > max_error_ratio:
             failures.append(f"{host}: {tally.failed} of {tally.sent} probe requests did not answer 2xx")
+    # The scraping gate's shape (a scope per judged thing, then thresholds), so the ledger and the tools that
+    # read `*.error_ratio` / `*.p95_ms` see the release judged the same way.
     numbers: dict[str, Any] = {
-        "source": "prometheus", "release": window.version, "requests": round(window.requests),
-        "error_ratio": round(ratio, 4), "p95_ms": p95_ms,
-        "probes": {host: {"probes": t.sent, "probe_failures": t.failed} for host, t in probes.items()},
+        "source": "prometheus",
+        "release": {"version": window.version, "requests": round(window.requests), "error_ratio": round(ratio, 4),
+                    "p95_ms": p95_ms},
+        **{host: {"probes": t.sent, "probe_failures": t.failed} for host, t in probes.items()},
         "thresholds": {"max_error_ratio": max_error_ratio, "max_p95_ms": max_p95_ms, "min_requests": min_requests},
         "queries": dict(window.queries),
     }
     ran = f" [PromQL: error ratio `{window.queries['error_ratio']}`; p95 `{window.queries['p95']}`]"
     if failures:
         return GateResult("metrics", False, "metric gate failed: " + "; ".join(failures) + ran, numbers)
-    summary = (f"release {window.version} {numbers['requests']} req, err {numbers['error_ratio']}, "
+    summary = (f"release {window.version} {round(window.requests)} req, err {round(ratio, 4)}, "
                f"p95 {p95_ms} ms on {hosts} host(s)")
     return GateResult("metrics", True, f"metric gate passed: {summary}{ran}", numbers)
 

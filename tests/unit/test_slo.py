@@ -317,6 +317,8 @@ def test_release_gate_passes_and_reports_its_queries():
     assert "PromQL: error ratio `E`; p95 `P`" in result.message
     assert result.numbers["queries"] == {"requests": "R", "error_ratio": "E", "p95": "P"}
     assert result.numbers["source"] == "prometheus"
+    assert result.numbers["release"] == {"version": "v2", "requests": 40, "error_ratio": 0.0, "p95_ms": 50.0}
+    assert result.numbers["app2"] == {"probes": 20, "probe_failures": 0}
 
 
 @pytest.mark.parametrize(("kwargs", "probes", "expected"), [
