@@ -85,7 +85,8 @@ def test_slo_reads_the_sandbox_prometheus(deployed, testbed, run_ingestctl):
 
     status = run_ingestctl("testbed", "status", "--json")
     assert status.returncode == 0, status.stdout + status.stderr
-    (prometheus,) = [json.loads(line) for line in status.stdout.splitlines() if '"prometheus"' in line]
+    events = [json.loads(line) for line in status.stdout.splitlines() if line.startswith("{")]
+    (prometheus,) = [e for e in events if e["type"] == "prometheus"]
     assert prometheus["url"] == testbed.prometheus_url and testbed.prometheus_url.endswith(":9090")
     assert inventory.load("local").data.prometheus_url == testbed.prometheus_url
 
