@@ -357,3 +357,53 @@ def test_sandbox_prometheus_scrapes_every_app_host_through_its_proxy_every_secon
     assert kwargs["network"] == "tb-net" and kwargs["name"] == "tb-prometheus"
     assert kwargs["labels"]["io.ingest.testbed"] == "tb"  # `testbed down` removes it with the hosts
     assert kwargs["environment"] == {"PROMETHEUS_CONFIG": "CONFIG"}
+
+
+# ----- `ingestctl slo ENV` ------------------------------------------------------------------------------------
+
+INVENTORY = """
+from ingestctl.inventory import environment
+
+_env = environment(
+    name="t",
+    data={{"prometheus_url": "{url}", "slos": {{"availability": {{"target": 0.999, "window": "30d"}},
+                                                "latency": {{"p95_ms": 250, "window": "30d"}}}}}},
+    hosts={{"db1": {{"ssh_hostname": "10.0.0.1", "roles": ["db", "app"]}}}},
+)
+db = _env.group("db")
+app = _env.group("app")
+"""
+
+
+def slo_cli(tmp_path, monkeypatch, url: str, *args: str):
+    from click.testing import CliRunner
+    from ingestctl.cli import main
+
+    (tmp_path / "inventories").mkdir(exist_ok=True)
+    (tmp_path / "service").mkdir(exist_ok=True)
+    (tmp_path / "inventories" / "t.py").write_text(INVENTORY.format(url=url))
+    monkeypatch.setenv("INGESTCTL_ROOT", str(tmp_path))
+    return CliRunner().invoke(main, ["slo", "t", *args])
+
+
+def test_slo_command_reports_each_slo_and_the_exhausted_budget(fake, tmp_path, monkeypatch):
+    answers = {"[30d])) or": 0.002, "[1h])) or": 0.004, "histogram_quantile(0.95": 0.1,
+               'le="0.25"}[30d]': 0.01, 'le="0.25"}[1h]': 0.0, "sum (increase": 1000}
+    with fake(answers) as server:
+        result = slo_cli(tmp_path, monkeypatch, server.url, "--json")
+        text = slo_cli(tmp_path, monkeypatch, server.url)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines()]
+    slos = {e["slo"]: e for e in events if e["type"] == "slo"}
+    assert slos["availability"]["value"] == pytest.approx(0.998)
+    assert slos["availability"]["budget_remaining"] == pytest.approx(-1.0) and slos["availability"]["exhausted"]
+    assert slos["availability"]["burn_rate"] == pytest.approx(4.0)
+    assert slos["latency"]["value"] == 100.0 and slos["latency"]["budget_remaining"] == pytest.approx(0.8)
+    assert events[-1]["type"] == "summary" and events[-1]["exhausted"] == ["availability"]
+    assert text.exit_code == 0 and "budget left" in text.output and "-100.0%" in text.output, text.output
+
+
+def test_slo_command_exits_2_naming_prometheus_when_it_does_not_answer(tmp_path, monkeypatch):
+    result = slo_cli(tmp_path, monkeypatch, "http://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert "Prometheus at http://127.0.0.1:9 does not answer" in result.output
