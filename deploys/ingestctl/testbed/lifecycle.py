@@ -226,6 +226,7 @@ def _already_up(
         if container is None or _address(container, testbed.network) != host.address:
             return nothing
     if not testbed.bare:
+        # A missing or re-addressed Prometheus sends `up` the full way, which keeps the hosts and starts it.
         url = prometheus_mod.running_url(client, name)
         if url is None or url != testbed.prometheus_url:
             return nothing  # `up` starts (or re-addresses) Prometheus; the hosts themselves are kept
