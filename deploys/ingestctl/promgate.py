@@ -55,7 +55,8 @@ def judge_release(window: ReleaseWindow, hosts: int, max_error_ratio: float, max
                     "p95_ms": p95_ms},
         **{host: {"probes": t.sent, "probe_failures": t.failed} for host, t in probes.items()},
         "thresholds": {"max_error_ratio": max_error_ratio, "max_p95_ms": max_p95_ms, "min_requests": min_requests},
-        "queries": dict(window.queries),
+        # `*_query`: the ledger flattens numbers, and `*.error_ratio` / `*.p95_ms` keys must stay numbers.
+        "queries": {f"{name}_query": query for name, query in window.queries.items()},
     }
     ran = f" [PromQL: error ratio `{window.queries['error_ratio']}`; p95 `{window.queries['p95']}`]"
     if failures:

@@ -74,8 +74,8 @@ def test_metric_gate_judges_the_release_by_promql(deployed, testbed):
         assert gate["passed"] is True and numbers["source"] == "prometheus", gate
         assert numbers["release"]["version"] == BASELINE
         assert numbers["release"]["requests"] >= numbers["thresholds"]["min_requests"], gate
-        assert f'version="{BASELINE}"' in numbers["queries"]["error_ratio"]
-        assert numbers["queries"]["p95"].startswith("histogram_quantile(0.95")
+        assert f'version="{BASELINE}"' in numbers["queries"]["error_ratio_query"]
+        assert numbers["queries"]["p95_query"].startswith("histogram_quantile(0.95")
         assert "PromQL: error ratio `" in gate["message"]
     assert all(version_of(url) == BASELINE for url in app_urls(testbed).values())
 

@@ -315,7 +315,7 @@ def test_release_gate_passes_and_reports_its_queries():
     assert result.passed, result.message
     assert "release v2 40 req, err 0.0, p95 50.0 ms on 2 host(s)" in result.message
     assert "PromQL: error ratio `E`; p95 `P`" in result.message
-    assert result.numbers["queries"] == {"requests": "R", "error_ratio": "E", "p95": "P"}
+    assert result.numbers["queries"] == {"requests_query": "R", "error_ratio_query": "E", "p95_query": "P"}
     assert result.numbers["source"] == "prometheus"
     assert result.numbers["release"] == {"version": "v2", "requests": 40, "error_ratio": 0.0, "p95_ms": 50.0}
     assert result.numbers["app2"] == {"probes": 20, "probe_failures": 0}
@@ -407,3 +407,14 @@ def test_slo_command_exits_2_naming_prometheus_when_it_does_not_answer(tmp_path,
     result = slo_cli(tmp_path, monkeypatch, "http://127.0.0.1:9")
     assert result.exit_code == 2
     assert "Prometheus at http://127.0.0.1:9 does not answer" in result.output
+
+
+def test_release_gate_numbers_flatten_into_the_ledger_with_numeric_ratios_and_p95():
+    from ingestctl.runlock import _flat_numbers
+
+    result = judge_release(window(ratio=0.2), hosts=1, max_error_ratio=0.01, max_p95_ms=500, min_requests=10,
+                           probes={"app2": ProbeTally(20, 20)})
+    flat = _flat_numbers(result.numbers)
+    measured = {k: v for k, v in flat.items() if k.endswith((".error_ratio", ".p95_ms", ".max_error_ratio"))}
+    assert measured == {"release.error_ratio": 0.2, "release.p95_ms": 50.0, "thresholds.max_error_ratio": 0.01}
+    assert flat["queries.error_ratio_query"] == "E"
