@@ -34,6 +34,15 @@ _env = environment(
         # holds, the default 200/s does not (a 2,000/s bucket matches RATE_LIMIT_PER_MINUTE above).
         "proxy_limit_req_per_s": 2000,
         "proxy_limit_req_burst": 2000,
+        # The sandbox's Prometheus (`ingestctl testbed status --json`): the metric gate and `ingestctl slo` query it.
+        "prometheus_url": _testbed.prometheus_url or None,
+        # Shown by `ingestctl slo local`; not enforced here, because the end-to-end bad releases burn the budget
+        # on purpose and the next test must still deploy (tests/e2e/test_slo.py enforces it in a copy).
+        "slos": {
+            "availability": {"target": 0.99, "window": "1h", "burn_window": "5m"},
+            "latency": {"p95_ms": 500, "window": "1h", "burn_window": "5m"},
+        } if _testbed.prometheus_url else None,
+        "error_budget_policy": "report",
     },
     hosts={
         host.name: {

@@ -27,7 +27,7 @@ def pytest_runtest_makereport(item, call):
 MINUTES = {
     "e2e/test_bad_releases.py": 15, "e2e/test_bare_hosts.py": 11, "e2e/test_rollbacks.py": 10,
     "e2e/test_deploy.py": 8, "e2e/test_runbook.py": 8, "e2e/test_testbed.py": 5,
-    "e2e/test_config_rollout.py": 4, "e2e/test_security.py": 4, "e2e/test_install.py": 2,
+    "e2e/test_slo.py": 5, "e2e/test_config_rollout.py": 4, "e2e/test_security.py": 4, "e2e/test_install.py": 2,
 }
 
 

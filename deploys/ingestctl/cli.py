@@ -84,17 +84,21 @@ def ensure_sandbox(reporter: Reporter) -> None:
 @click.option("--allow-incompatible", is_flag=True,
               help="Run a non-backward-compatible migration: every app host switches in one batch after it, and a "
                    "gate failure runs the declared data-safe downgrade before the old release returns.")
+@click.option("--emergency", is_flag=True,
+              help="Deploy even while the availability error budget is exhausted (a fix forward); recorded in "
+                   "the ledger as an emergency change.")
 @json_option
 @reporting
 def deploy_command(env: str, version: str | None, batch: str | None, skip_bench: bool, dry: bool,
-                   lock_wait: str | None, allow_incompatible: bool, reporter: Reporter) -> None:
+                   lock_wait: str | None, allow_incompatible: bool, emergency: bool, reporter: Reporter) -> None:
     """Build, ship, migrate and roll out ENV in gated batches; roll back by itself on any gate failure."""
     from ingestctl import pipeline, runcontext
 
     if env == "local":
         ensure_sandbox(reporter)
     run = pipeline.deploy(env, reporter, version=version, batch=batch, skip_bench=skip_bench, dry=dry,
-                          lock_wait_s=parse_lock_wait(lock_wait), allow_incompatible=allow_incompatible)
+                          lock_wait_s=parse_lock_wait(lock_wait), allow_incompatible=allow_incompatible,
+                          emergency=emergency)
     if not dry:
         runcontext.summarise(run, reporter)
         if not reporter.json_mode:
@@ -298,6 +302,9 @@ def _attach_optional_groups() -> None:
     from ingestctl.incident_cli import incident
 
     main.add_command(incident)
+    from ingestctl.slo import slo_command
+
+    main.add_command(slo_command)
 
 
 _attach_optional_groups()

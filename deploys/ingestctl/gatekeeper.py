@@ -15,8 +15,9 @@ from ingestctl.runcontext import Context, Run
 
 
 def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
-               metrics: bool = True) -> Iterator[gates.GateResult]:
-    """Health, then live metrics, on the hosts just switched; the first failure ends it.
+               metrics: bool = True, version: str | None = None) -> Iterator[gates.GateResult]:
+    """Health, then live metrics, on the hosts just switched; the first failure ends it. With a
+    `prometheus_url` the metrics are release VERSION's, by PromQL; without one, two scrapes of each host.
 
     Yields each result as soon as it is known, so the event stream shows the health gate before the metric
     window starts (CI and `ingestctl abort` react to it), not both at once at the end.
@@ -24,7 +25,16 @@ def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
     urls = {host: ctx.base_url(host) for host in hosts}
     health = gates.health_gate(urls, ctx.env.data.health_timeout_s, on_wait=on_wait)
     yield health
-    if metrics and health.passed:
+    data = ctx.env.data
+    if metrics and health.passed and data.prometheus_url and version:
+        from ingestctl.promgate import prometheus_metric_gate
+
+        on_wait(f"metric gate: {data.metric_window_s:g}s window on {', '.join(hosts)}, judged by Prometheus "
+                f"at {data.prometheus_url}")
+        yield prometheus_metric_gate(data.prometheus_url, version, urls, data.metric_window_s,
+                                     data.max_error_ratio, data.max_p95_ms, probe=query_probe(ctx),
+                                     min_requests=data.metric_min_requests)
+    elif metrics and health.passed:
         yield gates.metric_gate(
             urls,
             ctx.env.data.metric_window_s,

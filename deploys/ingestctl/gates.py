@@ -184,6 +184,30 @@ def _scrape(client: httpx.Client, base: str) -> MetricSnapshot:
     return MetricSnapshot.parse(response.text)
 
 
+def probe_window(client: httpx.Client, urls: Mapping[str, str], window_s: float,
+                 probe: Callable[[httpx.Client, str], httpx.Response] | None, probe_requests: int,
+                 ) -> dict[str, ProbeTally]:
+    """Watch the window, sending real requests to every host. Bounded in count and in time: the probe stops at
+    the window's end or after probe_requests per host."""
+    tallies = {host: [0, 0] for host in urls}
+    deadline = time.monotonic() + window_s
+    sent = 0
+    while time.monotonic() < deadline:
+        if probe and sent < probe_requests:
+            for host, base in urls.items():
+                tallies[host][0] += 1
+                try:
+                    ok = probe(client, base).is_success
+                except httpx.HTTPError:
+                    ok = False
+                tallies[host][1] += 0 if ok else 1
+            sent += 1
+            time.sleep(window_s / max(probe_requests, 1) / 2)
+        else:
+            time.sleep(0.1)
+    return {host: ProbeTally(sent_, failed) for host, (sent_, failed) in tallies.items()}
+
+
 def metric_gate(
     urls: Mapping[str, str],
     window_s: float,
@@ -194,34 +218,17 @@ def metric_gate(
     min_requests: int = 0,
 ) -> GateResult:
     """Scrape /metrics, watch the window (sending a bounded probe of real requests), scrape again, judge."""
-    tallies = {host: [0, 0] for host in urls}
     with httpx.Client(timeout=5.0) as client:
         try:
             before = {host: _scrape(client, base) for host, base in urls.items()}
         except httpx.HTTPError as exc:
             return GateResult("metrics", False, f"metric gate failed: cannot scrape /metrics: {exc}")
-        deadline = time.monotonic() + window_s
-        sent = 0
-        # Bounded in count and in time: the probe stops at the window's end or after probe_requests per host.
-        while time.monotonic() < deadline:
-            if probe and sent < probe_requests:
-                for host, base in urls.items():
-                    tallies[host][0] += 1
-                    try:
-                        ok = probe(client, base).is_success
-                    except httpx.HTTPError:
-                        ok = False
-                    tallies[host][1] += 0 if ok else 1
-                sent += 1
-                time.sleep(window_s / max(probe_requests, 1) / 2)
-            else:
-                time.sleep(0.1)
+        probes = probe_window(client, urls, window_s, probe, probe_requests)
         try:
             after = {host: _scrape(client, base) for host, base in urls.items()}
         except httpx.HTTPError as exc:
             return GateResult("metrics", False, f"metric gate failed: cannot scrape /metrics: {exc}")
     deltas = {host: after[host].minus(before[host]) for host in urls}
-    probes = {host: ProbeTally(sent_, failed) for host, (sent_, failed) in tallies.items()}
     return judge_window(deltas, max_error_ratio, max_p95_ms, min_requests, probes)
 
 

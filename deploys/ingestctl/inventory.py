@@ -30,12 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ingestctl import config as config_mod
 from ingestctl import paths
 from ingestctl.errors import ConfigError, IngestctlError
 from ingestctl.imageref import ImageRef, pin_hint
+from ingestctl.slospec import SLOs
 
 Role = Literal["db", "app"]
 ROLES: tuple[Role, ...] = ("db", "app")
@@ -175,6 +185,19 @@ class EnvData(BaseModel):
     @classmethod
     def _image_reference(cls, value: str) -> str:
         return str(ImageRef.parse(value))
+    # When set, the metric gate and the SLOs query this Prometheus (PromQL over /api/v1/query) instead of the
+    # gate scraping each host's /metrics itself.
+    prometheus_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    slos: SLOs | None = None
+    # The seed's policy: no deploy while an availability budget is exhausted (`deploy --emergency` overrides);
+    # "report" only shows the budget (the sandbox, whose e2e bad releases burn it on purpose).
+    error_budget_policy: Literal["refuse", "report"] = "refuse"
+
+    @model_validator(mode="after")
+    def _slos_need_prometheus(self) -> EnvData:
+        if self.slos is not None and self.prometheus_url is None:
+            raise ValueError("expected prometheus_url beside slos: the SLOs are read from Prometheus")
+        return self
 
     @field_validator("config")
     @classmethod
@@ -222,10 +245,13 @@ def _describe(error: Mapping[str, Any], known_keys: list[str]) -> tuple[str, boo
     if kind == "value_error" and error["loc"][:1] == ("webhooks",):
         # A webhook URL may carry a token: the validator's message names the problem without echoing it.
         return str(error.get("msg")).removeprefix("Value error, "), False
+    if kind == "string_pattern_mismatch":
+        return "expected an http:// or https:// URL", True
     if kind == "value_error" and "bool" in str(error.get("msg")):
         return "expected a number, not True/False", True
     if kind == "value_error" and str(error.get("msg")).startswith("Value error, expected "):
-        return str(error["msg"]).removeprefix("Value error, "), True
+        # A scalar that broke the rule is named; a whole section (a model's own check) is not echoed back.
+        return str(error["msg"]).removeprefix("Value error, "), isinstance(error.get("input"), (str, int, float))
     return _EXPECTATIONS.get(kind, error.get("msg", "invalid value")), True
 
 

@@ -92,10 +92,11 @@ class LedgerEntry(BaseModel):
     previous_config_version: str | None = None
     restore_point: str | None = None
     bench_skipped: bool = False
+    # `deploy --emergency`: a change made under the error budget policy's exception (shown in history and reports).
+    emergency: bool = False
     message: str | None = None
     lock_takeover: str | None = None  # whose expired deploy lock this run took over, if it did
     rotated_secrets: list[SecretName] = Field(default_factory=list)
-    emergency: bool = False  # a deploy run with --emergency (past an exhausted error budget)
 
     @property
     def succeeded(self) -> bool:
@@ -290,7 +291,8 @@ def mark_interrupted(entries: Sequence[LedgerEntry], live_run_ids: set[str],
 def _outcome_text(entry: LedgerEntry) -> str:
     if entry.outcome == "interrupted":
         return "interrupted" + (f" on {', '.join(entry.hosts)}" if entry.hosts else "")
-    return entry.outcome + (" (bench skipped)" if entry.bench_skipped else "")
+    return (entry.outcome + (" (bench skipped)" if entry.bench_skipped else "")
+            + (" (emergency)" if entry.emergency else ""))
 
 
 def history_rows(entries: Sequence[LedgerEntry]) -> list[list[str]]:

@@ -97,16 +97,20 @@ def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_i
 
 def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch: str | None = None,
            skip_bench: bool = False, dry: bool = False, lock_wait_s: float = 0.0,
-           allow_incompatible: bool = False) -> Run:
+           allow_incompatible: bool = False, emergency: bool = False) -> Run:
     from ingestctl import images as images_mod
     from ingestctl import plan as plan_mod
+    from ingestctl import slo
 
     ctx = prepare(env_name, reporter)
     plan_mod.parse_batch_spec(batch, plan_mod.rollout_order(ctx.env))  # a bad --batch exits 2 before the build
     if dry:
         return dry_run(ctx, batch, version, skip_bench, allow_incompatible)
 
+    # The error budget policy, before anything is built or any host touched (exit 2 when refused).
+    emergency = slo.check_before_deploy(ctx.env, reporter, emergency)
     run = Run(new_run_id(), "deploy", env_name, ctx.who)
+    run.facts["emergency"] = emergency
 
     started = time.time()
     built = images_mod.build_app_image(version, progress=lambda m: reporter.event("progress", m, step="build"))

@@ -197,6 +197,7 @@ def summarise(run: Run, reporter: Reporter) -> None:
         f"{run.kind} {facts.get('release')} to {run.env}: {outcome}"
         + (f", {len(switched)} host(s) switched" if switched else ", every host already current")
         + f", config {facts.get('config_version')}, in {total}s"
+        + (" (EMERGENCY change, recorded in the ledger)" if facts.get("emergency") else "")
     )
     reporter.event("summary", message, run_id=run.id, outcome=outcome, duration_s=total, release=facts.get("release"),
-                   switched=switched, steps=run.steps, gates=run.gates)
+                   switched=switched, steps=run.steps, gates=run.gates, emergency=bool(facts.get("emergency")))

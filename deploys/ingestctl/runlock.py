@@ -262,10 +262,10 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
         previous_config_version=facts.get("previous_config_version"),
         restore_point=facts.get("restore_point"),
         bench_skipped=bool(facts.get("skip_bench")),
+        emergency=bool(facts.get("emergency")),
         message=facts.get("message"),
         lock_takeover=facts.get("lock_takeover"),
         rotated_secrets=list(facts.get("rotated_secrets") or []),
-        emergency=bool(facts.get("emergency")),
     )
 
 

@@ -220,7 +220,8 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
             reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
             run.step(f"batch {number}", started)
             continue
-        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m), metrics=metrics):
+        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m), metrics=metrics,
+                               version=release.version):
             run.gates.append({**gate.as_dict(), "batch": number})
             report_gate(reporter, gate, batch=number)
             if not gate.passed:

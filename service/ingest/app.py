@@ -25,7 +25,8 @@ log = logging.getLogger("ingest")
 class IngestApp(FastAPI):
     def build_middleware_stack(self):
         # Outside Starlette's ServerErrorMiddleware, so even a 500 carries the request id and is counted.
-        return EdgeMiddleware(BodyLimitMiddleware(super().build_middleware_stack(), self.state.max_body_bytes))
+        return EdgeMiddleware(BodyLimitMiddleware(super().build_middleware_stack(), self.state.max_body_bytes),
+                              version=self.state.app_version)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
                     "whose scope includes events:read.",
     )
     app.state.max_body_bytes = settings.max_request_body_bytes
+    app.state.app_version = settings.app_version
     install_error_handlers(app)
     app.include_router(events.router)
     app.include_router(operations.router)

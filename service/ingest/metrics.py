@@ -1,4 +1,8 @@
-"""Prometheus metrics. The names are a contract: the deploy's metric gate parses them."""
+"""Prometheus metrics. The names are a contract: the deploy's metric gate parses them.
+
+The request metrics carry the release (`version`, constant per process) so that Prometheus can judge a release
+by itself over any window (`sum by (version)`), across restarts and switches, without joining ingest_build_info.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 disable_created_metrics()
 
 HTTP_REQUESTS = Counter(
-    "ingest_http_requests_total", "HTTP requests answered, by route template, method and status.",
-    ["route", "method", "status"],
+    "ingest_http_requests_total", "HTTP requests answered, by route template, method, status and release.",
+    ["route", "method", "status", "version"],
 )
 HTTP_DURATION = Histogram(
-    "ingest_http_request_duration_seconds", "Time to answer an HTTP request, by route template.", ["route"],
+    "ingest_http_request_duration_seconds", "Time to answer an HTTP request, by route template and release.",
+    ["route", "version"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
 )
 EVENTS_ACCEPTED = Counter("ingest_events_accepted", "Events newly stored.")

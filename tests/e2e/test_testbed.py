@@ -47,6 +47,25 @@ def test_status_json_shows_every_host_answering(testbed, run_ingestctl):
     assert hosts[1]["roles"] == ["app"]
 
 
+def test_prometheus_scrapes_every_app_host_through_its_proxy(testbed, run_ingestctl):
+    import httpx
+
+    result = run_ingestctl("testbed", "status", "--json")
+    (event,) = [e for e in _events(result.stdout) if e["type"] == "prometheus"]
+    assert event["url"] == testbed.prometheus_url
+    assert httpx.get(f"{testbed.prometheus_url}/-/ready", timeout=5).status_code == 200
+    wanted = {h.name: f"http://{h.address}:8000/metrics" for h in testbed.hosts if "app" in h.roles}
+    # Prometheus hands discovered targets to its scrapers every 5 s: a just-started server may list none yet.
+    deadline = time.monotonic() + 30
+    while True:
+        targets = httpx.get(f"{testbed.prometheus_url}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        scraped = {t["labels"]["host"]: t["scrapeUrl"] for t in targets}
+        if scraped == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert scraped == wanted
+
+
 def test_state_records_network_driver_and_absolute_key(testbed, testbed_name):
     from ingestctl.testbed import state
 

@@ -35,7 +35,7 @@ def test_hosts_n_is_bounded(bad):
 
 
 def test_bare_images_have_recipes_per_release_and_ready_made_keys_are_unchanged():
-    assert images.READY_MADE_KEYS == ("sandbox-host", "postgres", "redis", "proxy")
+    assert images.READY_MADE_KEYS == ("sandbox-host", "postgres", "redis", "proxy", "prometheus")
     assert images.BARE_KEYS == ("sandbox-bare-bookworm", "sandbox-bare-trixie", "postgres", "redis", "proxy")
     assert images.SANDBOX_IMAGES["sandbox-bare-bookworm"].base == "bookworm-python"
     assert images.SANDBOX_IMAGES["sandbox-bare-trixie"].base == "trixie"

@@ -46,6 +46,8 @@ def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
                 storage_driver=h.storage_driver,
                 detail=h.detail,
             )
+        if testbed_state.prometheus_url:
+            reporter.event("prometheus", testbed=testbed_state.name, url=testbed_state.prometheus_url)
         return
     # Every host shares the key, so it is printed once under the table rather than squeezing each row.
     rows = []
@@ -75,6 +77,8 @@ def _report_hosts(reporter: Reporter, testbed_state, health) -> None:
     reporter.event(
         "info", f"ssh key (every host): {testbed_state.ssh_key}, user {testbed_state.ssh_user}{via}"
     )
+    if testbed_state.prometheus_url:
+        reporter.event("info", f"Prometheus (scrapes every app host's /metrics): {testbed_state.prometheus_url}")
 
 
 @testbed.command("up")

@@ -3,6 +3,7 @@
 - `ingest-sandbox-host`: the sandbox hosts themselves (sshd + their own Docker engine).
 - `ingest-sandbox-bare:bookworm|trixie`: bare hosts for `testbed up --bare` (sshd, sudo, a `deploy` user; no
   Docker), one per Debian release so that `ingestctl setup` meets both Compose generations.
+- `ingest-prometheus`: the ready-made sandbox's Prometheus server, beside the hosts.
 - `ingest-postgres`, `ingest-redis`: stand-ins for the official images, which cannot be pulled here. The deploy
   ships them to the hosts; their names are inventory data, so production keeps the official images.
 
@@ -25,6 +26,7 @@ SANDBOX_HOST_IMAGE = "ingest-sandbox-host:latest"
 POSTGRES_IMAGE = "ingest-postgres:15"
 REDIS_IMAGE = "ingest-redis:7"
 PROXY_IMAGE = "ingest-proxy:1"
+PROMETHEUS_IMAGE = "ingest-prometheus:2"
 BARE_IMAGES = {"bookworm": "ingest-sandbox-bare:bookworm", "trixie": "ingest-sandbox-bare:trixie"}
 
 
@@ -46,13 +48,15 @@ SANDBOX_IMAGES: dict[str, ImageRecipe] = {
     "postgres": ImageRecipe(POSTGRES_IMAGE, "postgres", "bookworm-python"),
     "redis": ImageRecipe(REDIS_IMAGE, "redis", "bookworm-python"),
     "proxy": ImageRecipe(PROXY_IMAGE, "proxy", "bookworm-python"),
+    # The sandbox's own Prometheus (not shipped to hosts: it runs beside them, testbed/prometheus.py).
+    "prometheus": ImageRecipe(PROMETHEUS_IMAGE, "prometheus", "bookworm-python"),
     # Bare hosts reuse the two base images the sandbox already builds (bookworm's carries python3, as VMs do).
     "sandbox-bare-bookworm": ImageRecipe(BARE_IMAGES["bookworm"], "sandbox-bare", "bookworm-python"),
     "sandbox-bare-trixie": ImageRecipe(BARE_IMAGES["trixie"], "sandbox-bare", "trixie"),
 }
 # What each kind of testbed needs: its hosts' images, and the service images a deploy ships to them.
 SERVICE_IMAGE_KEYS = ("postgres", "redis", "proxy")
-READY_MADE_KEYS = ("sandbox-host", *SERVICE_IMAGE_KEYS)
+READY_MADE_KEYS = ("sandbox-host", *SERVICE_IMAGE_KEYS, "prometheus")
 BARE_KEYS = ("sandbox-bare-bookworm", "sandbox-bare-trixie", *SERVICE_IMAGE_KEYS)
 
 

@@ -12,6 +12,7 @@ from ingestctl import secrets as secrets_mod
 from ingestctl.baseimages import RECIPE_LABEL, Progress, remove_base_images
 from ingestctl.errors import ConfigError, HostError
 from ingestctl.testbed import hostspec, images, keys, probe
+from ingestctl.testbed import prometheus as prometheus_mod
 from ingestctl.testbed import state as state_mod
 from ingestctl.testbed.engine import docker_client
 from ingestctl.testbed.hostspec import EXPLICIT_CAPS, MAX_APP_HOSTS, PRIVILEGED, HostSpec
@@ -196,6 +197,9 @@ def _bring_up(
     if bare and not drivers:
         drivers = ["none (bare: `ingestctl setup` installs Docker)"]
     testbed.storage_driver = drivers[0] if len(drivers) == 1 else ",".join(drivers)
+    if not bare:
+        testbed.prometheus_url = prometheus_mod.ensure(client, name, images.PROMETHEUS_IMAGE,
+                                                       testbed.hosts_with_role("app"), progress)
     testbed.ssh_config = str(state_mod.write_ssh_config(testbed))
     state_mod.save(testbed)
     return UpResult(testbed, health, already_up=False)
@@ -222,6 +226,11 @@ def _already_up(
         container = running.get(host.container)
         if container is None or _address(container, testbed.network) != host.address:
             return nothing
+    if not testbed.bare:
+        # A missing or re-addressed Prometheus sends `up` the full way, which keeps the hosts and starts it.
+        url = prometheus_mod.running_url(client, name)
+        if url is None or url != testbed.prometheus_url:
+            return nothing  # `up` starts (or re-addresses) Prometheus; the hosts themselves are kept
     stale = []
     for host in testbed.hosts:
         key = images.bare_image_key(host.suite or "trixie") if testbed.bare else "sandbox-host"

@@ -45,6 +45,8 @@ class TestbedState:
     sudo: bool = False
     # The controller's address on the sandbox network (its gateway): where the benchmarks reach PostgreSQL from.
     gateway: str = ""
+    # The sandbox's Prometheus (ready-made testbeds only): `inventories/local.py` sets prometheus_url from it.
+    prometheus_url: str = ""
 
     @property
     def app_host_count(self) -> int:
