@@ -186,3 +186,10 @@ def test_exhausted_budget_refuses_deploy_but_not_emergency_or_rollback(deployed,
     rollback = ingestctl("rollback", "app", "local", "--json", root=strict)
     assert rollback.code == 0, rollback.explain()
     assert all(version_of(url) == BASELINE for url in app_urls(testbed).values())
+
+    # Every kind of rollback runs past the exhausted budget: a config change, then its one-shot undo.
+    changed = ingestctl("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=900", "--json", root=strict)
+    assert changed.code == 0, changed.explain()
+    undone = ingestctl("rollback", "config", "local", "--json", root=strict)
+    assert undone.code == 0, undone.explain()
+    assert undone.summary()["outcome"] == "success", undone.explain()
