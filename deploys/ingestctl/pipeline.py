@@ -156,8 +156,7 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
             raise
         if guard.switched:
             started = time.time()
-            prune_images(ctx, release, guard.before)
-            prune_configs(ctx, guard.before)
+            prune_old(ctx, release, guard.before)
             run.step("prune", started)
     return run
 
@@ -226,58 +225,52 @@ def downgrade_before_rollback(ctx: Context, run: Run, plan, release: Release, ca
             f"restore point {restore_point}") from cause
 
 
-def prune_images(ctx: Context, release: Release, before: Mapping[str, dict | None]) -> None:
-    """Keep the last `keep_releases` releases' images on the hosts; remove older ones. Never the live release
-    or the standby, and never an image a container still uses (`docker image rm` refuses those)."""
-    from ingestctl import fleetview
-    from ingestctl import ledger as ledger_mod
+def prune_old(ctx: Context, release: Release, before: Mapping[str, dict | None]) -> None:
+    """Keep the last `keep_releases` releases' images and config versions on the hosts; remove older ones.
 
-    protected = {release.image_id} | {
-        image_id for state in before.values() if state
-        for image_id in (state.get("image_id"), (state.get("standby") or {}).get("image_id")) if image_id
-    }
-    try:
-        items = ledger_mod.releases_to_prune(fleetview.read_ledger(ctx.name, ctx.reporter),
-                                             ctx.env.data.keep_releases)
-        ids = sorted({i for item in items for i in item.image_ids} - protected)
-        if not ids:
-            return
-        # Image IDs come from the hosts' ledgers: untrusted, so quoted (and validated when the ledger is parsed).
-        command = " ".join(["for i in", *map(shlex.quote, ids),
-                            '; do docker image rm "$i" >/dev/null 2>&1 || true; done'])
-        fleet.run_commands(ctx.name, lambda _h: command, hosts=ctx.env.all_hosts)
-        ctx.reporter.event("step", f"pruned {len(ids)} old release image(s) (keeping {ctx.env.data.keep_releases})",
-                           step="prune", images=ids)
-    except IngestctlError as exc:  # pruning is housekeeping: report it, never fail a good deploy over it
-        ctx.reporter.event("error", f"could not prune old images: {exc}")
-
-
-def prune_configs(ctx: Context, before: Mapping[str, dict | None]) -> None:
-    """Keep the last `keep_releases` config versions on the hosts; remove older ones with their secret files.
-
-    Never the new config or one a slot still runs with (the live one before this deploy is now the standby's).
+    Never what a slot runs or may return to: the new release and config, the live ones before this deploy (now
+    the standby's), and every slot's; `docker image rm` also refuses an image a container still uses. Old config
+    versions go with their secret files: a retired secret must not stay on disk. One ledger read, one command
+    round per host.
     """
     from ingestctl import fleetview
     from ingestctl import ledger as ledger_mod
 
-    protected = {ctx.config.version}
-    for state in (s for s in before.values() if s):
-        protected |= {state.get("config_version"), (state.get("standby") or {}).get("config_version")}
-        protected |= {value for variables in (state.get("slots") or {}).values()
-                      for key, value in variables.items() if key.endswith("_CONFIG")}
+    states = [s for s in before.values() if s]
+    kept_images = {release.image_id} | {
+        image_id for state in states
+        for image_id in (state.get("image_id"), (state.get("standby") or {}).get("image_id")) if image_id
+    }
+    kept_configs = {ctx.config.version}
+    for state in states:
+        kept_configs |= {state.get("config_version"), (state.get("standby") or {}).get("config_version")}
+        kept_configs |= {value for variables in (state.get("slots") or {}).values()
+                         for key, value in variables.items() if key.endswith("_CONFIG")}
+    keep = ctx.env.data.keep_releases
     try:
-        versions = [v for v in ledger_mod.configs_to_prune(fleetview.read_ledger(ctx.name, ctx.reporter),
-                                                           ctx.env.data.keep_releases)
-                    if v not in protected and hostvalues.CONFIG_VERSION.matches(v)]
-        if not versions:
+        entries = fleetview.read_ledger(ctx.name, ctx.reporter)
+        ids = sorted({i for item in ledger_mod.releases_to_prune(entries, keep) for i in item.image_ids}
+                     - kept_images)
+        versions = [v for v in ledger_mod.configs_to_prune(entries, keep)
+                    if v not in kept_configs and hostvalues.CONFIG_VERSION.matches(v)]
+        # Both come from the hosts' ledgers: untrusted, so quoted (and validated when the ledger is parsed).
+        commands = []
+        if ids:
+            commands.append(" ".join(["for i in", *map(shlex.quote, ids),
+                                      '; do docker image rm "$i" >/dev/null 2>&1 || true; done']))
+        if versions:
+            commands.append("rm -rf -- " + " ".join(shlex.quote(f"{hostlayout.BASE}/config/{v}") for v in versions))
+        if not commands:
             return
-        paths_ = [f"{hostlayout.BASE}/config/{v}" for v in versions]
-        fleet.run_commands(ctx.name, lambda _h: "rm -rf -- " + " ".join(map(shlex.quote, paths_)),
-                           hosts=ctx.env.all_hosts)
-        ctx.reporter.event("step", f"pruned {len(versions)} old config version(s) and their secret files "
-                           f"(keeping {ctx.env.data.keep_releases})", step="prune", config_versions=versions)
-    except IngestctlError as exc:  # housekeeping, like the images: report it, never fail a good deploy over it
-        ctx.reporter.event("error", f"could not prune old config versions: {exc}")
+        fleet.run_commands(ctx.name, lambda _h: "; ".join(commands), hosts=ctx.env.all_hosts)
+        if ids:
+            ctx.reporter.event("step", f"pruned {len(ids)} old release image(s) (keeping {keep})", step="prune",
+                               images=ids)
+        if versions:
+            ctx.reporter.event("step", f"pruned {len(versions)} old config version(s) and their secret files "
+                               f"(keeping {keep})", step="prune", config_versions=versions)
+    except IngestctlError as exc:  # pruning is housekeeping: report it, never fail a good deploy over it
+        ctx.reporter.event("error", f"could not prune old images and config versions: {exc}")
 
 
 def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bool,
