@@ -116,6 +116,11 @@ def test_a_value_outside_the_tunables_rule_fails_the_host_naming_it(forged):
         ConfigBodyLimit().process([f"MAX_REQUEST_BODY_BYTES={forged}"])
 
 
+def test_a_line_that_is_not_key_equals_value_fails_the_host_naming_it():
+    with pytest.raises(hostvalues.HostValueError, match="MAX_REQUEST_BODY_BYTES: expected MAX_REQUEST_BODY_BYTES=<bytes>"):
+        body_limit(["MAX_REQUEST_BODY_BYTES 65536"])
+
+
 def test_a_forged_config_version_never_reaches_the_command():
     with pytest.raises(hostvalues.HostValueError, match="config version: expected a config version"):
         ConfigBodyLimit().command("../../etc; rm -rf /")

@@ -32,15 +32,18 @@ class ProxyRouting(FactBase[Routing | None]):
 def body_limit(output: list[str]) -> int:
     """MAX_REQUEST_BODY_BYTES from the `grep` of a config version's app.env: the tunable's own rule, since the
     file is read back from a host (untrusted) and the number goes into the proxy's config."""
-    lines = [line.strip() for line in output if line.strip()]
-    if not lines:
+    where = f"config app.env {BODY_LIMIT_KEY}"
+    try:
+        values = config_mod.parse_env_file_text("\n".join(output), where)
+    except ConfigError:
+        raise hostvalues.HostValueError(where, f"{BODY_LIMIT_KEY}=<bytes>", "\n".join(output)) from None
+    if BODY_LIMIT_KEY not in values:
         return default_body_limit()
-    _key, _, value = lines[0].partition("=")
+    value = values[BODY_LIMIT_KEY]
     try:
         return int(config_mod.validate_tunable(BODY_LIMIT_KEY, value))
     except ConfigError:
-        rule = config_mod.TUNABLES[BODY_LIMIT_KEY].rule
-        raise hostvalues.HostValueError(f"config app.env {BODY_LIMIT_KEY}", rule, value) from None
+        raise hostvalues.HostValueError(where, config_mod.TUNABLES[BODY_LIMIT_KEY].rule, value) from None
 
 
 def default_body_limit() -> int:

@@ -37,7 +37,9 @@ class Profile:
 
 
 PROFILES = {
-    "local": Profile("local", seed_events=2_000, concurrency=4, requests_per_endpoint=200, max_seconds_per_endpoint=30),
+    # The sandbox's gate runs at every deploy of the test suite: 60 requests per endpoint (the 57th-fastest is the
+    # p95) still tell a slow query from a fast one, in a third of the time 200 took.
+    "local": Profile("local", seed_events=2_000, concurrency=4, requests_per_endpoint=60, max_seconds_per_endpoint=30),
     "staging": Profile(
         "staging", seed_events=20_000, concurrency=8, requests_per_endpoint=500, max_seconds_per_endpoint=60
     ),
