@@ -9,7 +9,7 @@ passwordless sudo), becomes a deploy target:
 - the service's system user and group `ingest` (uid = gid = the inventory's `app_uid`);
 - the release's directories: /opt/ingest (and config/, backups/, proxy/, db/) and /var/lib/ingest (ledger, lock);
 - on the db host, an nftables table so that PostgreSQL (5432) and Redis (6379) answer only the environment's app
-  hosts and the host itself;
+  hosts and the host itself, and PostgreSQL also the inventory's `db_clients`;
 - /etc/ingest/setup.json, the record `deploy`'s preflight reads (`setup_problems`).
 
 The operations live in `ingestctl.operations.host_setup`, the facts in `ingestctl.facts.host`. Everything here is
@@ -214,8 +214,13 @@ def restart_engine_command(systemd: bool) -> str:
 
 @dataclass(frozen=True)
 class Sources:
+    """Who may reach the db host's ports: the app hosts (every port), and the inventory's `db_clients`
+    (networks, PostgreSQL only: what pg_hba.conf admits them to)."""
+
     ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
+    db_clients_v4: tuple[str, ...] = ()
+    db_clients_v6: tuple[str, ...] = ()
 
 
 def resolve(address: str, resolver: Callable[[str], list[str]] | None = None) -> list[str]:
@@ -238,11 +243,19 @@ def _dns(name: str) -> list[str]:
     return [info[4][0] for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)]
 
 
-def allowed_sources(addresses: Iterable[str], resolver: Callable[[str], list[str]] | None = None) -> Sources:
+def allowed_sources(
+    addresses: Iterable[str], resolver: Callable[[str], list[str]] | None = None, db_clients: Iterable[str] = ()
+) -> Sources:
     ips = {ip for address in addresses for ip in resolve(address, resolver)}
     v4 = sorted((ip for ip in ips if ipaddress.ip_address(ip).version == 4), key=ipaddress.ip_address)
     v6 = sorted((ip for ip in ips if ipaddress.ip_address(ip).version == 6), key=ipaddress.ip_address)
-    return Sources(tuple(v4), tuple(v6))
+    networks = [ipaddress.ip_network(client, strict=False) for client in db_clients]
+    # nftables refuses overlapping elements in an interval set: merge them first (10.0.0.5 inside 10.0.0.0/24).
+    clients = {
+        version: tuple(str(net) for net in ipaddress.collapse_addresses(n for n in networks if n.version == version))
+        for version in (4, 6)
+    }
+    return Sources(tuple(v4), tuple(v6), clients[4], clients[6])
 
 
 def firewall_rules(sources: Sources, ports: Iterable[int]) -> str:
@@ -266,8 +279,15 @@ def firewall_rules(sources: Sources, ports: Iterable[int]) -> str:
     lines += ["    }", "    set app_hosts_v6 {", "        type ipv6_addr"]
     if sources.ipv6:
         lines.append(f"        elements = {{ {', '.join(sources.ipv6)} }}")
+    lines.append("    }")
+    clients = {"v4": ("ip", "ipv4_addr", sources.db_clients_v4), "v6": ("ip6", "ipv6_addr", sources.db_clients_v6)}
+    client_rules = []
+    for family, (keyword, kind, elements) in clients.items():
+        if elements:  # no set at all without db_clients: an environment without them keeps the same file
+            lines += [f"    set db_clients_{family} {{", f"        type {kind}", "        flags interval",
+                      f"        elements = {{ {', '.join(elements)} }}", "    }"]
+            client_rules.append(f"        tcp dport {POSTGRES_PORT} {keyword} saddr @db_clients_{family} accept")
     lines += [
-        "    }",
         "    chain input {",
         "        type filter hook input priority 0; policy accept;",
         f"        tcp dport {{ {port_set} }} jump db_ports",
@@ -276,6 +296,7 @@ def firewall_rules(sources: Sources, ports: Iterable[int]) -> str:
         '        iifname "lo" accept',
         "        ip saddr @app_hosts_v4 accept",
         "        ip6 saddr @app_hosts_v6 accept",
+        *client_rules,
         "        counter drop",
         "    }",
         "}",
@@ -318,7 +339,7 @@ def plan_for(env_name: str, resolver: Callable[[str], list[str]] | None = None) 
     return SetupPlan(
         env=env_name,
         app_uid=env.data.app_uid,
-        firewall=firewall_rules(allowed_sources(app_addresses, resolver), ports),
+        firewall=firewall_rules(allowed_sources(app_addresses, resolver, env.data.db_clients), ports),
         record=setup_record(env_name),
         hosts=tuple(env.all_hosts),
     )

@@ -245,9 +245,15 @@ def test_first_deploy_as_the_sudo_user(bare_testbed, sudo_ssh, deployed):
 
 def test_db_firewall_answers_the_app_hosts_only(bare_testbed, sudo_ssh, deployed):
     db1 = bare_testbed.host("db1")
-    # This machine is not one of the environment's app hosts: dropped.
+    # This machine is not one of the environment's app hosts: its Redis drops it.
     assert not tcp_answers(db1.address, 6379), "redis on db1 answers an address that is not an app host"
-    assert not tcp_answers(db1.address, 5432), "postgres on db1 answers an address that is not an app host"
+    # It is the sandbox inventory's one db client (its gateway address), so PostgreSQL, and only PostgreSQL,
+    # answers it; nobody else is in that set.
+    assert tcp_answers(db1.address, 5432), "postgres on db1 does not answer the inventory's db_clients"
+    code, out, err = sudo_ssh("db1", "nft -j list set inet ingest db_clients_v4")
+    assert code == 0, f"db1: no db_clients set: {err}"
+    elements = next(item["set"] for item in json.loads(out)["nftables"] if "set" in item)["elem"]
+    assert len(elements) == 1 and bare_testbed.gateway in json.dumps(elements), f"db1's db_clients: {elements}"
     probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{db1.address}/6379' && echo open"
     for host in ("app2", "app3"):
         code, out, err = sudo_ssh(host, probe)

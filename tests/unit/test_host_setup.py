@@ -100,6 +100,21 @@ def test_empty_address_families_give_empty_sets():
     assert "elements" not in rules.split("set app_hosts_v6")[1].split("}")[0]
 
 
+def test_db_clients_reach_postgresql_only_as_merged_networks():
+    sources = hostsetup.allowed_sources(["10.0.0.2"], db_clients=["10.0.0.0/24", "10.0.0.5", "172.18.0.1", "fd00::/64"])
+    assert sources.db_clients_v4 == ("10.0.0.0/24", "172.18.0.1/32") and sources.db_clients_v6 == ("fd00::/64",)
+    rules = hostsetup.firewall_rules(sources, [5432, 6379])
+    assert "set db_clients_v4 {\n        type ipv4_addr\n        flags interval\n" \
+           "        elements = { 10.0.0.0/24, 172.18.0.1/32 }\n    }" in rules
+    assert "        tcp dport 5432 ip saddr @db_clients_v4 accept\n" \
+           "        tcp dport 5432 ip6 saddr @db_clients_v6 accept\n        counter drop" in rules
+
+
+def test_without_db_clients_the_firewall_file_is_as_before():
+    sources = hostsetup.allowed_sources(["10.0.0.2"])
+    assert "db_clients" not in hostsetup.firewall_rules(sources, [5432, 6379])
+
+
 def test_allowed_sources_resolve_names_and_sort_by_family():
     resolver = {"app2.internal": ["10.0.1.22", "fd00::22"], "app3.internal": ["10.0.1.3"]}.__getitem__
     found = hostsetup.allowed_sources(["app2.internal", "10.0.1.21", "app3.internal", "10.0.1.21"], resolver)
