@@ -50,6 +50,11 @@ command -v docker >/dev/null 2>&1 || {
 # The Debian packages start PostgreSQL and Redis as system services where systemd runs; the tests start their
 # own throwaway servers, so the system ones are not needed (and may not run in a container).
 
+if [ -n "$SUDO" ] && ! docker info >/dev/null 2>&1 && $SUDO docker info >/dev/null 2>&1; then
+  echo "setup: the Docker engine runs, but $(id -un) may not use it: run \`sudo usermod -aG docker $(id -un)\`," \
+    "log in again, and re-run this script" >&2
+  exit 1
+fi
 if ! docker info >/dev/null 2>&1; then
   # A dockerd killed without cleanup leaves its pid file behind, and a new one refuses to start over it.
   if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
@@ -67,4 +72,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[all]'
+if [ -n "$SUDO" ]; then
+  # The sandbox's Debian base images are the one thing that needs root (debootstrap): built once, here, so
+  # everything after runs as this user (a member of the docker group). No bytecode from root in the checkout.
+  $SUDO env PYTHONDONTWRITEBYTECODE=1 .venv/bin/ingestctl testbed base-images
+fi
 echo "setup: ready (.venv/bin/ingestctl, .venv/bin/pytest)"

@@ -27,6 +27,8 @@ from ingestctl import paths
 from ingestctl.errors import EnvironmentMissing, HostError
 
 RECIPE_LABEL = "io.ingest.recipe-hash"
+# Where root debootstraps (a few hundred MB, removed after the import) and keeps the log: on disk, not tmpfs.
+BUILD_DIR = Path("/var/tmp/ingestctl-base-images")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 Progress = Callable[[str], None]
 
@@ -93,6 +95,11 @@ def import_changes(base: BaseRecipe) -> list[str]:
     ]
 
 
+def ensure_all(progress: Progress | None = None, client=None) -> list[str]:
+    """Every base image the sandbox and the app image use, built when missing or stale (as root)."""
+    return [ensure_base_image(name, progress, client) for name in RECIPES]
+
+
 @contextmanager
 def build_lock() -> Iterator[None]:
     """Serialise image builds across processes: two `testbed up` runs must not debootstrap the same suite twice."""
@@ -119,7 +126,15 @@ def ensure_base_image(name: str, progress: Progress | None = None, client=None) 
     say = progress or (lambda _msg: None)
     if image_label(client, base.image, RECIPE_LABEL) == base.recipe_hash():
         return base.image
-    with build_lock():
+    if os.geteuid() != 0:
+        # The only step of the sandbox that needs root; once built, the image serves every user of the engine.
+        raise EnvironmentMissing(
+            f"building base image {base.image} needs root (debootstrap): run `sudo .venv/bin/ingestctl testbed "
+            "base-images` once, then go on as this user"
+        )
+    # Root's work stays outside the checkout (a root-owned .testbed/ would lock its user out), and the lock is
+    # machine-wide: two checkouts must not debootstrap the same suite at once either.
+    with paths.file_lock(BUILD_DIR / "base-images.lock"):
         # Someone else may have built it while we waited for the lock.
         if image_label(client, base.image, RECIPE_LABEL) == base.recipe_hash():
             return base.image
@@ -128,17 +143,14 @@ def ensure_base_image(name: str, progress: Progress | None = None, client=None) 
 
 
 def _build(base: BaseRecipe, say: Progress) -> None:
-    if shutil.which("debootstrap") is None:
+    if shutil.which("debootstrap", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None:
         raise EnvironmentMissing(
             f"building base image {base.image} needs debootstrap: run `apt-get install debootstrap`"
         )
-    if os.geteuid() != 0:
-        raise EnvironmentMissing(f"building base image {base.image} with debootstrap needs root; run as root")
     mirror = os.environ.get("INGESTCTL_DEBIAN_MIRROR", DEFAULT_MIRROR)
-    work = paths.state_dir() / "rootfs"
-    work.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix=f"{base.suite}-", dir=work))
-    log_path = paths.state_dir() / f"debootstrap-{base.name}.log"
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix=f"{base.suite}-", dir=BUILD_DIR))
+    log_path = BUILD_DIR / f"debootstrap-{base.name}.log"
     started = time.monotonic()
     say(f"building base image {base.image}: debootstrap {base.suite} (about a minute; log {log_path})")
     try:

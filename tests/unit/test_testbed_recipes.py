@@ -85,3 +85,33 @@ def test_sandbox_image_recipes_exist_in_the_checkout():
         assert (recipe.context_dir() / "Dockerfile").is_file(), recipe
         baseimages.recipe(recipe.base)  # every sandbox image names a known base
     assert images.SANDBOX_IMAGES["sandbox-host"].base == "trixie"
+
+
+class _NoImages:
+    """A Docker client whose engine holds no image: every base image is missing."""
+
+    class images:  # noqa: N801 - the SDK's attribute name
+        @staticmethod
+        def get(name):
+            import docker.errors
+
+            raise docker.errors.ImageNotFound(name)
+
+
+def test_a_missing_base_image_as_a_user_names_the_one_command_to_run_as_root(monkeypatch):
+    monkeypatch.setattr(baseimages.os, "geteuid", lambda: 1000)
+    built = []
+    monkeypatch.setattr(baseimages, "_build", lambda base, say: built.append(base))
+    with pytest.raises(EnvironmentMissing, match=r"needs root \(debootstrap\): run `sudo \.venv/bin/ingestctl "
+                                                 r"testbed base-images` once"):
+        baseimages.ensure_base_image("trixie", client=_NoImages())
+    assert built == [], "nothing is attempted without root"
+
+
+def test_root_builds_a_missing_base_image_outside_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.setattr(baseimages.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(baseimages, "BUILD_DIR", tmp_path / "base")
+    built = []
+    monkeypatch.setattr(baseimages, "_build", lambda base, say: built.append(base.name))
+    assert baseimages.ensure_base_image("trixie", client=_NoImages()) == "ingest-base:trixie"
+    assert built == ["trixie"] and (tmp_path / "base" / "base-images.lock").exists()

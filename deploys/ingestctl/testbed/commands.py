@@ -126,6 +126,18 @@ def up_command(bare: bool | None, app_hosts: int | None, reporter: Reporter) -> 
     )
 
 
+@testbed.command("base-images")
+@json_option
+@reporting
+def base_images_command(reporter: Reporter) -> None:
+    """Build the Debian base images (debootstrap) when missing: the one step that needs root. Run it once with
+    sudo; `testbed up`, deploys and tests then run as any user in the docker group."""
+    from ingestctl import baseimages
+
+    built = baseimages.ensure_all(lambda message: reporter.event("progress", message))
+    reporter.event("summary", f"base images ready: {', '.join(built)}", images=built)
+
+
 @testbed.command("down")
 @click.option("--purge", is_flag=True, help="Also remove the cached base and sandbox images.")
 @json_option

@@ -27,9 +27,7 @@ def docker_client(progress: Callable[[str], None] | None = None, start: bool = T
             "the `docker` Python package is missing: pip install -e '.[deploy]'"
         ) from exc
 
-    if shutil.which("docker") is None or (
-        shutil.which("dockerd") is None and not os.environ.get("DOCKER_HOST")
-    ):
+    if shutil.which("docker") is None:
         raise EnvironmentMissing(f"Docker is not installed: {INSTALL_HINT}")
 
     client = _answering_client(docker)
@@ -40,6 +38,10 @@ def docker_client(progress: Callable[[str], None] | None = None, start: bool = T
             "the Docker engine is not answering on its socket; start it with `dockerd &` "
             f"(or check DOCKER_HOST); if missing, {INSTALL_HINT}"
         )
+    # Only starting the engine needs dockerd itself: it lives in /usr/sbin, which a user's PATH lacks on Debian,
+    # and a user of the docker group talks to an engine that already runs.
+    if _dockerd() is None:
+        raise EnvironmentMissing(f"Docker's engine (dockerd) is not installed: {INSTALL_HINT}")
     _start_dockerd(progress)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -50,6 +52,10 @@ def docker_client(progress: Callable[[str], None] | None = None, start: bool = T
     raise EnvironmentMissing(
         f"started dockerd but it did not answer within {START_TIMEOUT_S:.0f}s; see {_dockerd_log()}"
     )
+
+
+def _dockerd() -> str | None:
+    return shutil.which("dockerd") or shutil.which("dockerd", path="/usr/sbin:/sbin")
 
 
 def _answering_client(docker):
@@ -81,7 +87,7 @@ def _start_dockerd(progress: Callable[[str], None] | None) -> None:
     with open(log_path, "ab") as log:
         # A new session so the engine outlives this command and its terminal.
         subprocess.Popen(
-            ["dockerd"],
+            [_dockerd()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
