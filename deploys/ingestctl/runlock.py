@@ -114,7 +114,11 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     except Exception as exc:  # any failure after a switch, expected or not, must put the fleet back
         run.facts.message = str(exc)
         if guard.switched:
-            rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            try:
+                rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            except RollbackFailed:  # raised here, not by the body: the clause above does not see it
+                outcome = "rollback-failed"
+                raise
             outcome = "rolled-back"
             raise GateFailed(f"{exc}; rolled back {', '.join(guard.switched)} to what they ran before") from exc
         outcome = "aborted" if isinstance(exc, Aborted) else "failed"
