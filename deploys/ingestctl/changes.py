@@ -27,7 +27,7 @@ def _emit(env_name: str, reporter: Reporter | None, build, *args: Any, **kwargs:
 @contextmanager
 def observed_deploy(ctx: Context, run: Run) -> Iterator[None]:
     """Around a deploy's guarded body: events at start and end; on exit 3 or 4, the incident draft."""
-    env, release = ctx.name, run.facts.get("release")
+    env, release = ctx.name, run.facts.release
     _emit(env, ctx.reporter, cdevents.pipeline_started, env, run.id, release)
     try:
         yield
@@ -36,8 +36,8 @@ def observed_deploy(ctx: Context, run: Run) -> Iterator[None]:
             if gate.get("passed") is False:
                 _emit(env, ctx.reporter, cdevents.gate_failed, env, run.id, gate["gate"], gate.get("numbers") or {},
                       gate.get("message"))
-        if run.facts.get("outcome") == "rolled-back":
-            previous = {v for v in (run.facts.get("previous") or {}).values() if v}
+        if run.facts.outcome == "rolled-back":
+            previous = {v for v in run.facts.previous.values() if v}
             _emit(env, ctx.reporter, cdevents.service_changed, "service.rolledback", env,
                   previous.pop() if len(previous) == 1 else None, None, run.id, release)
         _emit(env, ctx.reporter, cdevents.pipeline_finished, env, run.id, release, "failure", exc.exit_code, str(exc))
@@ -47,10 +47,10 @@ def observed_deploy(ctx: Context, run: Run) -> Iterator[None]:
         _emit(env, ctx.reporter, cdevents.pipeline_finished, env, run.id, release, "error",
               getattr(exc, "exit_code", 1), str(exc)[:500])
         raise
-    if run.facts.get("switched"):
-        first = not any((run.facts.get("previous") or {}).values())
+    if run.facts.switched:
+        first = not any(run.facts.previous.values())
         _emit(env, ctx.reporter, cdevents.service_changed, "service.deployed" if first else "service.upgraded", env,
-              release, run.facts.get("image_id"), run.id)
+              release, run.facts.image_id, run.id)
     _emit(env, ctx.reporter, cdevents.pipeline_finished, env, run.id, release, "success", 0)
 
 
@@ -84,6 +84,6 @@ def incident_event(env_name: str, event, incident, reporter: Reporter | None = N
 
 def rolled_back(env_name: str, run: Run, reporter: Reporter) -> None:
     """A successful `rollback app`: the service was rolled back."""
-    if run.kind == "rollback-app" and run.facts.get("switched"):
-        _emit(env_name, reporter, cdevents.service_changed, "service.rolledback", env_name, run.facts.get("release"),
-              run.facts.get("image_id"), run.id)
+    if run.kind == "rollback-app" and run.facts.switched:
+        _emit(env_name, reporter, cdevents.service_changed, "service.rolledback", env_name, run.facts.release,
+              run.facts.image_id, run.id)

@@ -146,7 +146,7 @@ def history_command(env: str, reporter: Reporter) -> None:
 def _finish(run, reporter: Reporter) -> None:
     from ingestctl import runcontext
 
-    if run.facts.get("outcome"):
+    if run.facts.outcome:
         from ingestctl import changes
 
         changes.rolled_back(run.env, run, reporter)

@@ -1,13 +1,16 @@
-"""Direct reads and small commands on a fleet's hosts, outside pyinfra's operation model.
+"""A fleet's host I/O: direct reads and small commands outside pyinfra's operation model, and the runs of
+operations that converge state (ingestctl.operations).
 
-Operations converge state (ingestctl.operations); this module is for what is not convergence: reading facts
-for planning, taking and releasing the deploy lock, appending to the ledger. One SSH connection round per call.
+Reads and commands are for what is not convergence: facts for planning, the deploy lock, the ledger. One SSH
+connection round per call. The orchestrator reaches hosts through a `FleetIO` (the run's `Context.io`):
+`SshFleet` in production, an in-memory fleet behind the same interface in the executor's unit tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +59,7 @@ def connected(env: str, hosts: Iterable[str] | None = None, require_all: bool = 
 def get_facts(env: str, fact_cls: type, hosts: Iterable[str] | None = None, require_all: bool = True,
               **fact_kwargs: Any) -> dict[str, Any]:
     """One fact from each selected host (from each reachable one, with `require_all=False`)."""
-    with connected(env, hosts, require_all=require_all) as active:
-        return on_every_host(active, lambda _name, host: host.get_fact(fact_cls, **fact_kwargs))
+    return SshFleet(env).get_facts(fact_cls, hosts, require_all, **fact_kwargs)
 
 
 def on_every_host(active: Mapping[str, Any], call: Callable[[str, Any], Any]) -> dict[str, Any]:
@@ -93,6 +95,57 @@ def run_commands(
     env: str, command_for: Mapping[str, str] | Callable[[str], str], hosts: Iterable[str] | None = None
 ) -> dict[str, CommandResult]:
     """Run one shell command per host (same or per-host) and return its output. Never raises on exit codes."""
-    selected = list(command_for) if isinstance(command_for, Mapping) and hosts is None else hosts
-    with connected(env, selected) as active:
-        return run_on(active, command_for)
+    return SshFleet(env).run_commands(command_for, hosts)
+
+
+class FleetIO(ABC):
+    """One environment's hosts as the orchestrator reaches them. Three primitives: connected hosts (each with
+    `get_fact`, `run_shell_command` and `data`, as pyinfra's Host has them), a run of operations, a run of a
+    `@deploy`. Facts and commands are built on the first."""
+
+    @abstractmethod
+    def connected(self, hosts: Iterable[str] | None = None,
+                  require_all: bool = True) -> AbstractContextManager[dict[str, Any]]:
+        """Connected hosts by name; an unreachable one is a HostError unless `require_all=False`."""
+
+    @abstractmethod
+    def run_operations(self, calls: Sequence[runner.OperationCall], hosts: Iterable[str] | None = None,
+                       raise_on_error: bool = True) -> runner.RunResult:
+        """CALLS in order on every selected host (each operation on all hosts before the next)."""
+
+    @abstractmethod
+    def run_deploy(self, deploy_func: Callable[..., Any], hosts: Iterable[str] | None = None,
+                   raise_on_error: bool = True, **kwargs: Any) -> runner.RunResult:
+        """A `@deploy` function on every selected host."""
+
+    def get_facts(self, fact_cls: type, hosts: Iterable[str] | None = None, require_all: bool = True,
+                  **fact_kwargs: Any) -> dict[str, Any]:
+        """One fact from each selected host (from each reachable one, with `require_all=False`)."""
+        with self.connected(hosts, require_all=require_all) as active:
+            return on_every_host(active, lambda _name, host: host.get_fact(fact_cls, **fact_kwargs))
+
+    def run_commands(self, command_for: Mapping[str, str] | Callable[[str], str],
+                     hosts: Iterable[str] | None = None) -> dict[str, CommandResult]:
+        """One shell command per host (same or per-host) and its output. Never raises on exit codes."""
+        selected = list(command_for) if isinstance(command_for, Mapping) and hosts is None else hosts
+        with self.connected(selected) as active:
+            return run_on(active, command_for)
+
+
+class SshFleet(FleetIO):
+    """The inventory's hosts over SSH, through pyinfra."""
+
+    def __init__(self, env: str):
+        self.env = env
+
+    def connected(self, hosts: Iterable[str] | None = None,
+                  require_all: bool = True) -> AbstractContextManager[dict[str, Any]]:
+        return connected(self.env, hosts, require_all=require_all)
+
+    def run_operations(self, calls: Sequence[runner.OperationCall], hosts: Iterable[str] | None = None,
+                       raise_on_error: bool = True) -> runner.RunResult:
+        return runner.run_operations(self.env, calls, hosts=hosts, raise_on_error=raise_on_error)
+
+    def run_deploy(self, deploy_func: Callable[..., Any], hosts: Iterable[str] | None = None,
+                   raise_on_error: bool = True, **kwargs: Any) -> runner.RunResult:
+        return runner.run_deploy(self.env, deploy_func, hosts=hosts, raise_on_error=raise_on_error, **kwargs)

@@ -91,7 +91,8 @@ def show_status(env_name: str, reporter: Reporter) -> list[dict[str, Any]]:
     return rows
 
 
-def read_ledger(env_name: str, reporter: Reporter | None = None) -> list[ledger.LedgerEntry]:
+def read_ledger(env_name: str, reporter: Reporter | None = None,
+                io: fleet.FleetIO | None = None) -> list[ledger.LedgerEntry]:
     """Every host's ledger, merged: a host that lost its copy does not lose the environment's history.
 
     Lines a host's copy holds that are unreadable or not in the shape ingestctl writes (forged) are left out;
@@ -99,7 +100,8 @@ def read_ledger(env_name: str, reporter: Reporter | None = None) -> list[ledger.
     a host: each run appends only its own entry, so a forged line stays in the one copy it was put in.
     """
     env = inventory.load(env_name)
-    outputs = fleet.run_commands(env_name, lambda _h: ledger.read_command(), hosts=env.all_hosts)
+    io = io or fleet.SshFleet(env_name)
+    outputs = io.run_commands(lambda _h: ledger.read_command(), hosts=env.all_hosts)
     parsed = {host: ledger.parse(out.stdout + "\n", source=f"{host}:{ledger.LEDGER_PATH}")
               for host, out in outputs.items()}
     if reporter is not None:

@@ -11,7 +11,7 @@ import shlex
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, hostlayout, hostvalues
+from ingestctl import hostlayout, hostvalues
 from ingestctl import secrets as secrets_mod
 from ingestctl.errors import ConfigError
 from ingestctl.runcontext import Context
@@ -24,7 +24,7 @@ def read_live_config(ctx: Context, host: str, version: str) -> config_mod.Servic
     quoted = shlex.quote(base)
     command = (f"cat {quoted}/app.env && for f in {quoted}/secrets/*; do [ -f \"$f\" ] || continue; "
                "printf '\\n#ingestctl-secret %s\\n' \"$(basename \"$f\")\"; cat \"$f\"; done")
-    result = fleet.run_commands(ctx.name, {host: command})[host]
+    result = ctx.io.run_commands({host: command})[host]
     if not result.ok:
         raise ConfigError(f"{host}: config {version} is not readable at {base}: {result.stderr.strip()[:200]}")
     env_part, *secret_parts = result.stdout.split("\n#ingestctl-secret ")
@@ -59,7 +59,7 @@ def refuse_reverting_rotations(ctx: Context, before: Mapping[str, dict | None]) 
     from ingestctl import fleetview
     from ingestctl import ledger as ledger_mod
 
-    rotations = ledger_mod.live_rotations(fleetview.read_ledger(ctx.name, ctx.reporter))
+    rotations = ledger_mod.live_rotations(fleetview.read_ledger(ctx.name, ctx.reporter, ctx.io))
     live = {h: s["config_version"] for h, s in before.items()
             if s and s.get("config_version") and h in ctx.env.app_hosts}
     if not rotations or not live or set(live.values()) == {ctx.config.version}:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shlex
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from ingestctl import config as config_mod
 from ingestctl import fleet, hostlayout, hostvalues, paths
@@ -38,7 +37,7 @@ def ship_images(ctx: Context, release: Release) -> None:
                         if host == ctx.env.db_host else [])
         for host in ctx.env.all_hosts
     }
-    result = runner.run_deploy(ctx.name, release_ops.images_for_role_shipped, images_for=images_for,
+    result = ctx.io.run_deploy(release_ops.images_for_role_shipped, images_for=images_for,
                                progress=lambda sent: ctx.reporter.event("progress", sent.describe(), step="ship"))
     ctx.reporter.event("step", "images: " + (f"shipped to {', '.join(result.changed_hosts)}"
                                              if result.changed_hosts else "already on every host (noop)"),
@@ -53,16 +52,15 @@ def prepare_hosts(ctx: Context, cfg: config_mod.ServiceConfig) -> None:
         kwargs=dict(name="Ensure ingest host layout is present", compose_for=compose_for,
                     infra_images=ctx.infra_images, app_uid=ctx.env.data.app_uid),
     )
-    runner.run_operations(ctx.name, [layout_call, *config_calls(ctx, cfg), database_call(ctx, cfg)])
+    ctx.io.run_operations([layout_call, *config_calls(ctx, cfg), database_call(ctx, cfg)])
     ctx.reporter.event("step", f"config {cfg.version} and layout present on {len(ctx.env.all_hosts)} host(s)",
                        step="config", config_version=cfg.version)
 
 
-def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_id: str,
-            before: str | None) -> dict[str, Any]:
+def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run: Run, before: str | None) -> None:
     """Restore point, then `alembic upgrade head` in a one-off container of the new image, on the db host.
 
-    BEFORE is the database's head as read under the lock.
+    BEFORE is the database's head as read under the lock. The heads and the restore point go in RUN's facts.
     """
     from ingestctl.operations.release import schema_migrated
 
@@ -70,13 +68,13 @@ def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_i
     if before == release.schema_head:
         ctx.reporter.event("step", f"schema already at {before}: no migration", step="migrate",
                            schema_before=before, schema_after=before)
-        return {"schema_before": before, "schema_after": before, "restore_point": None}
-    restore_point = f"{hostlayout.BASE}/backups/{run_id}-{before or 'empty'}.dump"
+        run.facts.schema_before = run.facts.schema_after = before
+        return
+    restore_point = f"{hostlayout.BASE}/backups/{run.id}-{before or 'empty'}.dump"
     ctx.reporter.event("step", f"migrating schema {before or 'empty'} -> {release.schema_head} "
                        f"(restore point {restore_point})", step="migrate", schema_before=before,
                        target=release.schema_head)
-    result = runner.run_operations(
-        ctx.name,
+    result = ctx.io.run_operations(
         [runner.OperationCall(
             schema_migrated,
             kwargs=dict(name=f"Ensure schema is at {release.schema_head}", image=release.image,
@@ -86,13 +84,13 @@ def migrate(ctx: Context, release: Release, cfg: config_mod.ServiceConfig, run_i
         )],
         hosts=[db], raise_on_error=False,
     )
-    after = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    after = ctx.io.get_facts(SchemaHead, hosts=[db])[db]
+    run.facts.schema_before, run.facts.schema_after, run.facts.restore_point = before, after, restore_point
     if result.failed:
         raise GateFailed(
             f"migration gate failed: {result.failed[0].describe_failure()}; schema is at {after} "
             f"(restore point {restore_point}); no app host was changed"
         )
-    return {"schema_before": before, "schema_after": after, "restore_point": restore_point}
 
 
 def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch: str | None = None,
@@ -110,26 +108,36 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
     # The error budget policy, before anything is built or any host touched (exit 2 when refused).
     emergency = slo.check_before_deploy(ctx.env, reporter, emergency)
     run = Run(new_run_id(), "deploy", env_name, ctx.who)
-    run.facts["emergency"] = emergency
+    run.facts.emergency = emergency
 
     started = time.time()
     built = images_mod.build_app_image(version, progress=lambda m: reporter.event("progress", m, step="build"))
     release = Release(built.version, built.name, built.id,
                       (built.labels or {}).get(images_mod.LABEL_SCHEMA_HEAD))
-    run.facts.update(release=release.version, image=release.image, image_id=release.image_id,
-                     config_version=ctx.config.version, skip_bench=skip_bench,
-                     release_schema_head=release.schema_head)
     run.step("build", started)
     reporter.event("step", f"image {release.image} ({release.image_id[:19]}) ready", step="build",
                    image=release.image, image_id=release.image_id, cached=built.cached)
 
-    with (observed_deploy(ctx, run),
-          guarded(ctx, run, lock_wait_s, f"deploy {env_name} --version {release.version}", check_setup=True) as guard):
-        run.facts["previous"] = {h: (s or {}).get("release") for h, s in guard.before.items()}
+    with observed_deploy(ctx, run):
+        execute_deploy(ctx, run, release, batch, skip_bench, lock_wait_s, allow_incompatible)
+    return run
+
+
+def execute_deploy(ctx: Context, run: Run, release: Release, batch: str | None = None, skip_bench: bool = False,
+                   lock_wait_s: float = 0.0, allow_incompatible: bool = False) -> None:
+    """The deploy of a built RELEASE, everything that reaches the hosts (through `ctx.io`): lock, plan from the
+    hosts' facts, ship, config, migrate, gated rollout, benchmark, prune; rollback, ledger and unlock in
+    `guarded`. Raises what the CLI turns into the exit code (LockHeld 2, GateFailed 3, RollbackFailed 4)."""
+    facts = run.facts
+    facts.release, facts.image, facts.image_id = release.version, release.image, release.image_id
+    facts.config_version, facts.skip_bench, facts.release_schema_head = (ctx.config.version, skip_bench,
+                                                                         release.schema_head)
+    with guarded(ctx, run, lock_wait_s, f"deploy {ctx.name} --version {release.version}", check_setup=True) as guard:
+        run.facts.previous = {h: (s or {}).get("release") for h, s in guard.before.items()}
         # The plan --dry prints, built from what the hosts say under the lock: its checks guard the real run.
         plan = deploy_plan(ctx, release.version, release.image, batch, skip_bench, allow_incompatible,
                            guard.before, guard.schema_head)
-        report_plan(reporter, plan)
+        report_plan(ctx.reporter, plan)
         refuse_reverting_rotations(ctx, guard.before)
         guard.checkpoints.check("shipping images")
         started = time.time()
@@ -143,14 +151,14 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
 
         guard.checkpoints.check("migrating")
         started = time.time()
-        run.facts.update(migrate(ctx, release, ctx.config, run.id, guard.schema_head))
+        migrate(ctx, release, ctx.config, run, guard.schema_head)
         run.step("migrate", started)
 
         try:
             rollout(ctx, run, plan.batches, release, ctx.config.version, guard.checkpoints, guard.switched)
             benchmark_gate(ctx, run, skip_bench, switched=bool(guard.switched))
         except Exception as exc:
-            if plan.incompatible and run.facts.get("schema_after") != plan.schema_head_before:
+            if plan.incompatible and run.facts.schema_after != plan.schema_head_before:
                 # The old release cannot run on the new schema: undo the migrations before it returns.
                 downgrade_before_rollback(ctx, run, plan, release, exc)
             raise
@@ -158,7 +166,6 @@ def deploy(env_name: str, reporter: Reporter, version: str | None = None, batch:
             started = time.time()
             prune_old(ctx, release, guard.before)
             run.step("prune", started)
-    return run
 
 
 def deploy_plan(ctx: Context, release: str, image: str, batch: str | None, skip_bench: bool,
@@ -201,7 +208,7 @@ def downgrade_before_rollback(ctx: Context, run: Run, plan, release: Release, ca
     from ingestctl.operations.release import schema_migrated
 
     target = plan.schema_head_before
-    restore_point = run.facts.get("restore_point")
+    restore_point = run.facts.restore_point
     try:
         for migration in plan.migrations:
             migrations_mod.require_data_safe(migration, migrations_mod.restore_hint(ctx.name))
@@ -212,16 +219,16 @@ def downgrade_before_rollback(ctx: Context, run: Run, plan, release: Release, ca
     ctx.reporter.event("rollback", f"downgrading schema {plan.schema_head_after} -> {target or 'empty'} before "
                        f"{plan.previous_release} returns (brief unavailability)", schema_target=target)
     db = ctx.env.db_host
-    result = runner.run_operations(ctx.name, [runner.OperationCall(schema_migrated, kwargs=dict(
+    result = ctx.io.run_operations([runner.OperationCall(schema_migrated, kwargs=dict(
         name=f"Ensure schema is at {target or 'empty'}", image=release.image, config_version=ctx.config.version,
         infra_images=ctx.infra_images, restore_point=f"{hostlayout.BASE}/backups/{run.id}-downgrade.dump",
         alembic_args=("downgrade", target or "base"), _timeout=ctx.env.data.migration_timeout_s))],
         hosts=[db], raise_on_error=False)
-    run.facts["schema_after"] = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
+    run.facts.schema_after = ctx.io.get_facts(SchemaHead, hosts=[db])[db]
     if result.failed:
         raise RollbackFailed(
             f"SEV-1: {cause}; the schema downgrade to {target} failed: {result.failed[0].describe_failure()}; "
-            f"schema is at {run.facts['schema_after']}; every app host stays on {release.version}; "
+            f"schema is at {run.facts.schema_after}; every app host stays on {release.version}; "
             f"restore point {restore_point}") from cause
 
 
@@ -248,7 +255,7 @@ def prune_old(ctx: Context, release: Release, before: Mapping[str, dict | None])
                          for key, value in variables.items() if key.endswith("_CONFIG")}
     keep = ctx.env.data.keep_releases
     try:
-        entries = fleetview.read_ledger(ctx.name, ctx.reporter)
+        entries = fleetview.read_ledger(ctx.name, ctx.reporter, ctx.io)
         ids = sorted({i for item in ledger_mod.releases_to_prune(entries, keep) for i in item.image_ids}
                      - kept_images)
         versions = [v for v in ledger_mod.configs_to_prune(entries, keep)
@@ -262,7 +269,7 @@ def prune_old(ctx: Context, release: Release, before: Mapping[str, dict | None])
             commands.append("rm -rf -- " + " ".join(shlex.quote(f"{hostlayout.BASE}/config/{v}") for v in versions))
         if not commands:
             return
-        fleet.run_commands(ctx.name, lambda _h: "; ".join(commands), hosts=ctx.env.all_hosts)
+        ctx.io.run_commands(lambda _h: "; ".join(commands), hosts=ctx.env.all_hosts)
         if ids:
             ctx.reporter.event("step", f"pruned {len(ids)} old release image(s) (keeping {keep})", step="prune",
                                images=ids)
@@ -279,7 +286,7 @@ def dry_run(ctx: Context, batch: str | None, version: str | None, skip_bench: bo
     from ingestctl import images as images_mod
 
     version = version or images_mod.checkout_version(paths.project_root())
-    with fleet.connected(ctx.name) as active:  # one round for both facts
+    with ctx.io.connected() as active:  # one round for both facts
         states = fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState))
         db_head = active[ctx.env.db_host].get_fact(SchemaHead)
     plan = deploy_plan(ctx, version, images_mod.image_name(version), batch, skip_bench, allow_incompatible,
@@ -294,7 +301,7 @@ def read_host_config(ctx: Context, host: str, version: str) -> dict[str, str] | 
     if not hostvalues.CONFIG_VERSION.matches(version):
         return None
     path = f"{hostlayout.BASE}/config/{version}/app.env"
-    result = fleet.run_commands(ctx.name, {host: f"cat {shlex.quote(path)}"})[host]
+    result = ctx.io.run_commands({host: f"cat {shlex.quote(path)}"})[host]
     if not result.ok:
         return None
     tunables = config_mod.tunables_from_env_file(result.stdout, where=f"{host}:{path}")

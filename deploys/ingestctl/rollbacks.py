@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
+from ingestctl import fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead
@@ -110,7 +110,7 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
     database record, so it works from any checkout. WITH_SCHEMA also brings the schema down to the target's head
     when the revisions in between are not backward-compatible but declare data-safe downgrades."""
     ctx, run = begin("rollback-app", env_name, reporter)
-    entries = fleetview.read_ledger(env_name, reporter)
+    entries = fleetview.read_ledger(env_name, reporter, ctx.io)
     states = host_states(ctx)
     _host, current = live_release(ctx, states)
     target = plan.rollback_target(entries, to, current=current["release"])
@@ -121,9 +121,10 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
                                                   with_schema=with_schema)
     release = Release(target.release, f"ingest:{target.release}", target.image_id, target.code_schema_head())
     schema_after = target.code_schema_head() if check.needs_downgrade else db_head
-    run.facts.update(release=release.version, image_id=release.image_id, config_version=current["config_version"],
-                     previous={h: (s or {}).get("release") for h, s in states.items()},
-                     release_schema_head=release.schema_head, schema_before=db_head, schema_after=schema_after)
+    facts = run.facts
+    facts.release, facts.image_id, facts.config_version = release.version, release.image_id, current["config_version"]
+    facts.previous = {h: (s or {}).get("release") for h, s in states.items()}
+    facts.release_schema_head, facts.schema_before, facts.schema_after = release.schema_head, db_head, schema_after
     schema_note = (f"schema {db_head} -> {schema_after} first: the api is unavailable from the downgrade until the "
                    "switch is healthy" if check.needs_downgrade else f"schema {db_head} compatible")
     reporter.event("plan", f"rollback app {env_name}: {current['release']} -> {release.version} "
@@ -144,11 +145,11 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
             run.step("downgrade", started)
         started = time.time()
         switch_all(ctx, run, guard, release, current["config_version"], metrics=False)
-        run.facts["time_to_healthy_s"] = round(time.time() - run.started, 2)
+        run.facts.time_to_healthy_s = round(time.time() - run.started, 2)
         run.step("switch", started)
         if check.needs_downgrade:
             unavailable = round(time.time() - started + run.steps[-2]["duration_s"], 2)
-            run.facts["unavailable_s"] = unavailable
+            run.facts.unavailable_s = unavailable
             reporter.event("step", f"schema and app back on {schema_after} / {release.version}; the api was "
                            f"unavailable for at most {unavailable}s", step="switch", unavailable_s=unavailable)
     return run
@@ -157,7 +158,7 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
 def schema_record(ctx: Context) -> tuple[str | None, list]:
     """The database's head and its own record of applied migrations, in one SSH round to the db host."""
     db = ctx.env.db_host
-    with fleet.connected(ctx.name, [db]) as active:
+    with ctx.io.connected([db]) as active:
         return active[db].get_fact(SchemaHead), active[db].get_fact(AppliedMigrations)
 
 
@@ -174,10 +175,9 @@ def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, 
     """Restore point, then `alembic downgrade TARGET` (an absolute revision, never a relative -N) in a one-off
     container of CARRIER, the image that knows the revisions it removes. RollbackFailed (exit 4) if it fails."""
     restore_point = f"{hostlayout.BASE}/backups/{run.id}-{db_head}.dump"
-    run.facts["restore_point"] = restore_point
+    run.facts.restore_point = restore_point
     db = ctx.env.db_host
-    result = runner.run_operations(
-        ctx.name,
+    result = ctx.io.run_operations(
         [runner.OperationCall(
             release_ops.schema_migrated,
             kwargs=dict(name=f"Ensure schema is at {target or 'empty'}", image=carrier, config_version=config_version,
@@ -187,8 +187,8 @@ def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, 
         )],
         hosts=[db], raise_on_error=False,
     )
-    after = fleet.get_facts(ctx.name, SchemaHead, hosts=[db])[db]
-    run.facts["schema_after"] = after
+    after = ctx.io.get_facts(SchemaHead, hosts=[db])[db]
+    run.facts.schema_after = after
     if result.failed:
         raise RollbackFailed(f"SEV-1: schema downgrade failed: {result.failed[0].describe_failure()}; schema is at "
                              f"{after}; restore point {restore_point}")
@@ -209,7 +209,7 @@ def ensure_image_available(ctx: Context, release: Release) -> None:
                           f"{release.image_id[:19]}; rebuild or retag it before rolling back")
     from ingestctl.operations.shipping import images_shipped
 
-    runner.run_deploy(ctx.name, images_shipped, images=[release.image], hosts=ctx.env.app_hosts)
+    ctx.io.run_deploy(images_shipped, images=[release.image], hosts=ctx.env.app_hosts)
 
 
 # ----- rollback schema --------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
     revision, and re-checked under the lock."""
     ctx, run = begin("rollback-schema", env_name, reporter)
     db = ctx.env.db_host
-    db_head = fleet.get_facts(env_name, SchemaHead, hosts=[db])[db]
+    db_head = ctx.io.get_facts(SchemaHead, hosts=[db])[db]
     states = host_states(ctx)
     # Removing schema under a release that needs it loses data: a host whose record of what it runs was forged
     # could need anything, so it blocks the downgrade instead of being left out.
@@ -235,12 +235,13 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
         raise ConfigError(f"no release is live on {env_name}: nothing to run the downgrade with")
     if db_head is None:
         raise ConfigError("nothing to roll back: the database has no migration applied")
-    carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name, reporter), states, db_head)
+    carrier_image = downgrade_image(ctx, fleetview.read_ledger(env_name, reporter, ctx.io), states, db_head)
     revisions = image_revisions(ctx, carrier_image)
     running_heads = {s.get("schema_head") for s in states.values() if s}
     to_undo = migrations.plan_schema_rollback(revisions, db_head, steps, running_heads, env=env_name)
     new_head = to_undo[-1].down_revision  # to_undo is newest first: the oldest one's parent is the new head
-    run.facts.update(schema_before=db_head, release=live["release"], config_version=live["config_version"])
+    run.facts.schema_before, run.facts.release = db_head, live["release"]
+    run.facts.config_version = live["config_version"]
     names = ", ".join(m.name for m in to_undo)
     reporter.event("plan", f"rollback schema {env_name}: {db_head} -> {new_head or 'empty'} (undo {names}, "
                    f"code from {carrier_image})", schema_before=db_head, schema_after=new_head,
@@ -252,14 +253,14 @@ def rollback_schema(env_name: str, reporter: Reporter, steps: int = 1, lock_wait
         started = time.time()
         downgrade_schema(ctx, run, carrier_image, live["config_version"], db_head, new_head)
         run.step("downgrade", started)
-        run.facts["time_to_healthy_s"] = health_only(ctx, run, ctx.env.app_hosts)
+        run.facts.time_to_healthy_s = health_only(ctx, run, ctx.env.app_hosts)
     return run
 
 
 def image_revisions(ctx: Context, image: str) -> list[migrations.Migration]:
     """The migration chain as IMAGE carries it, read on the db host and parsed statically (never imported)."""
     db = ctx.env.db_host
-    files = fleet.get_facts(ctx.name, ImageMigrations, hosts=[db], image=image)[db] or {}
+    files = ctx.io.get_facts(ImageMigrations, hosts=[db], image=image)[db] or {}
     if not files:
         raise ConfigError(f"{db}: found no migrations inside {image} (/app/alembic/versions); is it an ingest image?")
     return migrations.order_chain(migrations.parse_migration(name, text, f"{image}:/app/alembic/versions/{name}.py")
@@ -279,7 +280,7 @@ def downgrade_image(ctx: Context, entries, states: Mapping[str, dict | None], db
     db = ctx.env.db_host
     for image in dict.fromkeys(candidates):
         # Checked when read (state.json, ledger); quoted all the same, as every value put in a command here.
-        if fleet.run_commands(ctx.name, {db: f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1"})[db].ok:
+        if ctx.io.run_commands({db: f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1"})[db].ok:
             return image
     raise ConfigError(
         f"no image that knows schema head {db_head!r} is on {db} (looked for: {', '.join(candidates) or 'none'}); "
@@ -306,9 +307,10 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
                        config_version=live.version)
         return run
     release = Release(current["release"], current["image"], current["image_id"], current.get("schema_head"))
-    run.facts.update(release=release.version, image_id=release.image_id, config_version=new.version,
-                     previous_config_version=live.version, release_schema_head=release.schema_head,
-                     rotated_secrets=sorted(k for k in changes if k in config_mod.SECRET_KEYS))
+    facts = run.facts
+    facts.release, facts.image_id, facts.release_schema_head = release.version, release.image_id, release.schema_head
+    facts.config_version, facts.previous_config_version = new.version, live.version
+    facts.rotated_secrets = sorted(k for k in changes if k in config_mod.SECRET_KEYS)
     reporter.event("plan", f"config {live.version} -> {new.version}: " + "; ".join(map(str, diff)),
                    config_before=live.version, config_after=new.version,
                    changes=[{"key": c.key, "old": c.old, "new": c.new} for c in diff])
@@ -319,7 +321,7 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
         # A new REDIS_PASSWORD reaches Redis first (a restart): slots still on the old config rate-limit in
         # process (degrade mode) until the rollout switches them.
         calls = [*config_calls(ctx, new), *([database_call(ctx, new)] if "REDIS_PASSWORD" in changes else [])]
-        runner.run_operations(env_name, calls)
+        ctx.io.run_operations(calls)
         run.step("config", started)
         from ingestctl.plan import parse_batch_spec, rollout_order
 
@@ -331,19 +333,20 @@ def config_set(env_name: str, reporter: Reporter, assignments: list[str], lock_w
 def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0,
                     dry: bool = False) -> Run:
     ctx, run = begin("rollback-config", env_name, reporter)
-    entries = fleetview.read_ledger(env_name, reporter)
+    entries = fleetview.read_ledger(env_name, reporter, ctx.io)
     states = host_states(ctx)
     _host, current = live_release(ctx, states)
     target = plan.config_rollback_target(entries, to, current=current["config_version"])
     marker = shlex.quote(f"{hostlayout.BASE}/config/{target}/.complete")
-    present = fleet.run_commands(env_name, lambda _h: f"test -f {marker}", hosts=ctx.env.app_hosts)
+    present = ctx.io.run_commands(lambda _h: f"test -f {marker}", hosts=ctx.env.app_hosts)
     absent = [h for h, r in present.items() if not r.ok]
     if absent:
         raise ConfigError(f"config {target} is no longer on {', '.join(absent)}; set the values again with "
                           f"`ingestctl config set {env_name} KEY=VALUE...`")
     release = Release(current["release"], current["image"], current["image_id"], current.get("schema_head"))
-    run.facts.update(release=release.version, image_id=release.image_id, config_version=target,
-                     previous_config_version=current["config_version"], release_schema_head=release.schema_head)
+    facts = run.facts
+    facts.release, facts.image_id, facts.release_schema_head = release.version, release.image_id, release.schema_head
+    facts.config_version, facts.previous_config_version = target, current["config_version"]
     reporter.event("plan", f"rollback config {env_name}: {current['config_version']} -> {target}",
                    config_before=current["config_version"], config_after=target)
     if stopped_for_dry_run(dry, reporter):
@@ -351,7 +354,7 @@ def rollback_config(env_name: str, reporter: Reporter, to: str | None = None, lo
     with guarded(ctx, run, lock_wait_s, f"rollback config {env_name} -> {target}") as guard:
         started = time.time()
         switch_all(ctx, run, guard, release, target, metrics=True)
-        run.facts["time_to_healthy_s"] = round(time.time() - run.started, 2)
+        run.facts.time_to_healthy_s = round(time.time() - run.started, 2)
         run.step("switch", started)
     return run
 

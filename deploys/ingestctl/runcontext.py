@@ -52,6 +52,12 @@ class Context:
     config: config_mod.ServiceConfig
     ports: hostlayout.Ports
     who: str = field(default_factory=lambda: who_am_i())
+    # How the run reaches its hosts: over SSH unless the caller brings another fleet (the executor's tests do).
+    io: fleet.FleetIO | None = None
+
+    def __post_init__(self) -> None:
+        if self.io is None:
+            self.io = fleet.SshFleet(self.env.name)
 
     @property
     def name(self) -> str:
@@ -164,11 +170,43 @@ class Checkpoints:
 
 
 def host_states(ctx: Context, hosts: Iterable[str] | None = None) -> dict[str, dict | None]:
-    return fleet.get_facts(ctx.name, IngestState, hosts=hosts)
+    return ctx.io.get_facts(IngestState, hosts=hosts)
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class RunFacts:
+    """What a run decided and found, field by field as the ledger entry (`runlock.ledger_entry`) records it.
+
+    Filled in as the run goes: a field stays None (or empty) when the run never got that far, which is what the
+    summary and the ledger then say."""
+
+    release: str | None = None
+    image: str | None = None
+    image_id: str | None = None
+    config_version: str | None = None
+    previous_config_version: str | None = None
+    # The release the run's image was built for needs this schema head; the database's before and after.
+    release_schema_head: str | None = None
+    schema_before: str | None = None
+    schema_after: str | None = None
+    restore_point: str | None = None
+    # Per host, the release it was live on before the run (None: a first deploy there).
+    previous: dict[str, str | None] = field(default_factory=dict)
+    skip_bench: bool = False
+    emergency: bool = False
+    rotated_secrets: list[str] = field(default_factory=list)
+    lock_token: str | None = None
+    lock_takeover: str | None = None
+    # Set by `runlock.guarded` when the run ends: success, noop, failed, aborted, rolled-back, rollback-failed.
+    outcome: str | None = None
+    switched: list[str] = field(default_factory=list)
+    message: str | None = None
+    time_to_healthy_s: float | None = None
+    unavailable_s: float | None = None
 
 
 @dataclass
@@ -182,7 +220,7 @@ class Run:
     started: float = field(default_factory=time.time)
     steps: list[dict[str, Any]] = field(default_factory=list)
     gates: list[dict[str, Any]] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: RunFacts = field(default_factory=RunFacts)
 
     def step(self, name: str, started: float) -> None:
         self.steps.append({"name": name, "started": round(started, 3), "duration_s": round(time.time() - started, 2)})
@@ -191,13 +229,12 @@ class Run:
 def summarise(run: Run, reporter: Reporter) -> None:
     facts = run.facts
     total = round(time.time() - run.started, 1)
-    outcome = facts.get("outcome")
-    switched = facts.get("switched") or []
     message = (
-        f"{run.kind} {facts.get('release')} to {run.env}: {outcome}"
-        + (f", {len(switched)} host(s) switched" if switched else ", every host already current")
-        + f", config {facts.get('config_version')}, in {total}s"
-        + (" (EMERGENCY change, recorded in the ledger)" if facts.get("emergency") else "")
+        f"{run.kind} {facts.release} to {run.env}: {facts.outcome}"
+        + (f", {len(facts.switched)} host(s) switched" if facts.switched else ", every host already current")
+        + f", config {facts.config_version}, in {total}s"
+        + (" (EMERGENCY change, recorded in the ledger)" if facts.emergency else "")
     )
-    reporter.event("summary", message, run_id=run.id, outcome=outcome, duration_s=total, release=facts.get("release"),
-                   switched=switched, steps=run.steps, gates=run.gates, emergency=bool(facts.get("emergency")))
+    reporter.event("summary", message, run_id=run.id, outcome=facts.outcome, duration_s=total,
+                   release=facts.release, switched=facts.switched, steps=run.steps, gates=run.gates,
+                   emergency=facts.emergency)

@@ -53,7 +53,7 @@ class LeaseKeeper:
 
         renewed = self.record.renewed(datetime.now(UTC), self.ttl)
         try:
-            with fleet.connected(self.ctx.name, self.ctx.env.all_hosts, require_all=False) as active:
+            with self.ctx.io.connected(self.ctx.env.all_hosts, require_all=False) as active:
                 results = fleet.run_on(active, lambda _h: lock_mod.renew_command(renewed))
         except Exception as exc:  # try again at the next tick; a host that stays silent lets its lease run out
             self.ctx.reporter.event("progress", f"could not renew the deploy lock's lease: {exc}")
@@ -89,7 +89,7 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     checkpoints.install()
     guard = Guard(before={}, checkpoints=checkpoints)
     # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback.
-    with fleet.connected(ctx.name) as active:
+    with ctx.io.connected() as active:
         record = acquire_lock(ctx, run, lock_wait_s, command, active)
         try:
             if check_setup:
@@ -100,7 +100,7 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
         except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
             from ingestctl import lock as lock_mod
 
-            fleet.run_on(active, lambda _h: lock_mod.release_command(run.facts["lock_token"]))
+            fleet.run_on(active, lambda _h: lock_mod.release_command(run.facts.lock_token))
             checkpoints.uninstall()
             raise
     checkpoints.lease = LeaseKeeper(ctx, record).start()
@@ -112,9 +112,13 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
         outcome = "rollback-failed"
         raise
     except Exception as exc:  # any failure after a switch, expected or not, must put the fleet back
-        run.facts["message"] = str(exc)
+        run.facts.message = str(exc)
         if guard.switched:
-            rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            try:
+                rollback_hosts(ctx, guard.before, guard.switched, str(exc))
+            except RollbackFailed:  # raised here, not by the body: the clause above does not see it
+                outcome = "rollback-failed"
+                raise
             outcome = "rolled-back"
             raise GateFailed(f"{exc}; rolled back {', '.join(guard.switched)} to what they ran before") from exc
         outcome = "aborted" if isinstance(exc, Aborted) else "failed"
@@ -126,8 +130,8 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     finally:
         checkpoints.uninstall()
         checkpoints.lease.stop()
-        run.facts["outcome"] = outcome
-        run.facts["switched"] = guard.switched
+        run.facts.outcome = outcome
+        run.facts.switched = guard.switched
         finish(ctx, run)
 
 
@@ -159,9 +163,9 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
     from ingestctl import lock as lock_mod
 
     ttl = timedelta(seconds=ctx.env.data.lock_ttl_s)
-    record = lock_mod.new_record(who=ctx.who, command=command, release=run.facts.get("release"),
+    record = lock_mod.new_record(who=ctx.who, command=command, release=run.facts.release,
                                  now=datetime.now(UTC), ttl=ttl, run_id=run.id)
-    run.facts["lock_token"] = record.token
+    run.facts.lock_token = record.token
     deadline = time.monotonic() + wait_s
     commands: dict[str, str] = {}
     takeovers = 0
@@ -180,11 +184,11 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
                     and lock_mod.expired(holder, now, lock_mod.runner_alive(holder))):
                 # Its runner is gone: take the lock over (atomically, only if it is still that holder's) and say so.
                 commands[host] = lock_mod.takeover_command(holder.token, record.renewed(now, ttl))
-                run.facts["lock_takeover"] = (f"took over the expired deploy lock of {describe_holder(holder)}"
+                run.facts.lock_takeover = (f"took over the expired deploy lock of {describe_holder(holder)}"
                                               + (f", run {holder.run_id}" if holder.run_id else ""))
         if commands:
             takeovers += 1  # bounded: a record our takeover cannot match must not spin for ever
-            ctx.reporter.event("step", run.facts["lock_takeover"], step="lock", hosts=sorted(commands))
+            ctx.reporter.event("step", run.facts.lock_takeover, step="lock", hosts=sorted(commands))
             continue
         failed = {h: s for h, s in held.items() if s.state == "failed"}
         if failed:
@@ -231,6 +235,7 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
     from ingestctl import ledger as ledger_mod
 
     facts = run.facts
+    outcome = facts.outcome or "failed"
 
     def at(ts: float) -> datetime:
         return datetime.fromtimestamp(ts, UTC)
@@ -239,12 +244,12 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
         id=run.id,
         kind=run.kind,
         env=run.env,
-        release=facts.get("release"),
-        image_id=facts.get("image_id"),
-        config_version=facts.get("config_version"),
-        schema_head_before=facts.get("schema_before"),
-        schema_head_after=facts.get("schema_after"),
-        release_schema_head=facts.get("release_schema_head"),
+        release=facts.release,
+        image_id=facts.image_id,
+        config_version=facts.config_version,
+        schema_head_before=facts.schema_before,
+        schema_head_after=facts.schema_after,
+        release_schema_head=facts.release_schema_head,
         who=run.who,
         started=at(run.started),
         finished=None if running else datetime.now(UTC),
@@ -254,18 +259,18 @@ def ledger_entry(ctx: Context, run: Run, running: bool = False):
                                      numbers=_flat_numbers(g.get("numbers") or {}),
                                      at=at(g["at"]) if g.get("at") else None)
                for g in run.gates if g.get("passed") is not None],
-        outcome="running" if running else OUTCOMES.get(facts.get("outcome", "failed"), facts.get("outcome", "failed")),
+        outcome="running" if running else OUTCOMES.get(outcome, outcome),
         duration_s=round(time.time() - run.started, 2),
-        time_to_healthy_s=facts.get("time_to_healthy_s"),
-        hosts=list(facts.get("switched") or []),
-        previous_release=_single(facts.get("previous")),
-        previous_config_version=facts.get("previous_config_version"),
-        restore_point=facts.get("restore_point"),
-        bench_skipped=bool(facts.get("skip_bench")),
-        emergency=bool(facts.get("emergency")),
-        message=facts.get("message"),
-        lock_takeover=facts.get("lock_takeover"),
-        rotated_secrets=list(facts.get("rotated_secrets") or []),
+        time_to_healthy_s=facts.time_to_healthy_s,
+        hosts=list(facts.switched),
+        previous_release=_single(facts.previous),
+        previous_config_version=facts.previous_config_version,
+        restore_point=facts.restore_point,
+        bench_skipped=facts.skip_bench,
+        emergency=facts.emergency,
+        message=facts.message,
+        lock_takeover=facts.lock_takeover,
+        rotated_secrets=list(facts.rotated_secrets),
     )
 
 
@@ -294,7 +299,7 @@ def finish(ctx: Context, run: Run) -> None:
     from ingestctl import ledger as ledger_mod
     from ingestctl import lock as lock_mod
 
-    token = run.facts.get("lock_token")
+    token = run.facts.lock_token
     try:
         line = ledger_mod.serialise(ledger_entry(ctx, run), ctx.config.secrets)
         append = ledger_mod.append_command(line)
@@ -304,7 +309,7 @@ def finish(ctx: Context, run: Run) -> None:
     unlock = lock_mod.release_command(token) if token else "true"
     try:
         # Every host that answers gets the record and its lock back, even when another host dropped out.
-        with fleet.connected(ctx.name, require_all=False) as active:
+        with ctx.io.connected(require_all=False) as active:
             results = fleet.run_on(active, lambda _h: f"({append}); ledger=$?; {unlock}; exit $ledger")
     except Exception as exc:
         ctx.reporter.event("error", f"could not record the run or release the deploy lock: {exc}; "

@@ -84,7 +84,7 @@ def converge(ctx: Context, calls: list[runner.OperationCall], hosts: list[str], 
     touched: set[str] = set()
     pending, delay, attempt = list(hosts), 1.0, 1
     while True:
-        result = runner.run_operations(ctx.name, calls, hosts=pending, raise_on_error=False)
+        result = ctx.io.run_operations(calls, hosts=pending, raise_on_error=False)
         results.update(result.hosts)
         touched.update(result.changed_hosts)
         # A host SSH never reached was not changed by this attempt: it has nothing to roll back.

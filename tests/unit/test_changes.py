@@ -4,6 +4,7 @@ failed run leaves. The hosts are faked at the store's edge (`incident_store.appe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -33,7 +34,7 @@ def world(monkeypatch):
     reporter = Reporter(json_mode=True)
     ctx = SimpleNamespace(name="local", reporter=reporter, config=SimpleNamespace(secrets={"API_KEY": "k" * 24}))
     run = Run("20240501T120000-abcdef", "deploy", "local", "ci@runner", started=time.time() - 30)
-    run.facts.update(release="v2", image_id="sha256:" + "ab" * 32, config_version="c0ffee000001",
+    run.facts = replace(run.facts, release="v2", image_id="sha256:" + "ab" * 32, config_version="c0ffee000001",
                      previous={"app1": "v1", "app2": "v1"})
     return SimpleNamespace(ctx=ctx, run=run, notifier=notifier, appended=appended)
 
@@ -47,7 +48,7 @@ def fail_after_canary(run: Run, gate: str = "metrics") -> None:
     run.gates.append({"gate": "health", "passed": True, "numbers": {}, "at": time.time() - 5})
     run.gates.append({"gate": gate, "passed": False, "numbers": {"app1": {"error_ratio": 0.4}}, "at": time.time(),
                       "message": f"{gate} gate failed"})
-    run.facts.update(outcome="rolled-back", switched=["app1"])
+    run.facts = replace(run.facts, outcome="rolled-back", switched=["app1"])
     raise GateFailed(f"{gate} gate failed; rolled back app1")
 
 
@@ -68,7 +69,7 @@ def test_a_gate_failure_after_traffic_opens_a_sev2_draft_and_sends_every_event(w
 
 def test_a_failed_rollback_opens_a_sev1_draft(world):
     with pytest.raises(RollbackFailed), changes.observed_deploy(world.ctx, world.run):
-        world.run.facts.update(outcome="rollback-failed", switched=["app1"])
+        world.run.facts = replace(world.run.facts, outcome="rollback-failed", switched=["app1"])
         raise RollbackFailed("app1 did not come back")
     assert world.appended[0][1].sev == 1
 
@@ -76,7 +77,7 @@ def test_a_failed_rollback_opens_a_sev1_draft(world):
 def test_readiness_failing_before_traffic_is_sev3(world):
     with pytest.raises(GateFailed), changes.observed_deploy(world.ctx, world.run):
         world.run.gates.append({"gate": "health", "passed": False, "numbers": {"timeout_s": 60}, "at": time.time()})
-        world.run.facts.update(outcome="failed", switched=[])
+        world.run.facts = replace(world.run.facts, outcome="failed", switched=[])
         raise GateFailed("health gate failed; no host was switched")
     assert world.appended[0][1].sev == 3
     assert "service.rolledback" not in types(world.notifier)
@@ -94,11 +95,11 @@ def test_a_draft_that_cannot_be_written_never_masks_the_exit_code(world, monkeyp
 
 def test_a_successful_deploy_sends_upgraded_or_deployed_and_opens_nothing(world):
     with changes.observed_deploy(world.ctx, world.run):
-        world.run.facts.update(outcome="success", switched=["app1", "app2"])
+        world.run.facts = replace(world.run.facts, outcome="success", switched=["app1", "app2"])
     assert types(world.notifier) == ["pipelinerun.started", "service.upgraded", "pipelinerun.finished"]
     assert world.notifier.sent[2]["subject"]["content"]["outcome"] == "success" and not world.appended
     world.notifier.sent.clear()
-    world.run.facts["previous"] = {"app1": None, "app2": None}
+    world.run.facts.previous = {"app1": None, "app2": None}
     with changes.observed_deploy(world.ctx, world.run):
         pass
     assert types(world.notifier) == ["pipelinerun.started", "service.deployed", "pipelinerun.finished"]

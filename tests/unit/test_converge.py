@@ -20,34 +20,40 @@ class Ctx:
 
     def __init__(self):
         self.reporter = Reporter()
+        self.io = None
 
 
-def scripted(monkeypatch, answers):
-    """run_operations answers from a script: one dict {host: error or None} per call."""
-    calls = []
+class ScriptedFleet:
+    """The fleet I/O's run of operations (what `switching` uses of it), answering from a script."""
 
-    def run_operations(env, calls_, hosts, raise_on_error):
-        calls.append(list(hosts))
-        errors = answers.pop(0)
+    def __init__(self, answers):
+        self.answers, self.calls = answers, []
+
+    def run_operations(self, calls_, hosts, raise_on_error):
+        self.calls.append(list(hosts))
+        errors = self.answers.pop(0)
         return runner.RunResult({
             h: runner.HostResult(h, errors.get(h) is None, error=errors.get(h),
                                  operations=(runner.OperationResult("switch", errors.get(h) is None, True),))
             for h in hosts
         })
 
-    monkeypatch.setattr(runner, "run_operations", run_operations)
+
+def scripted(monkeypatch, ctx, answers):
+    """CTX's hosts answer runs of operations from a script: one dict {host: error or None} per call."""
+    ctx.io = ScriptedFleet(answers)
     clock = [1000.0]  # a fake monotonic clock that only sleeping moves
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
-    return calls
+    return ctx.io.calls
 
 
 OCI = "OCI runtime exec failed: exec failed: read init-p: connection reset by peer: unknown"
 
 
 def test_a_transient_exec_failure_is_retried_on_that_host_only(monkeypatch):
-    calls = scripted(monkeypatch, [{"app2": OCI}, {}])
     ctx = Ctx()
+    calls = scripted(monkeypatch, ctx, [{"app2": OCI}, {}])
     result, touched = switching.converge(ctx, [], ["app2", "app3"], 1060.0, switching.is_transient)
     assert calls == [["app2", "app3"], ["app2"]]
     assert not result.failed and touched == {"app2", "app3"}
@@ -56,14 +62,16 @@ def test_a_transient_exec_failure_is_retried_on_that_host_only(monkeypatch):
 
 
 def test_a_slot_that_never_got_ready_is_not_retried(monkeypatch):
-    calls = scripted(monkeypatch, [{"app2": f"api_green on port 8002 {runcontext.SLOT_NOT_READY} 60s"}])
-    result, _ = switching.converge(Ctx(), [], ["app2"], 1060.0, switching.is_transient)
+    ctx = Ctx()
+    calls = scripted(monkeypatch, ctx, [{"app2": f"api_green on port 8002 {runcontext.SLOT_NOT_READY} 60s"}])
+    result, _ = switching.converge(ctx, [], ["app2"], 1060.0, switching.is_transient)
     assert calls == [["app2"]] and [r.host for r in result.failed] == ["app2"]
 
 
 def test_retries_stop_at_the_deadline_and_report_the_last_failure(monkeypatch):
-    calls = scripted(monkeypatch, [{"app2": OCI}] * 3)
-    result, _ = switching.converge(Ctx(), [], ["app2"], 1002.5, lambda _f: True)
+    ctx = Ctx()
+    calls = scripted(monkeypatch, ctx, [{"app2": OCI}] * 3)
+    result, _ = switching.converge(ctx, [], ["app2"], 1002.5, lambda _f: True)
     # Backoff 1 s, then 2 s: the third attempt would start past the 2.5 s deadline.
     assert len(calls) == 2 and result.failed[0].error == OCI
 
@@ -93,8 +101,8 @@ def rollback_ctx(monkeypatch):
 
 
 def test_a_first_deploy_that_fails_is_withdrawn_not_a_failed_rollback(monkeypatch):
-    calls = scripted(monkeypatch, [{}, {}])
     ctx, checked = rollback_ctx(monkeypatch)
+    calls = scripted(monkeypatch, ctx, [{}, {}])
     before = {"app2": None, "app3": {"release": "v1", "image": "ingest:v1", "image_id": "sha256:1",
                                      "config_version": "c1"}}
     restored = switching.rollback_hosts(ctx, before, ["app2", "app3"], "metrics gate failed")
@@ -106,8 +114,8 @@ def test_a_first_deploy_that_fails_is_withdrawn_not_a_failed_rollback(monkeypatc
 def test_a_rollback_that_cannot_converge_by_its_deadline_is_sev1(monkeypatch):
     from ingestctl.errors import RollbackFailed
 
-    scripted(monkeypatch, [{"app2": OCI}] * 10)
     ctx, _checked = rollback_ctx(monkeypatch)
+    scripted(monkeypatch, ctx, [{"app2": OCI}] * 10)
     monkeypatch.setattr(switching, "describe_fleet", lambda _ctx: "  app2: release v2")
     before = {"app2": {"release": "v1", "image": "ingest:v1", "image_id": "sha256:1", "config_version": "c1"}}
     with pytest.raises(RollbackFailed, match="SEV-1.*app2.*OCI runtime"):

@@ -301,7 +301,8 @@ def three_hosts(monkeypatch):
         return result
 
     monkeypatch.setattr(fleetview.inventory, "load", lambda _env: SimpleNamespace(all_hosts=list(copies)))
-    monkeypatch.setattr(fleet, "run_commands", run_commands)
+    monkeypatch.setattr(fleet.SshFleet, "run_commands",
+                        lambda self, command_for, hosts=None: run_commands(self.env, command_for, hosts))
     return commands
 
 
@@ -390,9 +391,9 @@ def test_status_shows_an_unreachable_host_as_such_and_the_rest_as_usual(monkeypa
 
 # --- rollbacks: only checked values, always quoted -----------------------------------------------------------
 
-def rollback_ctx(reporter: Recorder | None = None) -> SimpleNamespace:
+def rollback_ctx(reporter: Recorder | None = None, io: SimpleNamespace | None = None) -> SimpleNamespace:
     env = SimpleNamespace(db_host="db1", app_hosts=["app2", "app3"], all_hosts=["db1", "app2", "app3"])
-    return SimpleNamespace(name="local", env=env, reporter=reporter or Recorder())
+    return SimpleNamespace(name="local", env=env, reporter=reporter or Recorder(), io=io)
 
 
 def test_live_release_leaves_out_a_host_with_a_forged_state_and_warns():
@@ -410,18 +411,17 @@ def test_live_release_leaves_out_a_host_with_a_forged_state_and_warns():
 def test_downgrade_image_quotes_every_image_it_asks_about(monkeypatch, tmp_path):
     commands: list[str] = []
 
-    def run_commands(env, command_for, hosts=None):
+    def run_commands(command_for, hosts=None):
         [(host, command)] = command_for.items()
         commands.append(command)
         return {host: fleet.CommandResult(host, False, "", "")}
 
-    monkeypatch.setattr(fleet, "run_commands", run_commands)
     pwned = tmp_path / "pwned"
     # A state that bypassed the fact's check: the command still cannot run what it carries.
     raw = {**STATE, "image": f"ingest:v2$(touch {pwned})"}
     entries = ledger.parse(ledger_line(1, "v1", release_schema_head="0002") + "\n").entries
     with pytest.raises(ConfigError, match="no image that knows schema head '0002' is on db1"):
-        rollbacks.downgrade_image(rollback_ctx(), entries, {"app2": raw, "app3": checked_state(STATE)}, "0002")
+        rollbacks.downgrade_image(rollback_ctx(io=SimpleNamespace(run_commands=run_commands)), entries, {"app2": raw, "app3": checked_state(STATE)}, "0002")
     assert commands == [f"docker image inspect {shlex.quote(image)} >/dev/null 2>&1"
                         for image in (raw["image"], "ingest:v2", "ingest:v1")]
     fake_docker = tmp_path / "bin" / "docker"

@@ -111,8 +111,8 @@ def test_the_next_command_takes_over_a_dead_runners_lock_and_records_whose(tmp_p
     ours = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active)
     for host in active.values():
         assert lock.parse_output(sh(lock.read_command(f"{host.root}/lock")).stdout).record.token == ours.token
-    assert "took over the expired deploy lock of ana@laptop" in run.facts["lock_takeover"]
-    assert "20261201T115500Z-abcdef" in run.facts["lock_takeover"]
+    assert "took over the expired deploy lock of ana@laptop" in run.facts.lock_takeover
+    assert "20261201T115500Z-abcdef" in run.facts.lock_takeover
 
 
 def test_a_live_lease_is_not_taken_over(tmp_path):

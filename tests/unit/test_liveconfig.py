@@ -42,14 +42,14 @@ def fleet_of(monkeypatch, tmp_path):
     def make(checkout: config.ServiceConfig, live: config.ServiceConfig, entries: list[LedgerEntry]):
         write_config_on_host(tmp_path, live)
 
-        def run_commands(_env, command_for, hosts=None):
+        def run_commands(command_for, hosts=None):
             return {host: _shell(command.replace(hostlayout.BASE, str(tmp_path)), host)
                     for host, command in command_for.items()}
 
-        monkeypatch.setattr(fleet, "run_commands", run_commands)
-        monkeypatch.setattr(fleetview, "read_ledger", lambda _env, _reporter: entries)
+        monkeypatch.setattr(fleetview, "read_ledger", lambda _env, _reporter, _io: entries)
         env = SimpleNamespace(app_hosts=["app2", "app3"], secrets_path=lambda: "secrets/local.env")
-        ctx = SimpleNamespace(name="local", env=env, config=checkout, reporter=None)
+        ctx = SimpleNamespace(name="local", env=env, config=checkout, reporter=None,
+                              io=SimpleNamespace(run_commands=run_commands))
         before = {"db1": None, "app2": {"config_version": live.version}, "app3": {"config_version": live.version}}
         return ctx, before
 
@@ -83,10 +83,10 @@ def test_a_deploy_whose_secrets_carry_the_rotated_value_goes_ahead(fleet_of):
     liveconfig.refuse_reverting_rotations(ctx, before)
 
 
-def test_without_a_live_rotation_the_live_config_is_not_even_read(fleet_of, monkeypatch):
+def test_without_a_live_rotation_the_live_config_is_not_even_read(fleet_of):
     checkout = config.ServiceConfig.build({}, SECRETS)
     live = checkout.with_changes({"INGEST_MAX_BATCH_ITEMS": "500"})
     ctx, before = fleet_of(checkout, live, [entry(1, "deploy", checkout.version),
                                             entry(2, "config-set", live.version)])
-    monkeypatch.setattr(fleet, "run_commands", lambda *a, **k: pytest.fail("no host read without a rotation"))
+    ctx.io.run_commands = lambda *a, **k: pytest.fail("no host read without a rotation")
     liveconfig.refuse_reverting_rotations(ctx, before)

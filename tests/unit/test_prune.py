@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from ingestctl import fleet, fleetview, pipeline
+from ingestctl import fleetview, pipeline
 from ingestctl.ledger import LedgerEntry
 from ingestctl.runcontext import Release
 
@@ -38,12 +38,11 @@ class Recorder:
 def test_old_images_and_configs_go_in_one_round_and_what_runs_stays(monkeypatch):
     entries = [entry(n) for n in range(1, 6)]  # v1..v5; v5 is the new release
     reads, rounds = [], []
-    monkeypatch.setattr(fleetview, "read_ledger", lambda env, reporter: reads.append(env) or entries)
-    monkeypatch.setattr(fleet, "run_commands",
-                        lambda env, command_for, hosts=None: rounds.append({h: command_for(h) for h in hosts}))
+    monkeypatch.setattr(fleetview, "read_ledger", lambda env, reporter, io: reads.append(env) or entries)
+    io = SimpleNamespace(run_commands=lambda command_for, hosts=None: rounds.append({h: command_for(h) for h in hosts}))
     reporter = Recorder()
     env = SimpleNamespace(data=SimpleNamespace(keep_releases=2), all_hosts=["db1", "app2"])
-    ctx = SimpleNamespace(name="local", env=env, reporter=reporter, config=SimpleNamespace(version=cfg(5)))
+    ctx = SimpleNamespace(name="local", env=env, reporter=reporter, config=SimpleNamespace(version=cfg(5)), io=io)
     # v2 is still the standby on app2 (an older one kept warm): neither its image nor its config may go.
     before = {"db1": {"image_id": entries[3].image_id, "config_version": cfg(4)},
               "app2": {"image_id": entries[3].image_id, "config_version": cfg(4),
