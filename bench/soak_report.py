@@ -23,6 +23,9 @@ from bench.failures import (
 BASELINE = "baseline"
 # The phase whose release fails its gate: its failed requests are that release's blast radius, not a switch's.
 BAD_RELEASE = "bad-release"
+# The negative control (bench/racy_switch.py): it must fail requests, so they do not count against the target.
+RACY_CONTROL = "racy-control"
+NOT_COUNTED = (BAD_RELEASE, RACY_CONTROL)
 # How many failed requests each phase shows one by one in the text (all are counted and grouped).
 SHOWN_FAILURES = 5
 
@@ -33,7 +36,7 @@ class PhaseWindow:
     events of the action's --json stream."""
 
     name: str
-    kind: str  # baseline | deploy | rollback-app | config | bad-release
+    kind: str  # baseline | deploy | rollback-app | config | bad-release | racy-control
     round: int
     start: float
     action_start: float
@@ -118,7 +121,8 @@ def totals_by_kind(reports: Sequence[PhaseReport]) -> list[KindTotal]:
 
 
 def failed_outside_bad_releases(reports: Sequence[PhaseReport]) -> int:
-    return sum(r.failed for r in reports if r.kind != BAD_RELEASE)
+    """The failed requests that count against the target: neither a bad release's nor the racy control's."""
+    return sum(r.failed for r in reports if r.kind not in NOT_COUNTED)
 
 
 def render(reports: Sequence[PhaseReport], baseline_p99_ms: float | None) -> list[str]:
@@ -138,7 +142,8 @@ def render(reports: Sequence[PhaseReport], baseline_p99_ms: float | None) -> lis
     for r in reports:
         if not r.failed:
             continue
-        blast = " (the bad release's blast radius)" if r.kind == BAD_RELEASE else ""
+        blast = {BAD_RELEASE: " (the bad release's blast radius)", RACY_CONTROL: " (the negative control)"}.get(
+            r.kind, "")
         lines += ["", f"failed requests in round {r.round}, {r.name}{blast}:"]
         lines += [f"  {count}x {reason}" for reason, count in r.reasons]
         lines += [f"  - {f.line()}" for f in r.failures[:SHOWN_FAILURES]]

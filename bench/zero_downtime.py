@@ -4,12 +4,14 @@
 Target (DESIGN section 6): 0 failed requests in every phase, and every acknowledged event in PostgreSQL
 exactly once. The same load against a fleet that is left alone runs first, as the baseline.
 
-    python -m bench.zero_downtime [--soak N] [--workers 4] [--idle-clients 12] [--fresh-clients 2] [--json]
+    python -m bench.zero_downtime [--soak N] [--workers 4] [--idle-clients 12] [--fresh-clients 2] [--racy] [--json]
 
 Without --soak: one deploy (A -> B), `rollback app`, and `config set` + `rollback config`. With --soak N: N
 rounds of those, each followed by a deploy of a release whose queries fail (this checkout with the fault of
 bench/detection.py), which the metric gate must roll back by itself (exit 3). Its phase's failed requests
-are that release's blast radius, reported apart and not counted against the target.
+are that release's blast radius, reported apart and not counted against the target. With --racy, each round
+also restarts every proxy instead of reloading it (bench/racy_switch.py): the negative control, which must
+show failed requests (else the bench exits 1: it could not see a drop).
 
 It uses the sandbox named by INGESTCTL_TESTBED (started if needed) and deploys releases `zd-<tag>-a`,
 `zd-<tag>-b` and `zd-<tag>-bad<round>` built from this checkout (<tag> is new for every invocation).
@@ -31,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.detection import FAULT, QUERY_ROUTE
 from bench.load import Load, count_in_database
+from bench.racy_switch import restart_proxies
 from bench.soak_report import (
     BAD_RELEASE,
     BASELINE,
+    RACY_CONTROL,
     PhaseWindow,
     compare_to_baseline,
     failed_outside_bad_releases,
@@ -96,7 +100,7 @@ def phase(name: str, kind: str, round_: int, action: Action) -> PhaseWindow:
     return PhaseWindow(name, kind, round_, start, action_start, action_end, time.time(), tuple(switches), code)
 
 
-def rounds(count: int, tag: str, bad_root: Path | None) -> list[tuple[str, str, int, Action]]:
+def rounds(count: int, tag: str, bad_root: Path | None, racy: bool) -> list[tuple[str, str, int, Action]]:
     """The switches of COUNT rounds: A -> B, back to A, a config version and back, then (with BAD_ROOT) a bad
     release that is rolled back to A. From round 2 on, B starts cold again: the rollback of the bad release
     removed the standby."""
@@ -110,6 +114,8 @@ def rounds(count: int, tag: str, bad_root: Path | None) -> list[tuple[str, str, 
              command("config", "set", "local", f"INGEST_MAX_BATCH_ITEMS={900 - n}")),
             ("rollback config", "config", n, command("rollback", "config", "local")),
         ]
+        if racy:
+            plan.append(("racy control: every proxy restarted, not reloaded", RACY_CONTROL, n, restart_proxies))
         if bad_root is not None:
             plan.append((f"deploy bad zd-{tag}-bad{n} (rolled back)", BAD_RELEASE, n,
                          command("deploy", "local", "--version", f"zd-{tag}-bad{n}", "--skip-bench",
@@ -132,6 +138,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4, help="keep-alive clients sending back to back")
     parser.add_argument("--idle-clients", type=int, default=12, help="keep-alive clients idle 0-6 s between requests")
     parser.add_argument("--fresh-clients", type=int, default=2, help="clients opening a connection per request")
+    parser.add_argument("--racy", action="store_true",
+                        help="each round also restarts every proxy instead of reloading it: the negative control")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -146,7 +154,7 @@ def main() -> int:
                     max_seconds=SECONDS_PER_ROUND * max(1, args.soak) + 60, max_requests=MAX_REQUESTS)
         with load:
             windows = [phase("baseline (no change)", BASELINE, 0, pause(10))]
-            windows += [phase(*step) for step in rounds(max(1, args.soak), tag, bad_root)]
+            windows += [phase(*step) for step in rounds(max(1, args.soak), tag, bad_root, args.racy)]
     result = load.result
     reports = [phase_report(w, result.samples) for w in windows]
     baseline_p99 = compare_to_baseline(reports)
@@ -167,6 +175,7 @@ def main() -> int:
         "exactly_once": distinct == rows == acked,
         "failed_requests": result.failures,
         "failed_outside_bad_releases": failed_outside_bad_releases(reports),
+        "racy_control_failed": sum(r.failed for r in reports if r.kind == RACY_CONTROL) if args.racy else None,
     }
     # The text comes first either way, so the reasons are read without --json; with --json its line is last.
     print("\n".join(render(reports, baseline_p99)))
@@ -176,7 +185,10 @@ def main() -> int:
           f"({'exactly once' if report['exactly_once'] else 'MISMATCH'})")
     if args.json:
         print(json.dumps(report))
-    return 0 if report["failed_outside_bad_releases"] == 0 and report["exactly_once"] else 1
+    blind = args.racy and not report["racy_control_failed"]
+    if blind:
+        print("the racy control failed no request: this load cannot see a dropped request", file=sys.stderr)
+    return 0 if report["failed_outside_bad_releases"] == 0 and report["exactly_once"] and not blind else 1
 
 
 if __name__ == "__main__":

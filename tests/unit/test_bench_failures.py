@@ -89,6 +89,7 @@ def windows():
         PhaseWindow("baseline", "baseline", 0, 0, 2, 12, 14),
         PhaseWindow("rollback app", "rollback-app", 1, 14, 16, 30, 32, switches=(20.0,)),
         PhaseWindow("bad", "bad-release", 1, 32, 34, 60, 62, switches=(40.0,), exit_code=3),
+        PhaseWindow("racy", "racy-control", 1, 62, 64, 66, 68, switches=(65.0,)),
     ]
 
 
@@ -99,12 +100,13 @@ def load_samples():
     rollback = [sample(17 + i / 100, latency=0.05) for i in range(100)] + [sample(20.5, latency=0.3)]
     rollback.append(sample(21.0, "RemoteProtocolError: Server disconnected", client="idle-gaps"))
     bad = [sample(40.1, "HTTP 500"), sample(41.0, "HTTP 500"), sample(45.0)]
-    return baseline + rollback + bad
+    racy = [sample(65.1, "ConnectError: [Errno 111] Connection refused", client="fresh")]
+    return baseline + rollback + bad + racy
 
 
 def test_phase_reports_count_requests_failures_and_p99s_in_their_own_windows():
     reports = [phase_report(w, load_samples()) for w in windows()]
-    baseline, rollback, bad = reports
+    baseline, rollback, bad, racy = reports
     assert (baseline.requests, baseline.failed, baseline.p99_ms) == (100, 0, 99.0)
     assert (rollback.requests, rollback.failed, rollback.switches) == (102, 1, 1)
     assert rollback.p99_switch_ms == 300.0
@@ -113,7 +115,9 @@ def test_phase_reports_count_requests_failures_and_p99s_in_their_own_windows():
 
     assert compare_to_baseline(reports) == 99.0
     assert rollback.p99_vs_baseline == pytest.approx(3.03) and baseline.p99_vs_baseline is None
-    # The bad release's 500s are its blast radius: only the rollback's disconnect counts against the target.
+    # The bad release's 500s are its blast radius and the racy control must fail: only the rollback's
+    # disconnect counts against the target.
+    assert racy.failed == 1
     assert failed_outside_bad_releases(reports) == 1
 
 
@@ -125,4 +129,5 @@ def test_totals_and_text_show_every_kind_and_the_reasons():
     text = "\n".join(render(reports, 99.0))
     assert "1x RemoteProtocolError: Server disconnected on GET 10.0.0.11 (idle-gaps)" in text
     assert "round 1, bad (the bad release's blast radius)" in text
+    assert "round 1, racy (the negative control)" in text
     assert "| 1 | rollback app | 102 | 1 | 14 | 1 | 50 | 300 | 3.03x |" in text
