@@ -1,12 +1,21 @@
 """A bounded, continuous load of ingest and query requests against a fleet, for zero-downtime checks.
 
 Every request counts: a non-2xx answer or a transport error is a failed request, with no client-side retry
-to hide it. Every event the service acknowledged (202) is remembered so the caller can check that it is in
-PostgreSQL exactly once. Bounded in time and in request count; traffic goes only to the given base URLs.
+to hide it. Each request carries its own X-Request-Id, and each is kept as a `Sample` (when, how long, where,
+which client, and why it failed), so a failure can be placed against the switch that caused it. Every event
+the service acknowledged (202) is remembered so the caller can check that it is in PostgreSQL exactly once.
+Bounded in time and in request count; traffic goes only to the given base URLs.
+
+Three kinds of clients, because each meets a different race at a proxy switch:
+- `workers`: keep-alive connections, requests back to back;
+- `idle_clients`: keep-alive connections idle for a random 0 to `max_gap_s` seconds between requests (an idle
+  connection is what a proxy reload or an upstream keep-alive timeout closes under a client);
+- `fresh_clients`: a new connection for every request.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
@@ -17,6 +26,8 @@ from datetime import UTC, datetime
 import httpx
 from ingest.tools.credentials import mint_read_token
 
+from bench.failures import Sample, error_reason, group_failures, status_reason
+
 
 @dataclass
 class LoadResult:
@@ -25,13 +36,14 @@ class LoadResult:
     failure_reasons: Counter = field(default_factory=Counter)
     acknowledged: list[str] = field(default_factory=list)
     by_status: Counter = field(default_factory=Counter)
+    samples: list[Sample] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {
             "requests": self.requests,
             "failures": self.failures,
-            "failure_reasons": dict(self.failure_reasons.most_common(5)),
+            "failure_reasons": dict(group_failures(self.samples)[:5]),
             "acknowledged_events": len(self.acknowledged),
             "by_status": dict(self.by_status),
             "seconds": round(self.seconds, 1),
@@ -40,7 +52,7 @@ class LoadResult:
 
 
 class Load:
-    """Workers round-robin over the base URLs, alternating a batch ingest and a query."""
+    """Clients round-robin over the base URLs, each mixing batch ingests (POST) and queries (GET)."""
 
     def __init__(
         self,
@@ -52,6 +64,9 @@ class Load:
         max_requests: int = 200_000,
         batch: int = 5,
         keepalive: bool = True,
+        idle_clients: int = 0,
+        fresh_clients: int = 0,
+        max_gap_s: float = 6.0,
     ):
         self.base_urls = base_urls
         self.api_key = api_key
@@ -61,6 +76,9 @@ class Load:
         self.max_requests = max_requests
         self.batch = batch
         self.keepalive = keepalive
+        self.idle_clients = idle_clients
+        self.fresh_clients = fresh_clients
+        self.max_gap_s = max_gap_s
         self.result = LoadResult()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,8 +94,10 @@ class Load:
 
     def start(self) -> None:
         self._started = time.monotonic()
-        for index in range(self.workers):
-            thread = threading.Thread(target=self._work, args=(index,), daemon=True)
+        kinds = (["keepalive" if self.keepalive else "fresh"] * self.workers + ["idle-gaps"] * self.idle_clients
+                 + ["fresh"] * self.fresh_clients)
+        for index, kind in enumerate(kinds):
+            thread = threading.Thread(target=self._work, args=(index, kind), daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -88,61 +108,68 @@ class Load:
         self.result.seconds = time.monotonic() - self._started
         return self.result
 
-    def _record(self, status: int | None, reason: str | None, acked: list[str] | None = None) -> None:
+    def _record(self, sample: Sample, status: int | None, acked: list[str] | None = None) -> None:
         with self._lock:
             self.result.requests += 1
+            self.result.samples.append(sample)
             if status is not None:
                 self.result.by_status[status] += 1
-            if reason is not None:
+            if sample.reason is not None:
                 self.result.failures += 1
-                self.result.failure_reasons[reason] += 1
+                self.result.failure_reasons[sample.reason] += 1
             if acked:
                 self.result.acknowledged.extend(acked)
             if self.result.requests >= self.max_requests:
                 self._stop.set()
 
-    def _work(self, index: int) -> None:
-        limits = httpx.Limits(max_keepalive_connections=10 if self.keepalive else 0)
+    def _work(self, index: int, kind: str) -> None:
+        # A fresh client keeps no connection: httpx closes each one after its response.
+        limits = httpx.Limits(max_keepalive_connections=0 if kind == "fresh" else 10)
+        headers = {"Connection": "close"} if kind == "fresh" else {}
         deadline = self._started + self.max_seconds
+        pick = random.Random(index)
         turn = index
-        with httpx.Client(timeout=10.0, limits=limits) as client:
+        with httpx.Client(timeout=10.0, limits=limits, headers=headers) as client:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 base = self.base_urls[turn % len(self.base_urls)]
                 turn += 1
-                if turn % 2:
-                    self._ingest(client, base)
-                else:
-                    self._query(client, base)
+                # Back-to-back clients alternate; the others pick at random so both methods meet every gap.
+                ingest = turn % 2 if kind == "keepalive" else pick.random() < 0.5
+                self._send(client, base, kind, ingest)
+                if kind == "idle-gaps":
+                    self._stop.wait(pick.uniform(0, self.max_gap_s))
 
-    def _ingest(self, client: httpx.Client, base: str) -> None:
-        now = datetime.now(UTC).isoformat()
-        events = [
-            {"id": str(uuid.uuid4()), "source": "bench", "type": "load", "timestamp": now, "payload": {"n": i}}
-            for i in range(self.batch)
-        ]
-        try:
-            response = client.post(base + "/api/v1/events", json=events, headers={"X-API-Key": self.api_key})
-        except httpx.HTTPError as exc:
-            self._record(None, f"{type(exc).__name__} on POST {base}")
-            return
-        if response.status_code == 202:
-            self._record(202, None, [e["id"] for e in events])
+    def _send(self, client: httpx.Client, base: str, kind: str, ingest: bool) -> None:
+        request_id = str(uuid.uuid4())
+        events = None
+        if ingest:
+            method, now = "POST", datetime.now(UTC).isoformat()
+            events = [
+                {"id": str(uuid.uuid4()), "source": "bench", "type": "load", "timestamp": now, "payload": {"n": i}}
+                for i in range(self.batch)
+            ]
+            request = client.build_request(
+                "POST", base + "/api/v1/events", json=events,
+                headers={"X-API-Key": self.api_key, "X-Request-Id": request_id})
         else:
-            self._record(response.status_code, f"HTTP {response.status_code} on POST {base}")
-
-    def _query(self, client: httpx.Client, base: str) -> None:
+            method = "GET"
+            request = client.build_request(
+                "GET", base + "/api/v1/events", params={"source": "bench", "limit": 20},
+                headers={"Authorization": f"Bearer {self.token}", "X-Request-Id": request_id})
+        started = time.monotonic()
         try:
-            response = client.get(
-                base + "/api/v1/events",
-                params={"source": "bench", "limit": 20},
-                headers={"Authorization": f"Bearer {self.token}"},
-            )
+            response = client.send(request)
         except httpx.HTTPError as exc:
-            self._record(None, f"{type(exc).__name__} on GET {base}")
+            self._record(self._sample(started, base, method, kind, request_id, error_reason(exc)), None)
             return
-        self._record(
-            response.status_code, None if response.status_code == 200 else f"HTTP {response.status_code} on GET {base}"
-        )
+        reason = status_reason(method, response.status_code)
+        acked = [e["id"] for e in events] if events and reason is None else None
+        self._record(self._sample(started, base, method, kind, request_id, reason), response.status_code, acked)
+
+    @staticmethod
+    def _sample(started: float, base: str, method: str, kind: str, request_id: str, reason: str | None) -> Sample:
+        latency = time.monotonic() - started
+        return Sample(time.time(), latency, base, method, kind, request_id, reason)
 
 
 def count_in_database(dsn: str, ids: list[str]) -> tuple[int, int]:

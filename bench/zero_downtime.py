@@ -1,13 +1,20 @@
-"""Zero downtime: a bounded continuous load of ingest and query requests through a deploy (v1 -> v2), an app
-rollback, and a config rollout followed by a config rollback, on the 3-host sandbox.
+"""Zero downtime: one bounded, continuous load of ingest and query requests through every kind of switch on the
+3-host sandbox, with every failed request's reason, and p99 latency at the switches against the baseline's.
 
 Target (DESIGN section 6): 0 failed requests in every phase, and every acknowledged event in PostgreSQL
 exactly once. The same load against a fleet that is left alone runs first, as the baseline.
 
-    python -m bench.zero_downtime [--workers 4] [--json]
+    python -m bench.zero_downtime [--soak N] [--workers 4] [--idle-clients 12] [--fresh-clients 2] [--racy] [--json]
 
-It uses the sandbox named by INGESTCTL_TESTBED (started if needed) and deploys releases `zd-v1`/`zd-v2`
-built from this checkout.
+Without --soak: one deploy (A -> B), `rollback app`, and `config set` + `rollback config`. With --soak N: N
+rounds of those, each followed by a deploy of a release whose queries fail (this checkout with the fault of
+bench/detection.py), which the metric gate must roll back by itself (exit 3). Its phase's failed requests
+are that release's blast radius, reported apart and not counted against the target. With --racy, each round
+also restarts every proxy instead of reloading it (bench/racy_switch.py): the negative control, which must
+show failed requests (else the bench exits 1: it could not see a drop).
+
+It uses the sandbox named by INGESTCTL_TESTBED (started if needed) and deploys releases `zd-<tag>-a`,
+`zd-<tag>-b` and `zd-<tag>-bad<round>` built from this checkout (<tag> is new for every invocation).
 """
 
 from __future__ import annotations
@@ -15,14 +22,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.detection import FAULT, QUERY_ROUTE
 from bench.load import Load, count_in_database
-from tests.e2e.releases import ingestctl
+from bench.racy_switch import restart_proxies
+from bench.soak_report import (
+    BAD_RELEASE,
+    BASELINE,
+    RACY_CONTROL,
+    PhaseWindow,
+    compare_to_baseline,
+    failed_outside_bad_releases,
+    phase_report,
+    render,
+    totals_by_kind,
+)
+from tests.e2e.releases import ingestctl, variant
+
+SETTLE_S = 2.0
+# Bounds of the whole load, whatever the number of rounds: a round takes about 5 minutes on the sandbox.
+SECONDS_PER_ROUND = 600
+MAX_REQUESTS = 2_000_000
 
 
 def sandbox():
@@ -39,85 +67,128 @@ def sandbox():
     return urls, values, dsn
 
 
-def must(*args: str) -> float:
-    started = time.monotonic()
-    result = ingestctl(*args)
-    if result.code != 0:
-        raise SystemExit(f"`ingestctl {' '.join(args)}` failed:\n{result.explain()}")
-    return round(time.monotonic() - started, 1)
+Action = Callable[[], tuple[int, list[float]]]
 
 
-def phase(name: str, urls, secrets, workers: int, action) -> dict:
-    """Run ACTION (a callable returning its duration) under load; settle 2 s before and after."""
-    load = Load(urls, secrets["API_KEY"], secrets["JWT_SECRET"], workers=workers, max_seconds=900)
-    with load:
-        time.sleep(2)
-        duration = action()
-        time.sleep(2)
-    result = load.result
-    print(
-        f"  {name}: {result.requests} requests, {result.failures} failed, "
-        f"{len(result.acknowledged)} events acknowledged, action {duration}s",
-        file=sys.stderr,
-    )
-    return {"phase": name, "action_s": duration, **result.as_dict(), "_acked": result.acknowledged}
+def command(*args: str, expect: int = 0, root: Path = ROOT) -> Action:
+    """An `ingestctl ARGS --json` run expected to exit EXPECT; it returns the exit code and the times of the
+    stream's `switched` events (a batch of hosts live on the new slot)."""
+
+    def run() -> tuple[int, list[float]]:
+        result = ingestctl(*args, "--json", root=root, timeout=600)
+        if result.code != expect:
+            raise SystemExit(f"`ingestctl {' '.join(args)}` exited {result.code}, expected {expect}:\n"
+                             f"{result.explain()}")
+        return result.code, [e["ts"] for e in result.events if e.get("step") == "switched"]
+
+    return run
+
+
+def pause(seconds: float) -> Action:
+    return lambda: (time.sleep(seconds), (0, []))[1]
+
+
+def phase(name: str, kind: str, round_: int, action: Action) -> PhaseWindow:
+    """Run ACTION under the load that is already running, settling SETTLE_S before and after it."""
+    start = time.time()
+    time.sleep(SETTLE_S)
+    action_start = time.time()
+    code, switches = action()
+    action_end = time.time()
+    time.sleep(SETTLE_S)
+    print(f"  round {round_}: {name} took {action_end - action_start:.1f}s", file=sys.stderr)
+    return PhaseWindow(name, kind, round_, start, action_start, action_end, time.time(), tuple(switches), code)
+
+
+def rounds(count: int, tag: str, bad_root: Path | None, racy: bool) -> list[tuple[str, str, int, Action]]:
+    """The switches of COUNT rounds: A -> B, back to A, a config version and back, then (with BAD_ROOT) a bad
+    release that is rolled back to A. From round 2 on, B starts cold again: the rollback of the bad release
+    removed the standby."""
+    a, b = f"zd-{tag}-a", f"zd-{tag}-b"
+    plan = []
+    for n in range(1, count + 1):
+        plan += [
+            (f"deploy {a} -> {b}", "deploy", n, command("deploy", "local", "--version", b, "--skip-bench")),
+            (f"rollback app -> {a}", "rollback-app", n, command("rollback", "app", "local")),
+            (f"config set INGEST_MAX_BATCH_ITEMS={900 - n}", "config", n,
+             command("config", "set", "local", f"INGEST_MAX_BATCH_ITEMS={900 - n}")),
+            ("rollback config", "config", n, command("rollback", "config", "local")),
+        ]
+        if racy:
+            plan.append(("racy control: every proxy restarted, not reloaded", RACY_CONTROL, n, restart_proxies))
+        if bad_root is not None:
+            plan.append((f"deploy bad zd-{tag}-bad{n} (rolled back)", BAD_RELEASE, n,
+                         command("deploy", "local", "--version", f"zd-{tag}-bad{n}", "--skip-bench",
+                                 expect=3, root=bad_root)))
+    return plan
+
+
+def bad_checkout(tmp: Path) -> Path:
+    def broken(text: str) -> str:
+        assert FAULT[0] in text, f"{QUERY_ROUTE} changed: update bench/detection.py's fault"
+        return text.replace(FAULT[0], FAULT[1], 1)
+
+    return variant(tmp, {QUERY_ROUTE: broken})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="N rounds of every kind of switch, each with a bad release rolled back")
+    parser.add_argument("--workers", type=int, default=4, help="keep-alive clients sending back to back")
+    parser.add_argument("--idle-clients", type=int, default=12, help="keep-alive clients idle 0-6 s between requests")
+    parser.add_argument("--fresh-clients", type=int, default=2, help="clients opening a connection per request")
+    parser.add_argument("--racy", action="store_true",
+                        help="each round also restarts every proxy instead of reloading it: the negative control")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     urls, secrets, dsn = sandbox()
-    print("zero-downtime bench: preparing zd-v1 on the sandbox", file=sys.stderr)
-    must("deploy", "local", "--version", "zd-v1", "--skip-bench")
-    phases = [
-        phase("baseline (no change)", urls, secrets, args.workers, lambda: (time.sleep(10), 10.0)[1]),
-        phase(
-            "deploy zd-v1 -> zd-v2",
-            urls,
-            secrets,
-            args.workers,
-            lambda: must("deploy", "local", "--version", "zd-v2", "--skip-bench"),
-        ),
-        phase("rollback app -> zd-v1", urls, secrets, args.workers, lambda: must("rollback", "app", "local")),
-        phase(
-            "config set + rollback config",
-            urls,
-            secrets,
-            args.workers,
-            lambda: must("config", "set", "local", "INGEST_MAX_BATCH_ITEMS=900") + must("rollback", "config", "local"),
-        ),
-    ]
-    acked = [event_id for p in phases for event_id in p.pop("_acked")]
-    distinct, rows = count_in_database(dsn, acked)
+    tag = time.strftime("%H%M%S")
+    print(f"zero-downtime bench: preparing zd-{tag}-a on the sandbox", file=sys.stderr)
+    command("deploy", "local", "--version", f"zd-{tag}-a", "--skip-bench")()
+    with tempfile.TemporaryDirectory(prefix="ingest-zero-downtime-") as tmp:
+        bad_root = bad_checkout(Path(tmp)) if args.soak else None
+        load = Load(urls, secrets["API_KEY"], secrets["JWT_SECRET"], workers=args.workers,
+                    idle_clients=args.idle_clients, fresh_clients=args.fresh_clients,
+                    max_seconds=SECONDS_PER_ROUND * max(1, args.soak) + 60, max_requests=MAX_REQUESTS)
+        with load:
+            windows = [phase("baseline (no change)", BASELINE, 0, pause(10))]
+            windows += [phase(*step) for step in rounds(max(1, args.soak), tag, bad_root, args.racy)]
+    result = load.result
+    reports = [phase_report(w, result.samples) for w in windows]
+    baseline_p99 = compare_to_baseline(reports)
+    distinct, rows = count_in_database(dsn, result.acknowledged)
+    acked = len(result.acknowledged)
     report = {
         "bench": "zero_downtime",
         "hosts": len(urls),
-        "workers": args.workers,
-        "phases": phases,
-        "acknowledged_events": len(acked),
+        "clients": {"keepalive": args.workers, "idle_gaps_0_6s": args.idle_clients, "fresh": args.fresh_clients},
+        "rounds": max(1, args.soak),
+        "requests": result.requests,
+        "baseline_p99_ms": baseline_p99,
+        "phases": [r.as_dict() for r in reports],
+        "kinds": [asdict(t) for t in totals_by_kind(reports)],
+        "acknowledged_events": acked,
         "found_distinct": distinct,
         "found_rows": rows,
-        "exactly_once": distinct == rows == len(acked),
-        "failed_requests": sum(p["failures"] for p in phases),
+        "exactly_once": distinct == rows == acked,
+        "failed_requests": result.failures,
+        "failed_outside_bad_releases": failed_outside_bad_releases(reports),
+        "racy_control_failed": sum(r.failed for r in reports if r.kind == RACY_CONTROL) if args.racy else None,
     }
+    # The text comes first either way, so the reasons are read without --json; with --json its line is last.
+    print("\n".join(render(reports, baseline_p99)))
+    print(f"\n{result.requests} requests, {result.failures} failed "
+          f"({report['failed_outside_bad_releases']} outside the bad releases' phases)")
+    print(f"acknowledged {acked} events; in PostgreSQL: {distinct} distinct, {rows} rows "
+          f"({'exactly once' if report['exactly_once'] else 'MISMATCH'})")
     if args.json:
         print(json.dumps(report))
-    else:
-        print("| phase | requests | failed | req/s | events acked | action (s) |")
-        print("|---|---|---|---|---|---|")
-        for p in phases:
-            print(
-                f"| {p['phase']} | {p['requests']} | {p['failures']} | {p['requests_per_s']} | "
-                f"{p['acknowledged_events']} | {p['action_s']} |"
-            )
-        print(
-            f"\nacknowledged {len(acked)} events; in PostgreSQL: {distinct} distinct, {rows} rows "
-            f"({'exactly once' if report['exactly_once'] else 'MISMATCH'})"
-        )
-    return 0 if report["failed_requests"] == 0 and report["exactly_once"] else 1
+    blind = args.racy and not report["racy_control_failed"]
+    if blind:
+        print("the racy control failed no request: this load cannot see a dropped request", file=sys.stderr)
+    return 0 if report["failed_outside_bad_releases"] == 0 and report["exactly_once"] and not blind else 1
 
 
 if __name__ == "__main__":
