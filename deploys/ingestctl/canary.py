@@ -58,8 +58,9 @@ def canary_step(ctx: Context, run: Run, number: int, hosts: list[str], release: 
                    release=release.version, config_version=config_version)
     for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m), version=release.version,
                            canary=True):
-        run.gates.append({**gate.as_dict(), "batch": number, "canary_weight": weight})
-        report_gate(reporter, gate, batch=number, canary_weight=weight)
+        gate.numbers["canary_weight"] = weight  # the ledger keeps a gate's numbers: the share it judged under
+        run.gates.append({**gate.as_dict(), "batch": number})
+        report_gate(reporter, gate, batch=number)
         if not gate.passed:
             raise_gate_failure(gate)
     return len(changed) == len(hosts)
