@@ -149,6 +149,15 @@ def test_the_canary_starts_the_new_slot_then_shares_the_traffic_and_records_itse
     assert checked_state(state)["canary"]["slot"] == "green", "the fact keeps the canary"
 
 
+def test_a_canary_in_the_standbys_slot_retires_the_standby_from_state_json(ops_host):
+    older = {"release": "v0", "image": "ingest:v0", "image_id": "sha256:" + "0" * 64, "config_version": OLD,
+             "slot": "green"}
+    ops_host(FakeHost({**live_state(OLD), "standby": older}, running={"api_blue": "ingest:v1",
+                                                                       "api_green": "ingest:v0"}))
+    state = written_state([str(c) for c in ops.release_canary._inner(weight=10, **V2)])
+    assert state["standby"] is None and state["canary"]["slot"] == "green"
+
+
 @pytest.mark.parametrize(("state", "why"), [(None, "no trusted live release"),
                                             ("live v2", "already live: no canary")])
 def test_no_canary_without_a_previous_release_or_when_the_release_is_live(ops_host, state, why):

@@ -326,7 +326,11 @@ def release_canary(
     yield from files.put._inner(src=StringIO(proxy_conf(live, state.get("config_version"), ports, clients, canary)),
                                 dest=PROXY_CONF, mode="644")
     yield layout.reload_proxy(compose_binary())
-    yield layout.write_state({**state, "slots": slots, "canary": {**wanted, "slot": new, "weight": weight}})
+    standby = state.get("standby") or {}
+    if standby.get("slot") == new and standby.get("image_id") != image_id:
+        standby = {}  # the canary took the standby's slot: a rollback can no longer find it warm there
+    yield layout.write_state({**state, "slots": slots, "standby": standby or None,
+                              "canary": {**wanted, "slot": new, "weight": weight}})
 
 
 @operation()
