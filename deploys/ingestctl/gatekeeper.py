@@ -10,14 +10,16 @@ from typing import Any
 
 from ingestctl import gates, paths
 from ingestctl.errors import GateFailed
+from ingestctl.hostlayout import CANARY_HEADER
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Context, Run
 
 
 def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
-               metrics: bool = True, version: str | None = None) -> Iterator[gates.GateResult]:
+               metrics: bool = True, version: str | None = None, canary: bool = False) -> Iterator[gates.GateResult]:
     """Health, then live metrics, on the hosts just switched; the first failure ends it. With a
     `prometheus_url` the metrics are release VERSION's, by PromQL; without one, two scrapes of each host.
+    On a CANARY host the probes ask the proxy for the new slot alone, whose /metrics the proxy serves then.
 
     Yields each result as soon as it is known, so the event stream shows the health gate before the metric
     window starts (CI and `ingestctl abort` react to it), not both at once at the end.
@@ -32,7 +34,7 @@ def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
         on_wait(f"metric gate: {data.metric_window_s:g}s window on {', '.join(hosts)}, judged by Prometheus "
                 f"at {data.prometheus_url}")
         yield prometheus_metric_gate(data.prometheus_url, version, urls, data.metric_window_s,
-                                     data.max_error_ratio, data.max_p95_ms, probe=query_probe(ctx),
+                                     data.max_error_ratio, data.max_p95_ms, probe=query_probe(ctx, canary),
                                      min_requests=data.metric_min_requests)
     elif metrics and health.passed:
         yield gates.metric_gate(
@@ -40,17 +42,18 @@ def gate_batch(ctx: Context, hosts: list[str], on_wait: Callable[[str], None],
             ctx.env.data.metric_window_s,
             ctx.env.data.max_error_ratio,
             ctx.env.data.max_p95_ms,
-            probe=query_probe(ctx),
+            probe=query_probe(ctx, canary),
             min_requests=ctx.env.data.metric_min_requests,
         )
 
 
-def query_probe(ctx: Context) -> Callable[[Any, str], None]:
-    """A real read request per call, authenticated like a client, so the metric gate judges live traffic."""
+def query_probe(ctx: Context, canary: bool = False) -> Callable[[Any, str], None]:
+    """A real read request per call, authenticated like a client, so the metric gate judges live traffic. With
+    CANARY, to the canary's slot alone: a probe that hit the previous release would judge nothing."""
     from ingest.tools.credentials import mint_read_token
 
     token = mint_read_token(ctx.config.secrets["JWT_SECRET"], ttl_seconds=600, subject="ingestctl-gate")
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {token}", **({CANARY_HEADER: "1"} if canary else {})}
 
     def probe(client, base: str):
         return client.get(base + "/api/v1/events", params={"limit": 10}, headers=headers)

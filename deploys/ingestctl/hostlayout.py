@@ -216,20 +216,43 @@ class ClientLimits:
     burst: int
 
 
+# During a canary, a request carrying this header with the value 1 goes to the new slot alone (nginx.conf.j2
+# reads it as $http_x_ingest_canary): the metric gate's probes use it.
+CANARY_HEADER = "X-Ingest-Canary"
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A weighted canary on one host: WEIGHT percent (1-99) of its requests to the new release in SLOT, the rest
+    to the previous release, still live in PREVIOUS."""
+
+    slot: str
+    previous: str
+    weight: int
+
+
 def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int,
-                 clients: ClientLimits) -> str:
+                 clients: ClientLimits, canary: Canary | None = None) -> str:
     """The proxy's config. MAX_BODY_BYTES is the live config version's MAX_REQUEST_BODY_BYTES, so a body the api
-    would refuse is refused before nginx buffers it; CLIENTS are the inventory's per-address limits."""
+    would refuse is refused before nginx buffers it; CLIENTS are the inventory's per-address limits. With CANARY,
+    the upstream is both slots, weighted, instead of LIVE."""
     # Rendered into nginx directives: only plain integers may get there. A body limit of 0 would mean none.
     for name, value, low in (("max_body_bytes", max_body_bytes, 1), ("connections", clients.connections, 0),
                              ("requests_per_s", clients.requests_per_s, 0), ("burst", clients.burst, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"proxy {name}: expected an integer >= {low}, found {value!r}")
+    if canary is not None:
+        # Both weights must be nginx's positive integers: 100 would leave the previous slot a weight of 0.
+        if isinstance(canary.weight, bool) or not isinstance(canary.weight, int) or not 1 <= canary.weight <= 99:
+            raise ValueError(f"proxy canary weight: expected an integer from 1 to 99, found {canary.weight!r}")
+        if {canary.slot, canary.previous} != set(SLOTS):
+            raise ValueError(f"proxy canary: expected the two slots {SLOTS}, found {canary.slot!r} and "
+                             f"{canary.previous!r}")
     return (
         _templates()
         .get_template("nginx.conf.j2")
         .render(live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes,
-                clients=clients)
+                clients=clients, canary=canary)
     )
 
 

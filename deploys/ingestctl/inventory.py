@@ -140,6 +140,10 @@ class EnvData(BaseModel):
     # Keep the previous release running, out of traffic, in the other slot: an app rollback to it is then a
     # proxy reload. Costs one idle api process per host.
     keep_standby: bool = True
+    # The first batch's share of traffic, in percent, while its gates judge the new release: below 100 each of
+    # its hosts' proxy sends only this share to the new slot and the rest to the previous release (still
+    # running), so a bad release reaches fewer requests before it is rolled back. 100: the whole host switches.
+    canary_weight: Integer = Field(default=100, ge=1, le=100)
     registry: str | None = None
     keep_releases: Integer = Field(default=5, ge=1, le=100)
     bench_profile: str = "staging"

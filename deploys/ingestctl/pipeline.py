@@ -155,7 +155,8 @@ def execute_deploy(ctx: Context, run: Run, release: Release, batch: str | None =
         run.step("migrate", started)
 
         try:
-            rollout(ctx, run, plan.batches, release, ctx.config.version, guard.checkpoints, guard.switched)
+            rollout(ctx, run, plan.batches, release, ctx.config.version, guard.checkpoints, guard.switched,
+                    canary_weight=plan.canary_weight)
             benchmark_gate(ctx, run, skip_bench, switched=bool(guard.switched))
         except Exception as exc:
             if plan.incompatible and run.facts.schema_after != plan.schema_head_before:

@@ -229,6 +229,8 @@ class DeployPlan:
     gates: dict[str, float] = field(default_factory=dict)
     previous_release: str | None = None
     allow_incompatible: bool = False
+    # The share of batch 1's traffic the new release gets while gated (100: the hosts switch whole).
+    canary_weight: int = 100
 
     @property
     def incompatible(self) -> list[Migration]:
@@ -246,7 +248,7 @@ class DeployPlan:
             "migrations": [{"name": m.name, "revision": m.revision,
                             "backward_compatible": m.backward_compatible} for m in self.migrations],
             "skip_bench": self.skip_bench, "bench_profile": self.bench_profile, "gates": self.gates,
-            "allow_incompatible": self.allow_incompatible,
+            "allow_incompatible": self.allow_incompatible, "canary_weight": self.canary_weight,
         }
 
     def render(self) -> list[str]:
@@ -256,7 +258,11 @@ class DeployPlan:
                  f"  image: {self.image}",
                  f"  hosts: {', '.join(self.hosts)} (db: {self.db_host})"]
         for number, batch in enumerate(self.batches, start=1):
-            lines.append(f"  batch {number} of {len(self.batches)}: {', '.join(batch)}")
+            line = f"  batch {number} of {len(self.batches)}: {', '.join(batch)}"
+            if number == 1 and self.canary_weight < 100:
+                line += (f" (canary: {self.canary_weight}% of their traffic to {self.release}, the rest on "
+                         f"{self.previous_release}, until the gates pass; then all)")
+            lines.append(line)
         config = f"  config: {self.config_version}"
         if self.previous_config_version == self.config_version:
             config += " (unchanged)"
@@ -312,12 +318,15 @@ def build_deploy_plan(*, env: Environment, release: str, image: str, batch_spec:
         migrations=revisions_between(revisions, db_head, head), skip_bench=skip_bench,
         bench_profile=env.data.bench_profile, gates=gate_thresholds(env), previous_release=previous_release,
         allow_incompatible=allow_incompatible,
+        # A first deploy has no previous release to leave the rest of the traffic on.
+        canary_weight=env.data.canary_weight if previous_release else 100,
     )
     if plan.incompatible and previous_release:
         if not allow_incompatible:
             raise ConfigError(incompatible_refusal(plan, env.name))
-        # One batch after the migration: no host is left on the old release against the new schema.
-        plan = replace(plan, batches=[list(order)])
+        # One batch after the migration: no host is left on the old release against the new schema (so no canary,
+        # which would leave the old release serving a share of it).
+        plan = replace(plan, batches=[list(order)], canary_weight=100)
     return plan
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from ingestctl import config as config_mod
 from ingestctl import gates
 from ingestctl import pyinfra_runner as runner
+from ingestctl.canary import canary_step
 from ingestctl.errors import GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED
 from ingestctl.gatekeeper import gate_batch, raise_gate_failure, report_gate
@@ -178,10 +179,30 @@ def describe_fleet(ctx: Context) -> str:
     return "\n".join(lines)
 
 
+def switch_failure(ctx: Context, run: Run, number: int, result: runner.RunResult) -> GateFailed:
+    """The error for batch NUMBER's failed switch (or canary); a slot that never got ready is the health gate's."""
+    failures = {r.host: r.describe_failure() for r in result.failed}
+    not_ready = [h for h, text in failures.items() if SLOT_NOT_READY in text]
+    if not_ready:
+        # The switch waits on the host for the new slot's readiness before the proxy moves to it, so a
+        # release that never gets ready fails inside the switch: that is the health gate failing.
+        timeout = ctx.env.data.health_timeout_s
+        gate = gates.GateResult(
+            "health", False,
+            f"health gate failed: {', '.join(not_ready)} not ready within {timeout:g}s; "
+            "traffic never moved to the new release",
+            numbers={"timeout_s": timeout, "not_ready": ", ".join(not_ready)},
+        )
+        run.gates.append({**gate.as_dict(), "batch": number})
+        report_gate(ctx.reporter, gate, batch=number)
+    return GateFailed("switch failed: " + "; ".join(failures.values()))
+
+
 def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, config_version: str,
-            checkpoints: Checkpoints, switched: list[str], metrics: bool = True) -> None:
+            checkpoints: Checkpoints, switched: list[str], metrics: bool = True, canary_weight: int = 100) -> None:
     """Switch batch after batch to RELEASE with CONFIG_VERSION, each batch gated on health and live metrics
     (health only with `metrics=False`: an app rollback returns to a known-good release as fast as it can).
+    With CANARY_WEIGHT below 100, the first batch's hosts send only that share to RELEASE while it is gated.
 
     SWITCHED grows as hosts change, so the caller can roll exactly those back when this raises.
     """
@@ -191,28 +212,16 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
         started = time.time()
         reporter.event("step", f"batch {number} of {len(batches)}: {', '.join(hosts)}", step="rollout",
                        batch=number, batches=len(batches), hosts=hosts)
+        # A canary's gates judged the new release on these hosts already: the full switch needs only health.
+        canaried = (number == 1 and canary_weight < 100 and metrics
+                    and canary_step(ctx, run, number, hosts, release, config_version, canary_weight, switched))
         # Transient errors are retried briefly; a release that never gets ready is not (that is the health gate).
         result, touched = converge(ctx, switch_calls(ctx, release, config_version), hosts,
                                    time.monotonic() + min(30.0, ctx.env.data.rollback_deadline_s), is_transient)
-        failed = [r.host for r in result.failed]
         changed = [h for h in hosts if h in touched]
-        switched += changed
-        if failed:
-            failures = {r.host: r.describe_failure() for r in result.failed}
-            not_ready = [h for h, text in failures.items() if SLOT_NOT_READY in text]
-            if not_ready:
-                # The switch waits on the host for the new slot's readiness before the proxy moves to it, so a
-                # release that never gets ready fails inside the switch: that is the health gate failing.
-                timeout = ctx.env.data.health_timeout_s
-                gate = gates.GateResult(
-                    "health", False,
-                    f"health gate failed: {', '.join(not_ready)} not ready within {timeout:g}s; "
-                    "traffic never moved to the new release",
-                    numbers={"timeout_s": timeout, "not_ready": ", ".join(not_ready)},
-                )
-                run.gates.append({**gate.as_dict(), "batch": number})
-                report_gate(reporter, gate, batch=number)
-            raise GateFailed("switch failed: " + "; ".join(failures.values()))
+        switched += [h for h in changed if h not in switched]  # a canary host may be in it already
+        if result.failed:
+            raise switch_failure(ctx, run, number, result)
         if changed:
             reporter.event("step", f"batch {number}: {', '.join(changed)} live on {release.version}", step="switched",
                            batch=number, hosts=changed, release=release.version, config_version=config_version)
@@ -220,8 +229,8 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
             reporter.event("step", f"batch {number}: already live (noop)", step="rollout", batch=number)
             run.step(f"batch {number}", started)
             continue
-        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m), metrics=metrics,
-                               version=release.version):
+        for gate in gate_batch(ctx, changed, on_wait=lambda m: reporter.event("progress", m),
+                               metrics=metrics and not canaried, version=release.version):
             run.gates.append({**gate.as_dict(), "batch": number})
             report_gate(reporter, gate, batch=number)
             if not gate.passed:

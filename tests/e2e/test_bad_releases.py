@@ -199,6 +199,39 @@ def test_release_whose_errors_trip_the_metric_gate_is_rolled_back(testbed, ssh, 
     assert_incident_draft(result, release, ssh, testbed)
 
 
+def test_a_weighted_canary_catches_a_bad_release_on_its_share_and_rolls_it_back(testbed, ssh, baseline, tmp_path):
+    """canary_weight 10: the bad release gets a tenth of the first host's requests, the gate judges it by its
+    own (the probes reach it alone), and it is rolled back; a bounded load through the fleet counts what failed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from ingestctl import paths
+    from ingestctl import secrets as secrets_mod
+
+    from bench.blast_radius import DATA_START, INVENTORY, TimedLoad, cut
+
+    values = secrets_mod.load(paths.secrets_file("local"))
+    load = TimedLoad(list(app_urls(testbed).values()), values["API_KEY"], values["JWT_SECRET"], workers=2,
+                     max_seconds=300, max_requests=100_000)
+    with load:
+        release, result = bad_release(tmp_path, "canary10", {
+            EVENTS_API: replacing("    after = None\n",
+                                  '    raise RuntimeError("e2e: this release breaks the query path")\n    after = None\n'),
+            INVENTORY: replacing(DATA_START, DATA_START + '        "canary_weight": 10,\n'),
+        })
+    gate = assert_rolled_back(result, release, "metrics", testbed, ssh)
+    [plan] = [e for e in result.events if e["type"] == "plan"]
+    assert plan["canary_weight"] == 10, plan
+    [canary] = [e for e in result.events if e.get("step") == "canary"]
+    assert canary["weight"] == 10 and len(canary["hosts"]) == 1, canary
+    assert not [e for e in result.events if e.get("step") == "switched"], "no host ever switched whole"
+    ratios = {k: v for k, v in gate["numbers"].items() if k.endswith("error_ratio")}
+    assert ratios and max(ratios.values()) > gate["numbers"]["thresholds.max_error_ratio"], gate
+    back = next(e for e in result.events if e["type"] == "rollback" and e.get("outcome") == "rolled-back")
+    window = cut(load.timeline, canary["ts"], back["ts"])
+    # The bad release answered some queries with 500 (it did take traffic), but a small share of all: a whole
+    # host of three would fail about a sixth (half the load is queries).
+    assert 0 < window.failed and window.share < 0.05, window
+
+
 def test_release_whose_latency_trips_the_metric_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):
     # 0.8 s per query: well above the inventory's max_p95_ms (500 ms) whatever the machine's load.
     release, result = bad_release(tmp_path, "slow", {EVENTS_API: with_asyncio(replacing(

@@ -115,7 +115,7 @@ def checked_state(state: Mapping) -> dict:
     clean = _checked_values(state, "", rejected)
     if "slots" in state:
         clean["slots"] = _checked_slots(state["slots"], rejected)
-    for key in ("previous", "standby"):
+    for key in ("previous", "standby", "canary"):
         if key in state:
             clean[key] = _checked_nested(state[key], key, rejected)
     if rejected:

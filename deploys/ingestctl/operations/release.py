@@ -7,7 +7,7 @@ They read the host only through facts (`ingestctl.facts.release`), yield the com
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from io import StringIO
 
 from ingestctl import hostlayout as layout
@@ -16,6 +16,7 @@ from ingestctl.errors import HostError
 from ingestctl.facts.docker import DockerImage
 from ingestctl.facts.proxy import ConfigBodyLimit, ProxyRouting
 from ingestctl.facts.release import (
+    REJECTED,
     ComposeBinary,
     ConfigVersions,
     FileDigests,
@@ -170,10 +171,12 @@ def live_state(ports: layout.Ports) -> tuple[dict, bool]:
 PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
 
 
-def proxy_conf(slot: str, config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits) -> str:
-    """The proxy's config routing to SLOT, whose config version CONFIG_VERSION sets the body limit."""
+def proxy_conf(slot: str, config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits,
+               canary: layout.Canary | None = None) -> str:
+    """The proxy's config routing to SLOT (and CANARY's share to its slot), whose config version CONFIG_VERSION
+    sets the body limit."""
     limit = host.get_fact(ConfigBodyLimit, version=config_version or layout.EMPTY_CONFIG)
-    return layout.render_proxy([slot], [], ports, limit, clients)
+    return layout.render_proxy([slot], [], ports, limit, clients, canary)
 
 
 def proxy_conf_put(text: str) -> Iterator:
@@ -231,34 +234,22 @@ def release_live(
             idle = layout.other_slot(state.get("slot"))
             standby = state.get("standby") or {}
             running = host.get_fact(RunningServices).get(f"api_{idle}")
+            if state.get("canary"):
+                # The canary that failed its gate: the proxy config above already took its share back.
+                yield layout.write_state({k: v for k, v in state.items() if k != "canary"})
             if running and not (standby.get("slot") == idle and standby.get("image") == running):
-                # No traffic ever reached it (the proxy moves only to a ready slot): no drain needed.
+                # No traffic reached it, or a canary's share that the reload above already moved back: in-flight
+                # requests finish on the old workers of the reload, so no drain grace is needed.
                 yield layout.stop_slot(compose_binary(), idle, 1)
                 return
         if not puts:
             host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
         return
-    binary = compose_binary()
     live = state.get("slot")
-    new = layout.other_slot(live)
-    standby = state.get("standby") or {}
-    warm = (
-        standby.get("slot") == new
-        and all(standby.get(key) == wanted[key] for key in ("release", "image_id", "config_version"))
-        and host.get_fact(RunningServices).get(f"api_{new}") == image
-    )
-    slots = dict(state.get("slots", {}))
-    if warm:
-        host.noop(f"ingest {release} already runs warm in standby slot {new}: switching the proxy only")
-    else:
-        slots[new] = layout.slot_env(new, image, release, config_version)
-        yield from files.put._inner(
-            src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
-        )
-        yield layout.start_slot(binary, new)
-    yield layout.wait_slot_ready(new, ports[new], ready_timeout_s)
+    new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
     yield from files.put._inner(src=StringIO(proxy_conf(new, config_version, ports, clients)), dest=PROXY_CONF,
                                 mode="644")
+    binary = compose_binary()
     yield layout.reload_proxy(binary)
     previous = {key: state[key] for key in RELEASE_KEYS if key in state}
     if live and not keep_standby:
@@ -273,6 +264,73 @@ def release_live(
             "standby": {**previous, "slot": live} if (live and keep_standby) else None,
         }
     )
+
+
+def idle_slot_ready(state: Mapping, wanted: Mapping[str, str | None], infra_images: Mapping[str, str],
+                    ports: layout.Ports, ready_timeout_s: int) -> Generator[str, None, tuple[str, dict]]:
+    """The release WANTED running and ready in the slot the proxy does not route to; returns (that slot, both
+    slots' compose variables). A release already warm there (the standby, or this run's canary) is reused:
+    recreating it would drop the requests a canary is serving."""
+    binary = compose_binary()
+    new = layout.other_slot(state.get("slot"))
+    running = host.get_fact(RunningServices).get(f"api_{new}")
+    warm = running == wanted["image"] and any(
+        candidate.get("slot") == new
+        and all(candidate.get(key) == wanted[key] for key in ("release", "image_id", "config_version"))
+        for candidate in (state.get("standby") or {}, state.get("canary") or {})
+    )
+    slots = dict(state.get("slots", {}))
+    if warm:
+        host.noop(f"ingest {wanted['release']} already runs warm in slot {new}: not restarting it")
+    else:
+        slots[new] = layout.slot_env(new, str(wanted["image"]), str(wanted["release"]), str(wanted["config_version"]))
+        yield from files.put._inner(
+            src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
+        )
+        yield layout.start_slot(binary, new)
+    yield layout.wait_slot_ready(new, ports[new], ready_timeout_s)
+    return new, slots
+
+
+@operation()
+def release_canary(
+    release: str,
+    image: str,
+    image_id: str,
+    config_version: str,
+    infra_images: Mapping[str, str],
+    ports: layout.Ports,
+    clients: layout.ClientLimits,
+    weight: int,
+    ready_timeout_s: int = 60,
+):
+    """Ensure RELEASE takes WEIGHT percent of the host's requests from its idle slot, the rest staying on the live
+    release, until `release_live` switches the host whole (the gates passed) or back (they failed).
+
+    state.json keeps the live release as live and records the canary, so a switch or rollback from here acts as
+    from the live release, and the full switch reuses the canary's running slot instead of recreating it.
+    """
+    wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version}
+    state, _stale = live_state(ports)
+    if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
+        host.noop(f"ingest {release} with config {config_version} is already live: no canary")
+        return
+    live = state.get("slot")
+    if not live or state.get(REJECTED):
+        # Nothing to share the traffic with, or a state.json that cannot be trusted to write back: the switch
+        # that follows the gates moves the host whole, as without a canary.
+        host.noop("no trusted live release to share the traffic with: the switch moves the host whole")
+        return
+    new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
+    canary = layout.Canary(slot=new, previous=live, weight=weight)
+    yield from files.put._inner(src=StringIO(proxy_conf(live, state.get("config_version"), ports, clients, canary)),
+                                dest=PROXY_CONF, mode="644")
+    yield layout.reload_proxy(compose_binary())
+    standby = state.get("standby") or {}
+    if standby.get("slot") == new and standby.get("image_id") != image_id:
+        standby = {}  # the canary took the standby's slot: a rollback can no longer find it warm there
+    yield layout.write_state({**state, "slots": slots, "standby": standby or None,
+                              "canary": {**wanted, "slot": new, "weight": weight}})
 
 
 @operation()
