@@ -45,7 +45,7 @@ _FastName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class FastEvent(msgspec.Struct, forbid_unknown_fields=True):
-    """`models.Event` for the fast path (its NUL checks are covered by the body scan in `decode_batch`)."""
+    """`models.Event` for the fast path (its NUL checks are covered by the body scan in `_decode_fast`)."""
 
     id: UUID
     source: _FastName
@@ -94,7 +94,7 @@ def _decode_fast(body: bytes) -> list[FastEvent] | FastEvent | None:
         return None
     try:
         return _FAST_DECODER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # msgspec's depth bound is Python's
         return None
 
 
