@@ -3,9 +3,10 @@
 
 Starts a throwaway PostgreSQL (migrated to head) and Redis, runs `python -m ingest` against them, then for
 each round: empties `events`, COPYs N events into it with psycopg, empties it again, and POSTs N other
-events through the API in batches from concurrent clients. Prints events/s of both and the ratio (quality
-bar: API >= 0.5 x COPY). Request bodies are encoded before the clock starts on both sides' equal footing:
-COPY gets Python tuples, the API gets ready JSON bytes; what is timed is the path into the table.
+events through the API in batches from concurrent clients. Prints events/s of both, the ratio (quality
+bar: API >= 0.7 x COPY) and the service's own CPU per event. Request bodies are encoded before the clock
+starts on both sides' equal footing: COPY gets Python tuples, the API gets ready JSON bytes; what is timed is
+the path into the table.
 
     python bench/ingest_throughput.py [--events 100000] [--batch 1000] [--concurrency 4] [--rounds 3] [--json]
 """
@@ -31,6 +32,7 @@ import psycopg
 from ingest.tools.localservers import LocalPostgres, LocalRedis, free_port, missing_prerequisites
 from psycopg.types.json import Jsonb
 
+TARGET_RATIO = 0.7  # DESIGN section 6
 API_KEY = "bench-" + uuid.uuid4().hex
 JWT_SECRET = "bench-" + uuid.uuid4().hex + uuid.uuid4().hex
 
@@ -174,7 +176,7 @@ def main() -> int:
         port = free_port()
         with log_path.open("wb") as log:
             service = start_service(url, redis.url, port, log)
-            copy_rates, api_rates = [], []
+            copy_rates, api_rates, cpu_per_event = [], [], []
             for round_no in range(args.rounds):
                 copy_seconds = copy_events(url, make_events(args.events, round_no, "copy"))
                 assert count_and_truncate(url) == args.events
@@ -189,9 +191,11 @@ def main() -> int:
                     raise RuntimeError(f"API stored {stored} of {args.events} events")
                 copy_rates.append(args.events / copy_seconds)
                 api_rates.append(args.events / api_seconds)
+                cpu_per_event.append(service_cpu / args.events * 1e6)
                 print(
                     f"round {round_no + 1}: COPY {copy_rates[-1]:,.0f} events/s, API {api_rates[-1]:,.0f} "
                     f"events/s (API phase {api_seconds:.1f}s: service CPU {service_cpu:.1f}s, "
+                    f"{cpu_per_event[-1]:.1f} µs/event; "
                     f"client CPU {client_cpu:.1f}s)",
                     file=sys.stderr,
                 )
@@ -214,7 +218,8 @@ def main() -> int:
         "api_events_per_s": round(api_rate),
         "ratio": round(api_rate / copy_rate, 3),
         "median_round_ratio": round(round_ratios[len(round_ratios) // 2], 3),
-        "target_ratio": 0.5,
+        "service_cpu_us_per_event": round(min(cpu_per_event), 1),
+        "target_ratio": TARGET_RATIO,
     }
     if args.json:
         print(json.dumps(result))
@@ -227,9 +232,10 @@ def main() -> int:
         print(f"API (HTTP batch) : {api_rate:>10,.0f} events/s")
         print(
             f"ratio API/COPY   : {result['ratio']:.3f} best vs best, {result['median_round_ratio']:.3f} median "
-            "of same-round pairs (target >= 0.5)"
+            f"of same-round pairs (target >= {TARGET_RATIO})"
         )
-    return 0 if result["ratio"] >= 0.5 else 1
+        print(f"service CPU      : {result['service_cpu_us_per_event']:.1f} µs/event (best round)")
+    return 0 if result["ratio"] >= TARGET_RATIO else 1
 
 
 if __name__ == "__main__":

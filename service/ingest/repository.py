@@ -19,13 +19,17 @@ from ingest.event_codec import EventRow
 # id already exists (a retried batch, a repeated id) the COPY fails as a whole on the primary key, its
 # savepoint is rolled back, and the batch goes the idempotent way instead: COPY into a session-local staging
 # table, then one INSERT ... SELECT ... ON CONFLICT DO NOTHING. See bench/ingest_throughput.py.
-_COPY_EVENTS = "COPY events (id, source, type, timestamp, payload) FROM STDIN"
+_COPY_EVENTS = "COPY events (id, source, type, timestamp, payload) FROM STDIN (FORMAT BINARY)"
 _STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS events_incoming (
     id uuid, source text, type text, timestamp timestamptz, payload jsonb
 ) ON COMMIT DELETE ROWS
 """
-_COPY_STAGING = "COPY events_incoming (id, source, type, timestamp, payload) FROM STDIN"
+_COPY_STAGING = "COPY events_incoming (id, source, type, timestamp, payload) FROM STDIN (FORMAT BINARY)"
+# Binary COPY: psycopg's C dumpers write these about 4x faster than the text format. The server reads each field
+# with its column's type; the payload arrives already in jsonb's binary form (event_codec.EventRow), so it is
+# sent as is, through the bytea dumper, and jsonb_recv validates it.
+_COPY_TYPES = ["uuid", "text", "text", "timestamptz", "bytea"]
 _MOVE_STAGED = """
 INSERT INTO events (id, source, type, timestamp, payload)
 SELECT id, source, type, timestamp, payload FROM events_incoming
@@ -39,6 +43,7 @@ class InvalidCursor(ValueError):
 
 async def _copy_rows(cur: AsyncCursor, statement: str, rows: Sequence[EventRow]) -> None:
     async with cur.copy(statement) as copy:
+        copy.set_types(_COPY_TYPES)
         for row in rows:
             await copy.write_row(row)
 
