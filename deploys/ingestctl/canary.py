@@ -18,21 +18,13 @@ from ingestctl.runcontext import Context, Release, Run
 
 
 def canary_calls(ctx: Context, release: Release, config_version: str, weight: int) -> list[runner.OperationCall]:
+    from ingestctl.switching import release_kwargs
+
     return [
         runner.OperationCall(
             release_ops.release_canary,
-            kwargs=dict(
-                name=f"Ensure ingest release {release.version} takes {weight}% of the traffic",
-                release=release.version,
-                image=release.image,
-                image_id=release.image_id,
-                config_version=config_version,
-                infra_images=ctx.infra_images,
-                ports=ctx.ports,
-                clients=ctx.client_limits,
-                weight=weight,
-                ready_timeout_s=int(ctx.env.data.health_timeout_s),
-            ),
+            kwargs=dict(name=f"Ensure ingest release {release.version} takes {weight}% of the traffic",
+                        **release_kwargs(ctx, release, config_version), weight=weight),
         )
     ]
 

@@ -17,6 +17,20 @@ from ingestctl.operations import release as release_ops
 from ingestctl.runcontext import SLOT_NOT_READY, Checkpoints, Context, Release, Run, host_states
 
 
+def release_kwargs(ctx: Context, release: Release, config_version: str) -> dict:
+    """What every slot operation (`release_live`, `release_canary`) is told about RELEASE and the host's proxy."""
+    return dict(
+        release=release.version,
+        image=release.image,
+        image_id=release.image_id,
+        config_version=config_version,
+        infra_images=ctx.infra_images,
+        ports=ctx.ports,
+        clients=ctx.client_limits,
+        ready_timeout_s=int(ctx.env.data.health_timeout_s),
+    )
+
+
 def switch_calls(ctx: Context, release: Release, config_version: str,
                  clear_failed_idle: bool = False, keep_standby: bool | None = None) -> list[runner.OperationCall]:
     """The slot switch to RELEASE. `keep_standby=False` drains the slot it leaves instead of keeping it warm:
@@ -26,14 +40,7 @@ def switch_calls(ctx: Context, release: Release, config_version: str,
             release_ops.release_live,
             kwargs=dict(
                 name=f"Ensure ingest release {release.version} is current",
-                release=release.version,
-                image=release.image,
-                image_id=release.image_id,
-                config_version=config_version,
-                infra_images=ctx.infra_images,
-                ports=ctx.ports,
-                clients=ctx.client_limits,
-                ready_timeout_s=int(ctx.env.data.health_timeout_s),
+                **release_kwargs(ctx, release, config_version),
                 drain_grace_s=ctx.env.data.drain_grace_s,
                 schema_head=release.schema_head,
                 keep_standby=ctx.env.data.keep_standby if keep_standby is None else keep_standby,
