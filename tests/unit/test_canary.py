@@ -18,6 +18,7 @@ from ingestctl.facts.proxy import ProxyRouting
 from ingestctl.facts.release import checked_state
 from ingestctl.operations import release as ops
 from ingestctl.reconcile import routed_slot
+from release_fakes import IMAGE_ID, FakeHost, live_state, put
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alembic_versions"
 SECRETS = {"POSTGRES_PASSWORD": "pg-0123456789abcdef", "API_KEY": "key-0123456789abcdef01",
@@ -25,39 +26,10 @@ SECRETS = {"POSTGRES_PASSWORD": "pg-0123456789abcdef", "API_KEY": "key-012345678
 PORTS = layout.Ports(public=8000)
 CLIENTS = layout.ClientLimits(connections=64, requests_per_s=200, burst=400)
 OLD = "aaaaaaaaaaaa"
-IMAGE_ID = "sha256:" + "1" * 64
 V2_ID = "sha256:" + "2" * 64
 HOSTS = {"db1": ["db", "app"], "app2": ["app"], "app3": ["app"]}
 
 
-def live_state(config_version: str, slot: str = "blue") -> dict:
-    return {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": config_version,
-            "schema_head": "0001", "slot": slot,
-            "slots": {slot: layout.slot_env(slot, "ingest:v1", "v1", config_version)},
-            "previous": None, "standby": None}
-
-
-class FakeHost:
-    """Answers the facts the switch operations read; records their noops."""
-
-    def __init__(self, state: dict | None, proxy_conf: str | None = None, running: dict | None = None):
-        self.name = "app2"
-        self.state = state
-        self.files = {ops.PROXY_CONF: proxy_conf}
-        self.running = running or {}
-        self.noops: list[str] = []
-
-    def get_fact(self, fact, **kwargs):
-        name = fact.__name__
-        if name == "ConfigBodyLimit":
-            return 65536
-        if name == "FileDigests":
-            return {p: (ops.sha256(self.files[p]) if self.files.get(p) is not None else None) for p in kwargs["paths"]}
-        return {"IngestState": self.state, "ProxyRouting": None, "RunningServices": self.running,
-                "ComposeBinary": "docker compose"}[name]
-
-    def noop(self, message: str) -> None:
-        self.noops.append(message)
 CANARY = layout.Canary(slot="green", previous="blue", weight=10)
 
 
@@ -115,8 +87,7 @@ def test_during_a_canary_the_routing_fact_defers_to_state_json(tmp_path):
 
 @pytest.fixture
 def ops_host(monkeypatch):
-    monkeypatch.setattr(ops, "files", SimpleNamespace(put=SimpleNamespace(
-        _inner=lambda src, dest, mode: iter([f"put {dest}\n{src.getvalue()}"]))))
+    monkeypatch.setattr(ops, "files", SimpleNamespace(put=SimpleNamespace(_inner=put)))
 
     def use(fake: FakeHost) -> FakeHost:
         monkeypatch.setattr(ops, "host", fake)

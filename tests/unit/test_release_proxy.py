@@ -5,58 +5,27 @@ a host already on the release. A fake host answers the facts; the commands are t
 from __future__ import annotations
 
 import re
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
+import release_fakes
 from ingestctl import hostlayout as layout
 from ingestctl.operations import release as ops
+from release_fakes import IMAGE_ID, live_state, put
 
 PORTS = layout.Ports(public=8000)
 CLIENTS = layout.ClientLimits(connections=64, requests_per_s=200, burst=400)
 OLD, NEW = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 LIMITS = {OLD: 1048576, NEW: 4096, layout.EMPTY_CONFIG: 1048576}
-IMAGE_ID = "sha256:" + "1" * 64
-
-
-def live_state(config_version: str, slot: str = "blue", standby: dict | None = None) -> dict:
-    return {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": config_version,
-            "schema_head": "0001", "slot": slot,
-            "slots": {slot: layout.slot_env(slot, "ingest:v1", "v1", config_version)},
-            "previous": None, "standby": standby}
-
-
-class FakeHost:
-    def __init__(self, state: dict | None, proxy_conf: str | None = None, running: dict | None = None):
-        self.name = "app2"
-        self.state = state
-        self.files = {ops.PROXY_CONF: proxy_conf}
-        self.running = running or {}
-        self.noops: list[str] = []
-        self.limits_read: list[str] = []
-
-    def get_fact(self, fact, **kwargs):
-        name = fact.__name__
-        if name == "ConfigBodyLimit":
-            self.limits_read.append(kwargs["version"])
-            return LIMITS[kwargs["version"]]
-        if name == "FileDigests":
-            return {p: (ops.sha256(self.files[p]) if self.files.get(p) is not None else None) for p in kwargs["paths"]}
-        return {"IngestState": self.state, "ProxyRouting": None, "RunningServices": self.running,
-                "ComposeBinary": "docker compose"}[name]
-
-    def noop(self, message: str) -> None:
-        self.noops.append(message)
-
-
-def put(src, dest, mode):
-    yield f"put {dest}\n{src.getvalue()}"
+FakeHost = partial(release_fakes.FakeHost, limits=LIMITS)
 
 
 @pytest.fixture
 def run(monkeypatch):
     monkeypatch.setattr(ops, "files", SimpleNamespace(put=SimpleNamespace(_inner=put)))
 
-    def run(fake: FakeHost, config_version: str, clients: layout.ClientLimits = CLIENTS, **kwargs) -> list[str]:
+    def run(fake: release_fakes.FakeHost, config_version: str, clients: layout.ClientLimits = CLIENTS, **kwargs) -> list[str]:
         monkeypatch.setattr(ops, "host", fake)
         return [str(c) for c in ops.release_live._inner(
             release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=config_version, infra_images={},

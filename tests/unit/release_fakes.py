@@ -1,0 +1,53 @@
+"""A host for the slot operations (`release_live`, `release_canary`) to run against without SSH: it answers the
+facts they read and records their noops; the commands they yield are the real ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ingestctl import hostlayout as layout
+from ingestctl.operations import release as ops
+
+IMAGE_ID = "sha256:" + "1" * 64
+DEFAULT_BODY_LIMIT = 65536
+
+
+def live_state(config_version: str, slot: str = "blue", standby: dict | None = None) -> dict:
+    """state.json of a host running release v1 with CONFIG_VERSION in SLOT."""
+    return {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": config_version,
+            "schema_head": "0001", "slot": slot,
+            "slots": {slot: layout.slot_env(slot, "ingest:v1", "v1", config_version)},
+            "previous": None, "standby": standby}
+
+
+class FakeHost:
+    """Answers the facts the switch operations read; records their noops and which config versions' body limits
+    they read (LIMITS by version, else the same limit for every version)."""
+
+    def __init__(self, state: dict | None, proxy_conf: str | None = None, running: dict | None = None,
+                 limits: Mapping[str, int] | None = None):
+        self.name = "app2"
+        self.state = state
+        self.files = {ops.PROXY_CONF: proxy_conf}
+        self.running = running or {}
+        self.limits = limits
+        self.noops: list[str] = []
+        self.limits_read: list[str] = []
+
+    def get_fact(self, fact, **kwargs):
+        name = fact.__name__
+        if name == "ConfigBodyLimit":
+            self.limits_read.append(kwargs["version"])
+            return self.limits[kwargs["version"]] if self.limits is not None else DEFAULT_BODY_LIMIT
+        if name == "FileDigests":
+            return {p: (ops.sha256(self.files[p]) if self.files.get(p) is not None else None) for p in kwargs["paths"]}
+        return {"IngestState": self.state, "ProxyRouting": None, "RunningServices": self.running,
+                "ComposeBinary": "docker compose"}[name]
+
+    def noop(self, message: str) -> None:
+        self.noops.append(message)
+
+
+def put(src, dest, mode):
+    """pyinfra's `files.put._inner`, as one readable command: the destination and the content."""
+    yield f"put {dest}\n{src.getvalue()}"
