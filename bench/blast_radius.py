@@ -24,15 +24,14 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.detection import FAULT, QUERY_ROUTE
+from bench.failures import cut
 from bench.load import Load
 from tests.e2e.releases import ingestctl, variant
 
@@ -41,41 +40,6 @@ INVENTORY = "inventories/local.py"
 DATA_START = '    data={\n'
 TARGET_SHARE = 0.005
 TARGET_DETECTION_S = 10.0
-
-
-class TimedLoad(Load):
-    """The bench load, with each request's end time and outcome kept, so a window can be cut out of it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.timeline: list[tuple[float, bool]] = []
-        self._timeline_lock = threading.Lock()
-
-    def _record(self, status, reason, acked=None) -> None:
-        with self._timeline_lock:
-            self.timeline.append((time.time(), reason is not None))
-        super()._record(status, reason, acked)
-
-
-@dataclass(frozen=True)
-class Window:
-    start: float
-    end: float
-    requests: int
-    failed: int
-
-    @property
-    def share(self) -> float:
-        return self.failed / self.requests if self.requests else 0.0
-
-
-def cut(timeline: list[tuple[float, bool]], took_traffic: float, healthy: float) -> Window:
-    """The window from the bad release taking traffic to the fleet healthy, widened to every failed request."""
-    failures = [t for t, failed in timeline if failed]
-    start = min([took_traffic, *failures[:1]])
-    end = max([healthy, *failures[-1:]])
-    inside = [failed for t, failed in timeline if start <= t <= end]
-    return Window(start, end, len(inside), sum(inside))
 
 
 def bad_checkout(tmp: Path, weight: int) -> Path:
@@ -99,7 +63,7 @@ def run_bad(weight: int, urls: list[str], secrets: dict, workers: int, max_secon
         built = ingestctl("image", "build", "--version", version, root=root)
         if built.code != 0:
             raise SystemExit(f"building {version} failed:\n{built.explain()}")
-        load = TimedLoad(urls, secrets["API_KEY"], secrets["JWT_SECRET"], workers=workers, max_seconds=max_seconds,
+        load = Load(urls, secrets["API_KEY"], secrets["JWT_SECRET"], workers=workers, max_seconds=max_seconds,
                          max_requests=500_000)
         with load:
             time.sleep(2)
@@ -112,7 +76,7 @@ def run_bad(weight: int, urls: list[str], secrets: dict, workers: int, max_secon
     took = next(e for e in events if e.get("step") in ("canary", "switched") and e.get("batch") == 1)
     gate = next(e for e in events if e.get("type") == "gate" and e.get("passed") is False)
     back = next(e for e in events if e.get("type") == "rollback" and e.get("outcome") == "rolled-back")
-    window = cut(load.timeline, took["ts"], back["ts"])
+    window = cut(load.result.samples, took["ts"], back["ts"])
     return {
         "canary_weight": weight,
         "release": version,

@@ -82,6 +82,29 @@ def near_marks(samples: Iterable[Sample], marks: Sequence[float], window_s: floa
 
 
 @dataclass(frozen=True)
+class Window:
+    """The requests answered between START and END, and how many of them failed."""
+
+    start: float
+    end: float
+    requests: int
+    failed: int
+
+    @property
+    def share(self) -> float:
+        return self.failed / self.requests if self.requests else 0.0
+
+
+def cut(samples: Sequence[Sample], took_traffic: float, healthy: float) -> Window:
+    """The window from a bad release taking traffic to the fleet healthy, widened to every failed request."""
+    failures = sorted(s.at for s in samples if s.reason is not None)
+    start = min([took_traffic, *failures[:1]])
+    end = max([healthy, *failures[-1:]])
+    inside = [s for s in samples if start <= s.at <= end]
+    return Window(start, end, len(inside), sum(s.reason is not None for s in inside))
+
+
+@dataclass(frozen=True)
 class FailureRecord:
     """A failed request placed in its phase: seconds since the phase's action began and from the nearest switch."""
 

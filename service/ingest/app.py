@@ -26,7 +26,7 @@ class IngestApp(FastAPI):
     def build_middleware_stack(self):
         # Outside Starlette's ServerErrorMiddleware, so even a 500 carries the request id and is counted.
         return EdgeMiddleware(BodyLimitMiddleware(super().build_middleware_stack(), self.state.max_body_bytes),
-                              version=self.state.app_version)
+                              version=self.state.app_version, slot=self.state.app_slot)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -66,6 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.max_body_bytes = settings.max_request_body_bytes
     app.state.app_version = settings.app_version
+    app.state.app_slot = settings.app_slot
     install_error_handlers(app)
     app.include_router(events.router)
     app.include_router(operations.router)

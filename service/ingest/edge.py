@@ -28,9 +28,10 @@ def _incoming_request_id(scope: Scope) -> str | None:
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, version: str = "dev"):
+    def __init__(self, app: ASGIApp, version: str = "dev", slot: str = ""):
         self.app = app
         self.version = version
+        self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,8 +56,8 @@ class EdgeMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             route_label = getattr(route, "path", None) or "unmatched"
-            HTTP_REQUESTS.labels(route_label, scope["method"], str(status), self.version).inc()
-            HTTP_DURATION.labels(route_label, self.version).observe(elapsed)
+            HTTP_REQUESTS.labels(route_label, scope["method"], str(status), self.version, self.slot).inc()
+            HTTP_DURATION.labels(route_label, self.version, self.slot).observe(elapsed)
             access_log.info(
                 "request", extra={
                     "method": scope["method"], "path": scope["path"], "route": route_label,

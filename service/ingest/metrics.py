@@ -2,6 +2,9 @@
 
 The request metrics carry the release (`version`, constant per process) so that Prometheus can judge a release
 by itself over any window (`sum by (version)`), across restarts and switches, without joining ingest_build_info.
+They carry the blue/green `slot` too: both slots may run the same release (a config change, the warm standby),
+and a counter that moved between two processes would not be monotonic, so `increase()` would count the other
+process's whole history as new requests when the proxy switches back to it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ disable_created_metrics()
 
 HTTP_REQUESTS = Counter(
     "ingest_http_requests_total", "HTTP requests answered, by route template, method, status and release.",
-    ["route", "method", "status", "version"],
+    ["route", "method", "status", "version", "slot"],
 )
 HTTP_DURATION = Histogram(
     "ingest_http_request_duration_seconds", "Time to answer an HTTP request, by route template and release.",
-    ["route", "version"],
+    ["route", "version", "slot"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0),
 )
 EVENTS_ACCEPTED = Counter("ingest_events_accepted", "Events newly stored.")

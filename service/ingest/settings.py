@@ -166,6 +166,10 @@ class Settings(DatabaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", alias="LOG_LEVEL")
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=600, alias="SHUTDOWN_GRACE_SECONDS")
     app_version: str = Field("dev", min_length=1, max_length=128, alias="APP_VERSION")
+    # The blue/green slot this process serves from ("" outside the fleet). Two slots can run the same release
+    # (a config change, the warm standby): without it their counters would be one series to Prometheus, and a
+    # switch between them would read as every request the other slot ever answered.
+    app_slot: Literal["", "blue", "green"] = Field("", alias="APP_SLOT")
     # Peers whose X-Forwarded-For is believed (a per-host proxy): the rate limiter keys on the real client.
     forwarded_allow_ips: str = Field("127.0.0.1", alias="FORWARDED_ALLOW_IPS")
 

@@ -206,11 +206,13 @@ def test_a_weighted_canary_catches_a_bad_release_on_its_share_and_rolls_it_back(
     from ingestctl import paths
     from ingestctl import secrets as secrets_mod
 
-    from bench.blast_radius import DATA_START, INVENTORY, TimedLoad, cut
+    from bench.blast_radius import DATA_START, INVENTORY
+    from bench.failures import cut
+    from bench.load import Load
 
     values = secrets_mod.load(paths.secrets_file("local"))
-    load = TimedLoad(list(app_urls(testbed).values()), values["API_KEY"], values["JWT_SECRET"], workers=2,
-                     max_seconds=300, max_requests=100_000)
+    load = Load(list(app_urls(testbed).values()), values["API_KEY"], values["JWT_SECRET"], workers=2,
+                max_seconds=300, max_requests=100_000)
     with load:
         release, result = bad_release(tmp_path, "canary10", {
             EVENTS_API: replacing("    after = None\n",
@@ -226,10 +228,12 @@ def test_a_weighted_canary_catches_a_bad_release_on_its_share_and_rolls_it_back(
     ratios = {k: v for k, v in gate["numbers"].items() if k.endswith("error_ratio")}
     assert ratios and max(ratios.values()) > gate["numbers"]["thresholds.max_error_ratio"], gate
     back = next(e for e in result.events if e["type"] == "rollback" and e.get("outcome") == "rolled-back")
-    window = cut(load.timeline, canary["ts"], back["ts"])
+    window = cut(load.result.samples, canary["ts"], back["ts"])
     # The bad release answered some queries with 500 (it did take traffic), but a small share of all: a whole
     # host of three would fail about a sixth (half the load is queries).
     assert 0 < window.failed and window.share < 0.05, window
+    # What failed is the bad release's own answer, nothing from the switching.
+    assert {s.reason for s in load.result.samples if s.reason} == {"HTTP 500"}, load.result.failure_reasons
 
 
 def test_release_whose_latency_trips_the_metric_gate_is_rolled_back(testbed, ssh, baseline, tmp_path):

@@ -183,7 +183,7 @@ def start_service(tmp_path) -> Iterator[Callable[..., ServiceProcess]]:
 def service(database_url, redis_server, tmp_path_factory) -> Iterator[ServiceProcess]:
     """The shared service instance: real PostgreSQL and Redis, rate limiting off so tests do not interact."""
     proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES="65536",
-                                      INGEST_MAX_BATCH_ITEMS="50"),
+                                      INGEST_MAX_BATCH_ITEMS="50", APP_SLOT="green"),
                           tmp_path_factory.mktemp("svc") / "service.log").start()
     yield proc
     proc.stop()

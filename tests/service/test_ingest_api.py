@@ -304,6 +304,10 @@ def test_metrics_count_requests_and_events(client, ingest_headers):
     delta_202 = (_metric(after, "ingest_http_requests_total", route="/api/v1/events", method="POST", status="202")
                  - _metric(before, "ingest_http_requests_total", route="/api/v1/events", method="POST", status="202"))
     assert delta_202 == 2
+    # Both slots may run the same release: the slot keeps their counters apart for Prometheus.
+    assert _metric(after, "ingest_http_requests_total", route="/api/v1/events", version="9.9.9-test",
+                   slot="green") >= 2
+    assert _metric(after, "ingest_http_request_duration_seconds_count", route="/api/v1/events", slot="green") >= 3
     assert _metric(after, "ingest_http_requests_total", status="422") > _metric(before, "ingest_http_requests_total", status="422")
     assert _metric(after, "ingest_degraded") == 0
 

@@ -6,6 +6,7 @@ import pytest
 
 from bench.failures import (
     Sample,
+    cut,
     error_reason,
     failure_records,
     group_failures,
@@ -131,3 +132,21 @@ def test_totals_and_text_show_every_kind_and_the_reasons():
     assert "round 1, bad (the bad release's blast radius)" in text
     assert "round 1, racy (the negative control)" in text
     assert "| 1 | rollback app | 102 | 1 | 14 | 1 | 50 | 300 | 3.03x |" in text
+
+
+def test_cut_spans_the_bad_release_and_widens_to_every_failure():
+    samples = [sample(9.0), sample(10.5, "HTTP 500"), sample(11.0), sample(12.0, "HTTP 500"), sample(14.0)]
+    window = cut(samples, took_traffic=11.0, healthy=13.0)
+    assert (window.start, window.end) == (10.5, 13.0)
+    assert (window.requests, window.failed) == (3, 2)
+
+
+def test_cut_counts_only_failed_requests_as_failed():
+    samples = [sample(10.0 + i / 10) for i in range(10)] + [sample(10.35, "HTTP 500")]
+    window = cut(samples, took_traffic=10.0, healthy=11.0)
+    assert (window.requests, window.failed) == (11, 1)
+    assert window.share == pytest.approx(1 / 11)
+
+
+def test_a_window_without_requests_has_no_failed_share():
+    assert cut([], took_traffic=1.0, healthy=2.0).share == 0.0

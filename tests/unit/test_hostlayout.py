@@ -93,6 +93,12 @@ def test_api_slots_listen_on_loopback_behind_the_proxy():
     assert services["api_green"]["environment"]["HOST"] == "127.0.0.1"
 
 
+def test_each_api_slot_names_itself_so_its_metrics_stay_its_own():
+    services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
+    assert services["api_blue"]["environment"]["APP_SLOT"] == "blue"
+    assert services["api_green"]["environment"]["APP_SLOT"] == "green"
+
+
 def test_app_host_compose_has_no_database():
     services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
     assert set(services) == {"api_blue", "api_green", "proxy"}

@@ -19,7 +19,7 @@ GOOD = {"API_KEY": "ak-3f9c1d2e8b7a6f5e4d3c", "JWT_SECRET": "js-" + "9a8b7c6d5e4
 def env(monkeypatch):
     for name in list(__import__("os").environ):
         if name.startswith(("POSTGRES_", "DATABASE_URL", "API_KEY", "JWT_", "REDIS_", "RATE_LIMIT", "PORT",
-                            "HEADER_TIMEOUT")):
+                            "HEADER_TIMEOUT", "APP_SLOT")):
             monkeypatch.delenv(name)
 
     def set_env(**values: str) -> None:
@@ -78,6 +78,17 @@ def test_defaults_are_the_documented_ones(env):
     assert (settings.port, settings.ingest_max_batch_items, settings.max_request_body_bytes,
             settings.rate_limit_backend, settings.rate_limit_per_minute, settings.shutdown_grace_seconds,
             settings.app_version, settings.log_level) == (8000, 1000, 1048576, "redis", 6000, 20.0, "dev", "INFO")
+
+
+def test_the_slot_is_blue_green_or_none(env):
+    env(**GOOD)
+    assert load_settings().app_slot == ""
+    env(APP_SLOT="green")
+    assert load_settings().app_slot == "green"
+    env(APP_SLOT="purple")
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("APP_SLOT: Input should be ''"), str(caught.value)
 
 
 def test_security_defaults_are_the_documented_ones(env):
