@@ -101,6 +101,15 @@ def secret_leaks(testbed, secret_values: Mapping[str, str]) -> list[str]:
             for name, value in secret_values.items() if value and value in text]
 
 
+def link_or_copy(source: str, destination: str) -> None:
+    """A hard link where it can be one; a copy across file systems (Debian 13's /tmp is a tmpfs, apart from the
+    checkout) or where links are refused."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -> Path:
     """A copy of the checkout with CHANGES applied: {relative path: new text, or a function of the old text}."""
     root = tmp_path / "checkout"
@@ -115,7 +124,7 @@ def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -
     # The wheelhouse is big and identical: hard links instead of copies (a symlink would leave the build context).
     wheelhouse = PROJECT_ROOT / "service" / "wheelhouse"
     if wheelhouse.exists():
-        shutil.copytree(wheelhouse, root / "service" / "wheelhouse", copy_function=os.link)
+        shutil.copytree(wheelhouse, root / "service" / "wheelhouse", copy_function=link_or_copy)
     for relative, change in changes.items():
         path = root / relative
         old = path.read_text() if path.exists() else ""
