@@ -64,7 +64,7 @@ def run_bad(weight: int, urls: list[str], secrets: dict, workers: int, max_secon
         if built.code != 0:
             raise SystemExit(f"building {version} failed:\n{built.explain()}")
         load = Load(urls, secrets["API_KEY"], secrets["JWT_SECRET"], workers=workers, max_seconds=max_seconds,
-                         max_requests=500_000)
+                    max_requests=500_000)
         with load:
             time.sleep(2)
             bad = ingestctl("deploy", "local", "--version", version, "--skip-bench", "--json", root=root,
