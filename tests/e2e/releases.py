@@ -121,7 +121,7 @@ def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -
     for name in SHARED:
         (PROJECT_ROOT / name).mkdir(exist_ok=True)
         (root / name).symlink_to(PROJECT_ROOT / name)
-    # The wheelhouse is big and identical: hard links instead of copies (a symlink would leave the build context).
+    # The wheelhouse is big and identical: hard links where they can be (a symlink would leave the build context).
     wheelhouse = PROJECT_ROOT / "service" / "wheelhouse"
     if wheelhouse.exists():
         shutil.copytree(wheelhouse, root / "service" / "wheelhouse", copy_function=link_or_copy)
