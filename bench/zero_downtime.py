@@ -10,8 +10,8 @@ Without --soak: one deploy (A -> B), `rollback app`, and `config set` + `rollbac
 rounds of those, each followed by a deploy of a release whose queries fail (this checkout with the fault of
 bench/detection.py), which the metric gate must roll back by itself (exit 3). Its phase's failed requests
 are that release's blast radius, reported apart and not counted against the target. With --racy, each round
-also restarts every proxy instead of reloading it (bench/racy_switch.py): the negative control, which must
-show failed requests (else the bench exits 1: it could not see a drop).
+also restarts every proxy (bench/racy_switch.py): the negative control, which must show failed requests (else
+the bench exits 1: it could not see a drop). The switches themselves flip the proxies' routes, with no reload.
 
 It uses the sandbox named by INGESTCTL_TESTBED (started if needed) and deploys releases `zd-<tag>-a`,
 `zd-<tag>-b` and `zd-<tag>-bad<round>` built from this checkout (<tag> is new for every invocation).
@@ -115,7 +115,7 @@ def rounds(count: int, tag: str, bad_root: Path | None, racy: bool) -> list[tupl
             ("rollback config", "config", n, command("rollback", "config", "local")),
         ]
         if racy:
-            plan.append(("racy control: every proxy restarted, not reloaded", RACY_CONTROL, n, restart_proxies))
+            plan.append(("racy control: every proxy restarted", RACY_CONTROL, n, restart_proxies))
         if bad_root is not None:
             plan.append((f"deploy bad zd-{tag}-bad{n} (rolled back)", BAD_RELEASE, n,
                          command("deploy", "local", "--version", f"zd-{tag}-bad{n}", "--skip-bench",
@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--idle-clients", type=int, default=12, help="keep-alive clients idle 0-6 s between requests")
     parser.add_argument("--fresh-clients", type=int, default=2, help="clients opening a connection per request")
     parser.add_argument("--racy", action="store_true",
-                        help="each round also restarts every proxy instead of reloading it: the negative control")
+                        help="each round also restarts every proxy: the negative control, which must fail requests")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

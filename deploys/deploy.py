@@ -46,6 +46,7 @@ if "app" in host.groups:
         name=f"Ensure ingest release {release.version} is current",
         release=release.version, image=release.image, image_id=release.image_id, config_version=cfg.version,
         infra_images=ctx.infra_images, ports=ctx.ports, clients=ctx.client_limits,
-        ready_timeout_s=int(ctx.env.data.health_timeout_s), drain_grace_s=ctx.env.data.drain_grace_s,
+        canary_weight=ctx.env.data.canary_weight, ready_timeout_s=int(ctx.env.data.health_timeout_s),
+        drain_grace_s=ctx.env.data.drain_grace_s,
         schema_head=release.schema_head, keep_standby=ctx.env.data.keep_standby,
     )

@@ -24,7 +24,7 @@ def canary_calls(ctx: Context, release: Release, config_version: str, weight: in
         runner.OperationCall(
             release_ops.release_canary,
             kwargs=dict(name=f"Ensure ingest release {release.version} takes {weight}% of the traffic",
-                        **release_kwargs(ctx, release, config_version), weight=weight),
+                        **release_kwargs(ctx, release, config_version)),
         )
     ]
 

@@ -9,7 +9,9 @@ On-host layout (BASE = /opt/ingest):
     state.json          the live slot and what it runs (read by the IngestHostState fact)
     config/<version>/   app.env + secrets/ (0600, owned by the app user): content-addressed config versions
     db/secrets/         the database's own password file (db host)
-    proxy/nginx.conf    the proxy: which slot is live, the live config's body limit, per-client limits
+    proxy/nginx.conf    the proxy: the live config's body limit, per-client limits, the canary weight
+    proxy/live.sock     symlink to the live slot's unix socket (canary.sock: the canary's, else the live one's)
+    run/                the slots' unix sockets (owned by the app user)
     backups/            restore points (pg_dump -Fc) on the db host
 """
 
@@ -221,39 +223,58 @@ class ClientLimits:
 CANARY_HEADER = "X-Ingest-Canary"
 
 
-@dataclass(frozen=True)
-class Canary:
-    """A weighted canary on one host: WEIGHT percent (1-99) of its requests to the new release in SLOT, the rest
-    to the previous release, still live in PREVIOUS."""
+# Where the slots listen and how the proxy reaches them (see nginx.conf.j2 and docs/ARCHITECTURE.md). Each slot
+# serves on a unix socket in SLOT_SOCKETS (host: BASE/run, owned by the app user); the proxy connects through the
+# symlinks live.sock and canary.sock in its own directory (host: BASE/proxy, root's). Both are seen at the same
+# paths inside the containers, so a symlink's target is a path the proxy's container resolves.
+SLOT_SOCKETS = "/run/ingest-slots"
+PROXY_ROUTES = "/etc/ingest-proxy"
+ROUTES = ("live", "canary")
 
-    slot: str
-    previous: str
-    weight: int
+
+def slot_socket(slot: str) -> str:
+    if slot not in SLOTS:
+        raise ValueError(f"slot: expected one of {SLOTS}, found {slot!r}")
+    return f"{SLOT_SOCKETS}/{slot}.sock"
 
 
-def render_proxy(live: Iterable[str], draining: Iterable[str], ports: Ports, max_body_bytes: int,
-                 clients: ClientLimits, canary: Canary | None = None) -> str:
-    """The proxy's config. MAX_BODY_BYTES is the live config version's MAX_REQUEST_BODY_BYTES, so a body the api
-    would refuse is refused before nginx buffers it; CLIENTS are the inventory's per-address limits. With CANARY,
-    the upstream is both slots, weighted, instead of LIVE."""
+def render_proxy(ports: Ports, max_body_bytes: int, clients: ClientLimits, canary_weight: int = 100,
+                 routes: str = PROXY_ROUTES) -> str:
+    """The proxy's config, listening on PORTS.public. MAX_BODY_BYTES is the live config version's
+    MAX_REQUEST_BODY_BYTES, so a body the api would refuse is refused before nginx buffers it; CLIENTS are the
+    inventory's per-address limits; below 100, CANARY_WEIGHT is the share of requests the canary route gets.
+    Which slot serves is not in it: the symlinks in ROUTES are (`route_proxy`)."""
     # Rendered into nginx directives: only plain integers may get there. A body limit of 0 would mean none.
     for name, value, low in (("max_body_bytes", max_body_bytes, 1), ("connections", clients.connections, 0),
                              ("requests_per_s", clients.requests_per_s, 0), ("burst", clients.burst, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"proxy {name}: expected an integer >= {low}, found {value!r}")
-    if canary is not None:
-        # Both weights must be nginx's positive integers: 100 would leave the previous slot a weight of 0.
-        if isinstance(canary.weight, bool) or not isinstance(canary.weight, int) or not 1 <= canary.weight <= 99:
-            raise ValueError(f"proxy canary weight: expected an integer from 1 to 99, found {canary.weight!r}")
-        if {canary.slot, canary.previous} != set(SLOTS):
-            raise ValueError(f"proxy canary: expected the two slots {SLOTS}, found {canary.slot!r} and "
-                             f"{canary.previous!r}")
+    # Both weights must be nginx's positive integers: 100 means no canary share at all.
+    if isinstance(canary_weight, bool) or not isinstance(canary_weight, int) or not 1 <= canary_weight <= 100:
+        raise ValueError(f"proxy canary weight: expected an integer from 1 to 100, found {canary_weight!r}")
     return (
         _templates()
         .get_template("nginx.conf.j2")
-        .render(live=list(live), draining=list(draining), ports=ports, max_body_bytes=max_body_bytes,
-                clients=clients, canary=canary)
+        .render(ports=ports, max_body_bytes=max_body_bytes, clients=clients, canary_weight=canary_weight,
+                routes=routes)
     )
+
+
+def route_proxy(live: str, canary: str | None = None) -> str:
+    """Point the proxy's routes at slots: canary.sock at CANARY (the live slot when None), then live.sock at LIVE.
+
+    Each is a symlink replaced by rename(2), so a connect sees the old slot or the new one, never neither; nginx
+    resolves the path at every connect, so the next request goes to the new slot with no reload.
+    """
+    commands = []
+    for route, slot in (("canary", canary or live), ("live", live)):
+        commands.append(f"ln -sfn {slot_socket(slot)} .{route}.sock.new && mv -Tf .{route}.sock.new {route}.sock")
+    return f"cd {BASE}/proxy && " + " && ".join(commands)
+
+
+def unroute_proxy() -> str:
+    """Remove the proxy's routes: a host with no live release routes nowhere."""
+    return f"rm -f {BASE}/proxy/live.sock {BASE}/proxy/canary.sock"
 
 
 def render_dotenv(values: Mapping[str, str]) -> str:
@@ -331,6 +352,11 @@ def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
         f'docker logs --tail 30 "$c" >&2; '
         f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; exit 1"
     )
+
+
+def proxy_started(binary: str) -> str:
+    """Start the proxy when it does not run (a host's first release); a running one is left alone."""
+    return f'c={container_of("proxy")}; [ -n "$c" ] || {{ {compose(binary, "up", "-d", "--no-deps", "proxy")}; }}'
 
 
 def reload_proxy(binary: str) -> str:

@@ -1,10 +1,10 @@
 """What a host really serves, when its proxy and its state.json disagree (a half-switched host).
 
-A switch writes the proxy config, reloads the proxy, then writes state.json. If SSH or the disk fails in between,
-the proxy already sends traffic to the new slot while state.json still names the old one. Trusting state.json
-then makes the next switch treat the slot carrying traffic as idle: recreate it, or stop it. So every switch
-first reads where the proxy routes (its config file) and what compose runs in each slot (.env), and acts on the
-*effective* state built here. Pure: unit-tested without hosts.
+A switch flips the proxy's route (a symlink to a slot's socket), then writes state.json. If SSH or the disk fails in
+between, the proxy already sends traffic to the new slot while state.json still names the old one. Trusting
+state.json then makes the next switch treat the slot carrying traffic as idle: recreate it, or stop it. So every
+switch first reads where the proxy routes (its symlinks) and what compose runs in each slot (.env), and acts on
+the *effective* state built here. Pure: unit-tested without hosts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ingestctl import hostvalues
-from ingestctl.hostlayout import EMPTY_CONFIG, SLOTS
+from ingestctl.hostlayout import EMPTY_CONFIG, SLOT_SOCKETS
 
 # .env values are read back from the host: untrusted. Only what the project itself writes is accepted.
 ENV_LINE = re.compile(r"^(API_(BLUE|GREEN)_(IMAGE|VERSION|CONFIG))=(.*)$")
@@ -28,35 +28,41 @@ RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 @dataclass(frozen=True)
 class Routing:
-    """The proxy's live upstream port(s) from its config file, and the api slots' compose variables."""
+    """Where the proxy's routes point (the slot behind live.sock and behind canary.sock, None for a route that is
+    missing or not one of the project's), and the api slots' compose variables."""
 
-    ports: tuple[int, ...]
+    live: str | None
+    canary: str | None
     slot_env: Mapping[str, Mapping[str, str]]
 
 
+# `ROUTE TARGET` lines, TARGET as `readlink` prints it: only the project's own slot sockets are accepted.
+ROUTE_LINE = re.compile(rf"^(live|canary) {re.escape(SLOT_SOCKETS)}/(blue|green)\.sock$")
+
+
 def parse_routing(output: list[str]) -> Routing | None:
-    """The ProxyRouting fact's output: `port N` lines, then `.env` lines. None when the host has no proxy config."""
-    ports: list[int] = []
+    """The ProxyRouting fact's output: `live TARGET` and `canary TARGET` lines, then `.env` lines. None when the
+    host has no live route."""
+    routes: dict[str, str] = {}
     slot_env: dict[str, dict[str, str]] = {}
     for raw in output:
         line = raw.strip()
-        if line.startswith("port ") and line[5:].isdigit():
-            ports.append(int(line[5:]))
+        route = ROUTE_LINE.match(line)
+        if route:
+            routes[route.group(1)] = route.group(2)
             continue
         match = ENV_LINE.match(line)
         if match and _valid(match.group(3), match.group(4)):
             key, slot, _kind, value = match.groups()
             slot_env.setdefault(slot.lower(), {})[key] = value
-    if not ports:
+    if "live" not in routes:
         return None
-    return Routing(ports=tuple(ports), slot_env=slot_env)
+    return Routing(live=routes["live"], canary=routes.get("canary"), slot_env=slot_env)
 
 
-def routed_slot(routing: Routing | None, slot_ports: Mapping[str, int]) -> str | None:
-    """The one slot the proxy sends traffic to, or None (no proxy config yet, or not exactly one live upstream)."""
-    if routing is None or len(routing.ports) != 1:
-        return None
-    return next((slot for slot in SLOTS if slot_ports[slot] == routing.ports[0]), None)
+def routed_slot(routing: Routing | None) -> str | None:
+    """The slot the proxy sends its traffic to (a canary's share aside), or None (no routes yet)."""
+    return routing.live if routing is not None else None
 
 
 def effective_state(state: Mapping, routed: str | None, routing: Routing | None) -> tuple[dict, bool]:

@@ -27,6 +27,7 @@ def release_kwargs(ctx: Context, release: Release, config_version: str) -> dict:
         infra_images=ctx.infra_images,
         ports=ctx.ports,
         clients=ctx.client_limits,
+        canary_weight=ctx.env.data.canary_weight,
         ready_timeout_s=int(ctx.env.data.health_timeout_s),
     )
 

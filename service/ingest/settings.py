@@ -172,6 +172,10 @@ class Settings(DatabaseSettings):
     app_slot: Literal["", "blue", "green"] = Field("", alias="APP_SLOT")
     # Peers whose X-Forwarded-For is believed (a per-host proxy): the rate limiter keys on the real client.
     forwarded_allow_ips: str = Field("127.0.0.1", alias="FORWARDED_ALLOW_IPS")
+    # Also serve on this unix socket (beside HOST:PORT): the per-host proxy's route to the slot. The proxy
+    # connects through a symlink that the deploy flips, which moves traffic without reloading nginx. A peer on
+    # it is the local proxy, trusted like 127.0.0.1 for X-Forwarded-For.
+    unix_socket: str = Field("", pattern=r"^(/[A-Za-z0-9._-]+)+\.sock$|^$", max_length=100, alias="UNIX_SOCKET")
 
     # Secrets
     api_key: SecretStr | None = Field(None, alias="API_KEY")

@@ -309,14 +309,15 @@ def downgrade() -> None:
 
 ERRORS_RELEASE = {EVENTS_API: replacing(
     "    after = None\n", '    raise RuntimeError("e2e: this release breaks the query path")\n    after = None\n')}
-# Shadows the host's docker CLI (first on sshd's PATH): the FAILING-th proxy reload on a host fails the way a
-# container runtime hiccups under load.
+# Shadows the host's docker CLI (first on sshd's PATH): the FAILING-th slot start or stop on a host (the switch's
+# container work; the proxy itself is never reloaded by a switch) fails the way a container runtime hiccups under
+# load.
 FLAKY_DOCKER = """#!/bin/sh
-case "$*" in *nginx*reload*)
-  n=$(( $(cat /tmp/e2e-reloads 2>/dev/null || echo 0) + 1 )); echo "$n" > /tmp/e2e-reloads
+case "$*" in compose*up*--force-recreate*api_*|compose*stop*api_*)
+  n=$(( $(cat /tmp/e2e-slot-ops 2>/dev/null || echo 0) + 1 )); echo "$n" > /tmp/e2e-slot-ops
   if [ "$n" = {failing} ]; then
-    echo 'OCI runtime exec failed: exec failed: unable to start container process: read init-p: connection reset by peer: unknown' >&2
-    exit 126
+    echo 'Error response from daemon: OCI runtime create failed: unable to start container process: read init-p: connection reset by peer: unknown' >&2
+    exit 1
   fi;;
 esac
 exec /usr/bin/docker "$@"
@@ -328,12 +329,12 @@ def app_hosts(testbed) -> list[str]:
 
 
 @contextmanager
-def flaky_reloads(testbed, ssh, failing: int) -> Iterator[None]:
-    """While inside, the FAILING-th proxy reload of each app host fails once."""
+def flaky_slot_ops(testbed, ssh, failing: int) -> Iterator[None]:
+    """While inside, the FAILING-th slot start or stop of each app host fails once."""
     for host in app_hosts(testbed):
-        code, out, err = ssh(host, "command -v docker")
-        assert code == 0 and out.strip() == "/usr/bin/docker", f"{host}: docker is not /usr/bin/docker: {out}{err}"
-        code, _out, err = ssh(host, "rm -f /tmp/e2e-reloads && cat > /usr/local/bin/docker <<'EOF'\n"
+        code, out, err = ssh(host, "command -v docker && docker compose version")
+        assert code == 0 and out.startswith("/usr/bin/docker\n"), f"{host}: not /usr/bin/docker with compose v2: {out}{err}"
+        code, _out, err = ssh(host, "rm -f /tmp/e2e-slot-ops && cat > /usr/local/bin/docker <<'EOF'\n"
                               f"{FLAKY_DOCKER.replace('{failing}', str(failing))}EOF\nchmod 755 /usr/local/bin/docker")
         assert code == 0, err
     try:
@@ -343,22 +344,23 @@ def flaky_reloads(testbed, ssh, failing: int) -> Iterator[None]:
             ssh(host, "rm -f /usr/local/bin/docker")
 
 
-def test_a_failed_proxy_reload_in_the_forward_switch_is_retried_and_the_run_ends_honestly(testbed, ssh, baseline,
-                                                                                         tmp_path):
-    """The canary's own switch: its proxy reload fails once; the switch is retried, then the bad release's gate
+def test_a_failed_slot_start_in_the_forward_switch_is_retried_and_the_run_ends_honestly(testbed, ssh, baseline,
+                                                                                       tmp_path):
+    """The canary's own switch: starting its slot fails once; the switch is retried, then the bad release's gate
     fails and the fleet returns to the baseline (exit 3)."""
-    with flaky_reloads(testbed, ssh, failing=1):
+    with flaky_slot_ops(testbed, ssh, failing=1):
         release, result = bad_release(tmp_path, "errors", ERRORS_RELEASE)
     retries = [e for e in result.events if e["type"] == "retry"]
-    assert retries and "OCI runtime exec failed" in retries[0]["message"], result.explain()
+    assert retries and "OCI runtime create failed" in retries[0]["message"], result.explain()
     assert_rolled_back(result, release, "metrics", testbed, ssh)
 
 
-def test_a_transient_exec_failure_during_the_automatic_rollback_is_retried(testbed, ssh, baseline, tmp_path):
-    with flaky_reloads(testbed, ssh, failing=2):
+def test_a_transient_runtime_failure_during_the_automatic_rollback_is_retried(testbed, ssh, baseline, tmp_path):
+    """The second slot operation is the rollback's: stopping the failed canary's slot fails once, is retried."""
+    with flaky_slot_ops(testbed, ssh, failing=2):
         release, result = bad_release(tmp_path, "errors", ERRORS_RELEASE)
     retries = [e for e in result.events if e["type"] == "retry"]
-    assert retries and "OCI runtime exec failed" in retries[0]["message"], result.explain()
+    assert retries and "OCI runtime create failed" in retries[0]["message"], result.explain()
     assert_rolled_back(result, release, "metrics", testbed, ssh)
 
 

@@ -115,6 +115,15 @@ def test_api_slots_listen_on_loopback_only(host):
             )
 
 
+def test_the_proxys_live_route_is_the_live_slots_socket(host):
+    state = _state(host)
+    target = host.run(f"readlink {BASE}/proxy/live.sock").stdout.strip()
+    assert target == f"/run/ingest-slots/{state['slot']}.sock", (
+        f"{_name(host)}: the proxy's live route points at {target!r}, state.json says slot {state['slot']}")
+    assert host.file(f"{BASE}/run/{state['slot']}.sock").is_socket, (
+        f"{_name(host)}: api_{state['slot']} serves no socket at {BASE}/run/{state['slot']}.sock")
+
+
 def test_redis_refuses_a_client_without_the_password(host):
     # Every Redis the host runs (the db host's; an app host runs none, and so passes).
     for container in _containers(host, "label=com.docker.compose.service=redis", "status=running"):

@@ -248,10 +248,26 @@ def proxy_ports():
     return Ports(public=free_port_pair())
 
 
+@pytest.fixture(scope="module")
+def slot_sockets(tmp_path_factory) -> Path:
+    """The module's directory of slot sockets (a host's /run/ingest-slots): its upstreams serve UNIX_SOCKET here."""
+    return tmp_path_factory.mktemp("slots")
+
+
+def route(routes: Path, slot_socket: Path, *names: str) -> None:
+    """Point the proxy's routes NAMES (live, canary) at SLOT_SOCKET as the deploy does: a symlink, renamed in."""
+    for name in names:
+        staged = routes / f".{name}.sock.new"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(slot_socket)
+        staged.rename(routes / f"{name}.sock")
+
+
 @pytest.fixture
-def start_proxy(proxy_ports, tmp_path) -> Iterator[Callable[..., int]]:
-    """Start nginx with the project's proxy template (blue live), the given body limit and client limits
-    (the inventory's defaults unless given). One proxy per test: it listens on the module's public port."""
+def start_proxy(proxy_ports, slot_sockets, tmp_path) -> Iterator[Callable[..., int]]:
+    """Start nginx with the project's proxy template (routes to the blue slot's socket), the given body limit and
+    client limits (the inventory's defaults unless given). One proxy per test: it listens on the module's public
+    port."""
     from ingestctl.hostlayout import ClientLimits, render_proxy
     from ingestctl.inventory import EnvData
 
@@ -262,7 +278,10 @@ def start_proxy(proxy_ports, tmp_path) -> Iterator[Callable[..., int]]:
                             fields["proxy_limit_req_burst"].default)
 
     def start(max_body_bytes: int, clients: ClientLimits = defaults) -> int:
-        conf = render_proxy(["blue"], [], proxy_ports, max_body_bytes, clients)
+        routes = tmp_path / "routes"
+        routes.mkdir(exist_ok=True)
+        route(routes, slot_sockets / "blue.sock", "live", "canary")
+        conf = render_proxy(proxy_ports, max_body_bytes, clients, routes=str(routes))
         # The template's pid file and temp dirs are fixed paths under /tmp: move them into this test's own
         # directory so it never shares (or, on exit, deletes) another proxy's files.
         assert "/tmp/ingest-proxy" in conf

@@ -91,10 +91,11 @@ def send_repeatedly(port: int, size: int, framing: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def limited_service(database_url, redis_server, tmp_path_factory, proxy_ports) -> Iterator[ServiceProcess]:
-    """A service of this module's own, on the blue slot's port so the rendered proxy reaches it."""
-    proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(SERVICE_LIMIT)),
-                          tmp_path_factory.mktemp("body-limit") / "service.log", port=proxy_ports.blue).start()
+def limited_service(database_url, redis_server, tmp_path_factory, slot_sockets) -> Iterator[ServiceProcess]:
+    """A service of this module's own, on the blue slot's socket so the rendered proxy reaches it."""
+    proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(SERVICE_LIMIT),
+                                      UNIX_SOCKET=str(slot_sockets / "blue.sock")),
+                          tmp_path_factory.mktemp("body-limit") / "service.log").start()
     yield proc
     proc.stop()
 

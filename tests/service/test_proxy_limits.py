@@ -25,10 +25,11 @@ BODY_LIMIT = 65536
 
 
 @pytest.fixture(scope="module")
-def upstream(database_url, redis_server, tmp_path_factory, proxy_ports) -> Iterator[ServiceProcess]:
-    """The api the proxy sends to: on the blue slot's port, its own rate limiter off (RATE_LIMIT_PER_MINUTE=0)."""
-    proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(BODY_LIMIT)),
-                          tmp_path_factory.mktemp("proxy-limits") / "service.log", port=proxy_ports.blue).start()
+def upstream(database_url, redis_server, tmp_path_factory, slot_sockets) -> Iterator[ServiceProcess]:
+    """The api the proxy sends to: on the blue slot's socket, its own rate limiter off (RATE_LIMIT_PER_MINUTE=0)."""
+    proc = ServiceProcess(service_env(database_url, redis_server.url, MAX_REQUEST_BODY_BYTES=str(BODY_LIMIT),
+                                      UNIX_SOCKET=str(slot_sockets / "blue.sock")),
+                          tmp_path_factory.mktemp("proxy-limits") / "service.log").start()
     yield proc
     proc.stop()
 

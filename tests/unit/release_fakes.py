@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from ingestctl import hostlayout as layout
 from ingestctl.operations import release as ops
+from ingestctl.reconcile import Routing
 
 IMAGE_ID = "sha256:" + "1" * 64
 DEFAULT_BODY_LIMIT = 65536
@@ -20,14 +21,25 @@ def live_state(config_version: str, slot: str = "blue", standby: dict | None = N
             "previous": None, "standby": standby}
 
 
+def state_routing(state: dict | None) -> Routing | None:
+    if not state or not state.get("slot"):
+        return None
+    canary = (state.get("canary") or {}).get("slot", state["slot"])
+    return Routing(live=state["slot"], canary=canary, slot_env=state.get("slots", {}))
+
+
 class FakeHost:
     """Answers the facts the switch operations read; records their noops and which config versions' body limits
     they read (LIMITS by version, else the same limit for every version)."""
 
     def __init__(self, state: dict | None, proxy_conf: str | None = None, running: dict | None = None,
-                 limits: Mapping[str, int] | None = None):
+                 limits: Mapping[str, int] | None = None, routing: Routing | None | str = "as state.json"):
         self.name = "app2"
         self.state = state
+        # The proxy's routes: by default where state.json says (its canary's slot on the canary route).
+        self.routing = state_routing(state) if routing == "as state.json" else routing
+        self.image_ids: dict[str, str] = {}
+        self.sockets = frozenset(layout.SLOTS)  # the slots whose unix socket exists
         self.files = {ops.PROXY_CONF: proxy_conf}
         self.running = running or {}
         self.limits = limits
@@ -39,10 +51,12 @@ class FakeHost:
         if name == "ConfigBodyLimit":
             self.limits_read.append(kwargs["version"])
             return self.limits[kwargs["version"]] if self.limits is not None else DEFAULT_BODY_LIMIT
+        if name == "DockerImage":
+            return self.image_ids.get(kwargs["image"])
         if name == "FileDigests":
             return {p: (ops.sha256(self.files[p]) if self.files.get(p) is not None else None) for p in kwargs["paths"]}
-        return {"IngestState": self.state, "ProxyRouting": None, "RunningServices": self.running,
-                "ComposeBinary": "docker compose"}[name]
+        return {"IngestState": self.state, "ProxyRouting": self.routing, "RunningServices": self.running,
+                "ComposeBinary": "docker compose", "SlotSockets": self.sockets}[name]
 
     def noop(self, message: str) -> None:
         self.noops.append(message)

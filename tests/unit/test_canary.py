@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +13,8 @@ import pytest
 from ingestctl import config, hostlayout, inventory, migrations, plan
 from ingestctl import hostlayout as layout
 from ingestctl.errors import ConfigError
-from ingestctl.facts.proxy import ProxyRouting
 from ingestctl.facts.release import checked_state
 from ingestctl.operations import release as ops
-from ingestctl.reconcile import routed_slot
 from release_fakes import IMAGE_ID, FakeHost, live_state, put
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alembic_versions"
@@ -30,7 +27,7 @@ V2_ID = "sha256:" + "2" * 64
 HOSTS = {"db1": ["db", "app"], "app2": ["app"], "app3": ["app"]}
 
 
-CANARY = layout.Canary(slot="green", previous="blue", weight=10)
+RELOAD = "nginx.conf -s reload"
 
 
 def upstream(conf: str, name: str) -> list[str]:
@@ -41,15 +38,16 @@ def upstream(conf: str, name: str) -> list[str]:
 # --- the proxy config -----------------------------------------------------------------------------------
 
 
-def test_a_canary_sends_its_weight_to_the_new_slot_and_the_rest_to_the_previous_one():
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS, CANARY)
-    assert upstream(conf, "ingest_api") == ["server 127.0.0.1:8002 weight=10 max_fails=0",
-                                            "server 127.0.0.1:8001 weight=90 max_fails=0"]
-    assert upstream(conf, "ingest_canary") == ["server 127.0.0.1:8002 weight=1 max_fails=0"]
+def test_a_canary_weight_sends_its_share_to_the_canary_route_and_the_rest_to_the_live_one():
+    conf = layout.render_proxy(PORTS, 65536, CLIENTS, canary_weight=10)
+    assert upstream(conf, "ingest_api") == ["server unix:/etc/ingest-proxy/live.sock weight=90 max_fails=0",
+                                            "server unix:/etc/ingest-proxy/canary.sock weight=10 max_fails=0",
+                                            "server unix:/etc/ingest-proxy/live.sock max_fails=0 backup"]
+    assert upstream(conf, "ingest_canary") == ["server unix:/etc/ingest-proxy/canary.sock max_fails=0"]
 
 
-def test_the_gate_reaches_the_new_slot_alone_by_header_and_metrics_are_the_new_slots():
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS, CANARY)
+def test_the_gate_reaches_the_canary_route_alone_by_header_and_metrics_are_the_canary_routes():
+    conf = layout.render_proxy(PORTS, 65536, CLIENTS, canary_weight=10)
     variable = "$http_" + hostlayout.CANARY_HEADER.lower().replace("-", "_")
     assert re.search(r"map " + re.escape(variable) + r" \$ingest_upstream \{\s*\"1\" ingest_canary;\s*"
                      r"default ingest_api;", conf)
@@ -59,27 +57,17 @@ def test_the_gate_reaches_the_new_slot_alone_by_header_and_metrics_are_the_new_s
     assert "proxy_pass http://$ingest_upstream;" in main
 
 
-def test_without_a_canary_the_config_has_no_weights_header_route_or_metrics_route():
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS)
-    assert "weight=" not in conf and "ingest_canary" not in conf and "/metrics" not in conf
-    assert "proxy_pass http://ingest_api;" in conf
+def test_a_whole_host_canary_has_no_weights():
+    conf = layout.render_proxy(PORTS, 65536, CLIENTS)
+    assert "weight=" not in conf
+    assert upstream(conf, "ingest_api") == ["server unix:/etc/ingest-proxy/live.sock max_fails=0",
+                                            "server unix:/etc/ingest-proxy/live.sock max_fails=0 backup"]
 
 
-@pytest.mark.parametrize("canary", [layout.Canary("green", "blue", 100), layout.Canary("green", "blue", 0),
-                                    layout.Canary("green", "blue", True), layout.Canary("blue", "blue", 10)])
-def test_a_canary_nginx_cannot_take_is_refused(canary):
-    with pytest.raises(ValueError, match="proxy canary"):
-        layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS, canary)
-
-
-def test_during_a_canary_the_routing_fact_defers_to_state_json(tmp_path):
-    """Run the fact's real command on a rendered canary config: no single routed slot, so state.json (the
-    previous release, still live) is what a rollback or the full switch acts from."""
-    (tmp_path / "proxy").mkdir()
-    (tmp_path / "proxy" / "nginx.conf").write_text(layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS, CANARY))
-    command = ProxyRouting().command().replace(layout.BASE, str(tmp_path))
-    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert routed_slot(ProxyRouting().process(output), PORTS) is None
+@pytest.mark.parametrize("weight", [0, 101, True, "10"])
+def test_a_weight_nginx_cannot_take_is_refused(weight):
+    with pytest.raises(ValueError, match="proxy canary weight: expected an integer from 1 to 100"):
+        layout.render_proxy(PORTS, 65536, CLIENTS, canary_weight=weight)
 
 
 # --- the operations -------------------------------------------------------------------------------------
@@ -97,7 +85,8 @@ def ops_host(monkeypatch):
 
 
 V2 = dict(release="v2", image="ingest:v2", image_id=V2_ID, config_version=OLD, infra_images={}, ports=PORTS,
-          clients=CLIENTS)
+          clients=CLIENTS, canary_weight=10)
+WEIGHTED = layout.render_proxy(PORTS, 65536, CLIENTS, canary_weight=10)
 
 
 def written_state(commands: list[str]) -> dict:
@@ -105,14 +94,13 @@ def written_state(commands: list[str]) -> dict:
     return json.loads(shlex.split(write)[2])
 
 
-def test_the_canary_starts_the_new_slot_then_shares_the_traffic_and_records_itself(ops_host):
-    ops_host(FakeHost(live_state(OLD)))
-    commands = [str(c) for c in ops.release_canary._inner(weight=10, **V2)]
+def test_the_canary_starts_the_new_slot_then_flips_the_canary_route_and_records_itself(ops_host):
+    ops_host(FakeHost(live_state(OLD), proxy_conf=WEIGHTED))
+    commands = [str(c) for c in ops.release_canary._inner(**V2)]
     starts = [i for i, c in enumerate(commands) if "--force-recreate api_green" in c]
-    [conf_at] = [i for i, c in enumerate(commands) if c.startswith(f"put {ops.PROXY_CONF}")]
-    [reload_at] = [i for i, c in enumerate(commands) if "nginx.conf -s reload" in c]
-    assert starts and starts[0] < conf_at < reload_at, "the new slot runs and is ready before it gets a share"
-    assert "weight=10" in commands[conf_at] and "weight=90" in commands[conf_at]
+    [flip] = [i for i, c in enumerate(commands) if c == layout.route_proxy("blue", canary="green")]
+    assert starts and starts[0] < flip, "the new slot runs and is ready before it gets a share"
+    assert not any(RELOAD in c for c in commands), "the weights are in place already: no reload"
     state = written_state(commands)
     assert state["slot"] == "blue" and state["release"] == "v1", "the previous release stays the live one"
     assert state["canary"] == {"release": "v2", "image": "ingest:v2", "image_id": V2_ID, "config_version": OLD,
@@ -120,12 +108,20 @@ def test_the_canary_starts_the_new_slot_then_shares_the_traffic_and_records_itse
     assert checked_state(state)["canary"]["slot"] == "green", "the fact keeps the canary"
 
 
+def test_a_canary_on_a_proxy_without_the_weights_puts_them_and_reloads(ops_host):
+    ops_host(FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(PORTS, 65536, CLIENTS)))
+    commands = [str(c) for c in ops.release_canary._inner(**V2)]
+    [conf] = [c for c in commands if c.startswith(f"put {ops.PROXY_CONF}")]
+    assert "weight=10" in conf and "weight=90" in conf
+    assert any(RELOAD in c for c in commands)
+
+
 def test_a_canary_in_the_standbys_slot_retires_the_standby_from_state_json(ops_host):
     older = {"release": "v0", "image": "ingest:v0", "image_id": "sha256:" + "0" * 64, "config_version": OLD,
              "slot": "green"}
-    ops_host(FakeHost({**live_state(OLD), "standby": older}, running={"api_blue": "ingest:v1",
-                                                                       "api_green": "ingest:v0"}))
-    state = written_state([str(c) for c in ops.release_canary._inner(weight=10, **V2)])
+    ops_host(FakeHost({**live_state(OLD), "standby": older}, proxy_conf=WEIGHTED,
+                      running={"api_blue": "ingest:v1", "api_green": "ingest:v0"}))
+    state = written_state([str(c) for c in ops.release_canary._inner(**V2)])
     assert state["standby"] is None and state["canary"]["slot"] == "green"
 
 
@@ -135,7 +131,7 @@ def test_no_canary_without_a_previous_release_or_when_the_release_is_live(ops_ho
     if state == "live v2":
         state = {**live_state(OLD), "release": "v2", "image": "ingest:v2", "image_id": V2_ID}
     fake = ops_host(FakeHost(state))
-    assert list(ops.release_canary._inner(weight=10, **V2)) == []
+    assert list(ops.release_canary._inner(**V2)) == []
     assert why in fake.noops[0]
 
 
@@ -147,30 +143,24 @@ def canary_host() -> dict:
 
 
 def test_the_full_switch_after_the_gates_keeps_the_canarys_slot_running(ops_host):
-    ops_host(FakeHost(canary_host(), proxy_conf=layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS,
-                                                                           CANARY),
-                             running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
+    ops_host(FakeHost(canary_host(), proxy_conf=WEIGHTED, running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
     commands = [str(c) for c in ops.release_live._inner(**V2)]
     assert not any("--force-recreate" in c for c in commands), "recreating it would drop the canary's requests"
-    [conf] = [c for c in commands if c.startswith(f"put {ops.PROXY_CONF}")]
-    assert upstream(conf, "ingest_api") == ["server 127.0.0.1:8002 max_fails=0"]
+    assert layout.route_proxy("green") in commands and not any(RELOAD in c for c in commands)
     state = written_state(commands)
     assert state["slot"] == "green" and state["release"] == "v2" and "canary" not in state
     assert state["standby"]["slot"] == "blue" and state["standby"]["release"] == "v1"
 
 
 def test_a_failed_canary_goes_back_to_the_previous_slot_alone_and_is_removed(ops_host):
-    ops_host(FakeHost(canary_host(), proxy_conf=layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS,
-                                                                           CANARY),
-                             running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
+    ops_host(FakeHost(canary_host(), proxy_conf=WEIGHTED, running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
     commands = [str(c) for c in ops.release_live._inner(
         release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=OLD, infra_images={}, ports=PORTS,
-        clients=CLIENTS, clear_failed_idle=True, keep_standby=False)]
-    [conf] = [c for c in commands if c.startswith(f"put {ops.PROXY_CONF}")]
-    assert upstream(conf, "ingest_api") == ["server 127.0.0.1:8001 max_fails=0"] and "weight=" not in conf
-    reload_at = next(i for i, c in enumerate(commands) if "nginx.conf -s reload" in c)
+        clients=CLIENTS, canary_weight=10, clear_failed_idle=True, keep_standby=False)]
+    flip = commands.index(layout.route_proxy("blue"))
     stop_at = next(i for i, c in enumerate(commands) if "stop -t 1 api_green" in c)
-    assert reload_at < stop_at, "the proxy leaves the canary's slot before it stops"
+    assert flip < stop_at, "the proxy leaves the canary's slot before it stops"
+    assert not any(RELOAD in c for c in commands)
     state = written_state(commands)
     assert "canary" not in state and state["slot"] == "blue" and state["release"] == "v1"
 

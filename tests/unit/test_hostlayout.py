@@ -1,5 +1,7 @@
 """The on-host layout and the shell commands that change it, pinned as exact strings (Kamal style)."""
 
+import re
+
 import pytest
 import yaml
 from ingestctl import hostlayout as layout
@@ -111,12 +113,25 @@ def test_compose_never_carries_a_secret_value():
     assert "/run/secrets:ro" in text, "secrets reach containers as read-only files"
 
 
-def test_proxy_keeps_draining_slot_as_backup_and_retries_posts():
-    text = layout.render_proxy(["green"], ["blue"], PORTS, 1048576, CLIENTS)
-    assert "server 127.0.0.1:8002 max_fails=0;" in text
-    assert "server 127.0.0.1:8001 backup max_fails=0;" in text
+def test_proxy_reaches_the_slots_through_its_routes_retries_posts_and_keeps_no_slot_connection():
+    text = layout.render_proxy(PORTS, 1048576, CLIENTS)
+    assert "server unix:/etc/ingest-proxy/live.sock max_fails=0;" in text
+    assert "server unix:/etc/ingest-proxy/live.sock max_fails=0 backup;" in text
+    assert "server unix:/etc/ingest-proxy/canary.sock max_fails=0;" in text
+    assert "127.0.0.1:" not in text, "no slot is named by its port: a switch must not need a new config"
+    # An upstream connection kept alive would carry requests to the old slot after a flip.
+    assert not re.search(r"^\s*keepalive\b", text, re.M)
     assert "proxy_next_upstream error timeout http_502 non_idempotent;" in text
     assert "reuseport" not in text.replace("No `reuseport`", "")
+
+
+def test_compose_gives_each_slot_its_socket_and_the_proxy_the_sockets_read_only():
+    services = yaml.safe_load(layout.render_compose("app2", ["app"], "10.0.0.2", 10001, PORTS))["services"]
+    for slot in ("blue", "green"):
+        assert services[f"api_{slot}"]["environment"]["UNIX_SOCKET"] == layout.slot_socket(slot)
+        assert f"./run:{layout.SLOT_SOCKETS}" in services[f"api_{slot}"]["volumes"]
+    assert f"./run:{layout.SLOT_SOCKETS}:ro" in services["proxy"]["volumes"]
+    assert f"./proxy:{layout.PROXY_ROUTES}:ro" in services["proxy"]["volumes"]
 
 
 def test_redis_password_lives_in_its_config_file_never_in_the_compose_file():

@@ -30,7 +30,7 @@ def error_body(conf: str, status: int, request_id: str = "req-1") -> dict:
 
 
 def test_the_body_limit_is_the_one_given_and_named_in_the_413():
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS)
+    conf = layout.render_proxy(PORTS, 65536, CLIENTS)
     assert re.findall(r"client_max_body_size (\d+);", conf) == ["65536"]
     error = error_body(conf, 413)["error"]
     assert error["code"] == "PAYLOAD_TOO_LARGE" and error["request_id"] == "req-1"
@@ -38,7 +38,7 @@ def test_the_body_limit_is_the_one_given_and_named_in_the_413():
 
 
 def test_client_limits_key_on_the_client_address_and_answer_429_json_with_retry_after():
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, layout.ClientLimits(10, 30, 5))
+    conf = layout.render_proxy(PORTS, 65536, layout.ClientLimits(10, 30, 5))
     assert "limit_conn_zone $binary_remote_addr zone=ingest_conn:10m;" in conf
     assert "limit_req_zone $binary_remote_addr zone=ingest_req:10m rate=30r/s;" in conf
     assert "limit_conn ingest_conn 10;" in conf
@@ -56,7 +56,7 @@ def test_client_limits_key_on_the_client_address_and_answer_429_json_with_retry_
 
 def test_the_limits_apply_to_client_requests_not_to_the_proxys_own_error_answers():
     """In `location /` only: the named locations answering 413 and 429 are never throttled themselves."""
-    conf = layout.render_proxy(["blue"], [], PORTS, 65536, CLIENTS)
+    conf = layout.render_proxy(PORTS, 65536, CLIENTS)
     main = conf[conf.index("location / {"):]
     assert main.index("limit_conn ingest_conn 64;") < main.index("proxy_pass")
     assert conf.count("limit_conn ingest_conn") == 1 and conf.count("limit_req zone=") == 1
@@ -67,7 +67,7 @@ def test_the_limits_apply_to_client_requests_not_to_the_proxys_own_error_answers
     (layout.ClientLimits(64, 0, 400), "limit_req", "limit_conn"),
 ])
 def test_zero_turns_a_limit_off(clients, off, on):
-    directives = set(re.findall(r"^\s*(limit_\w+)", layout.render_proxy(["blue"], [], PORTS, 65536, clients),
+    directives = set(re.findall(r"^\s*(limit_\w+)", layout.render_proxy(PORTS, 65536, clients),
                                 re.MULTILINE))
     assert directives == {on, f"{on}_zone", f"{on}_status", f"{on}_log_level"}, off
 
@@ -81,7 +81,7 @@ def test_zero_turns_a_limit_off(clients, off, on):
 ])
 def test_only_plain_integers_reach_the_nginx_config(max_body, clients, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        layout.render_proxy(["blue"], [], PORTS, max_body, clients)
+        layout.render_proxy(PORTS, max_body, clients)
 
 
 # ----- the config version's body limit, read back from the host ----------------------------------------------

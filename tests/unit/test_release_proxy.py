@@ -1,6 +1,7 @@
-"""The switch owns the proxy's config: `release_live` renders it with the body limit of the config version it
-puts live (read on the host), reloads only when that config changes, and re-applies changed inventory limits to
-a host already on the release. A fake host answers the facts; the commands are the real ones."""
+"""The switch owns the proxy: `release_live` moves traffic by flipping the proxy's routes (symlinks), writes the
+proxy's config only when its settings change (the body limit of the config version it puts live, read on the
+host; the inventory's limits), and reloads nginx only then. A fake host answers the facts; the commands are the
+real ones."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import release_fakes
 from ingestctl import hostlayout as layout
 from ingestctl.operations import release as ops
+from ingestctl.reconcile import Routing
 from release_fakes import IMAGE_ID, live_state, put
 
 PORTS = layout.Ports(public=8000)
@@ -19,13 +21,15 @@ CLIENTS = layout.ClientLimits(connections=64, requests_per_s=200, burst=400)
 OLD, NEW = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 LIMITS = {OLD: 1048576, NEW: 4096, layout.EMPTY_CONFIG: 1048576}
 FakeHost = partial(release_fakes.FakeHost, limits=LIMITS)
+RELOAD = "nginx -c /etc/ingest-proxy/nginx.conf -s reload"
 
 
 @pytest.fixture
 def run(monkeypatch):
     monkeypatch.setattr(ops, "files", SimpleNamespace(put=SimpleNamespace(_inner=put)))
 
-    def run(fake: release_fakes.FakeHost, config_version: str, clients: layout.ClientLimits = CLIENTS, **kwargs) -> list[str]:
+    def run(fake: release_fakes.FakeHost, config_version: str, clients: layout.ClientLimits = CLIENTS,
+            **kwargs) -> list[str]:
         monkeypatch.setattr(ops, "host", fake)
         return [str(c) for c in ops.release_live._inner(
             release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=config_version, infra_images={},
@@ -42,43 +46,103 @@ def body_limit_of(conf: str) -> int:
     return int(re.search(r"client_max_body_size (\d+);", conf).group(1))
 
 
-def test_a_config_switch_gives_the_proxy_the_new_versions_body_limit_in_the_same_reload(run):
-    fake = FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(["blue"], [], PORTS, LIMITS[OLD], CLIENTS))
+def index_of(commands: list[str], needle: str) -> int:
+    return next(i for i, c in enumerate(commands) if needle in c)
+
+
+def test_a_release_switch_flips_the_routes_without_a_reload(run):
+    fake = FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS),
+                    running={"api_blue": "ingest:v0"})
+    fake.state["release"], fake.state["image_id"] = "v0", "sha256:" + "0" * 64
+    commands = run(fake, OLD)
+    assert proxy_puts(commands) == [], "the proxy's settings did not change"
+    assert not any(RELOAD in c for c in commands), "no reload: kept-alive client connections stay open"
+    flip = index_of(commands, "mv -Tf .live.sock.new live.sock")
+    assert layout.route_proxy("green") in commands[flip]
+    assert index_of(commands, "ready") < flip, "the new slot is ready before the proxy moves"
+    assert flip < index_of(commands, layout.STATE_FILE), "state.json follows the routes"
+
+
+def test_a_config_switch_gives_the_proxy_the_new_versions_body_limit_in_one_reload_after_the_flip(run):
+    fake = FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS))
     commands = run(fake, NEW)
     [conf] = proxy_puts(commands)
-    assert body_limit_of(conf) == 4096 and "server 127.0.0.1:8002 max_fails=0;" in conf
+    assert body_limit_of(conf) == 4096
     assert fake.limits_read[-1] == NEW
-    reloads = [i for i, c in enumerate(commands) if "nginx -c /etc/ingest-proxy/nginx.conf -s reload" in c]
-    assert len(reloads) == 1, "one graceful reload per switch"
-    assert commands.index(next(c for c in commands if c.startswith(f"put {ops.PROXY_CONF}"))) < reloads[0]
-    assert any("ready" in c for c in commands[:reloads[0]]), "the new slot is ready before the proxy moves"
+    reloads = [i for i, c in enumerate(commands) if RELOAD in c]
+    assert len(reloads) == 1, "one graceful reload, for the body limit"
+    assert commands.index(conf) < index_of(commands, "mv -Tf .live.sock.new") < reloads[0]
 
 
-def test_a_rollback_to_the_warm_standby_restores_its_config_versions_limit(run):
+def test_a_rollback_to_the_warm_standby_is_a_flip_and_restores_its_config_versions_limit(run):
     standby = {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": OLD,
                "schema_head": "0001", "slot": "blue"}
     fake = FakeHost(live_state(NEW, slot="green", standby=standby),
-                    proxy_conf=layout.render_proxy(["green"], [], PORTS, LIMITS[NEW], CLIENTS),
+                    proxy_conf=layout.render_proxy(PORTS, LIMITS[NEW], CLIENTS),
                     running={"api_blue": "ingest:v1", "api_green": "ingest:v1"})
     commands = run(fake, OLD)
     [conf] = proxy_puts(commands)
-    assert body_limit_of(conf) == 1048576 and "server 127.0.0.1:8001 max_fails=0;" in conf
+    assert body_limit_of(conf) == 1048576
+    assert layout.route_proxy("blue") in commands
     assert not any("--force-recreate api_" in c for c in commands), "the standby runs already: only the proxy moves"
 
 
+def test_a_standby_started_before_the_slots_had_sockets_is_recreated_not_routed_to(run):
+    """After the upgrade to routed slots, the old standby container serves no socket: a rollback to it must start
+    it afresh, or the flip would send every request to a path nothing listens on."""
+    standby = {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": OLD,
+               "schema_head": "0001", "slot": "blue"}
+    fake = FakeHost(live_state(NEW, slot="green", standby=standby),
+                    proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS),
+                    running={"api_blue": "ingest:v1", "api_green": "ingest:v1"})
+    fake.sockets = frozenset({"green"})
+    commands = run(fake, OLD)
+    assert index_of(commands, "--force-recreate api_blue") < index_of(commands, layout.route_proxy("blue"))
+
+
 def test_a_host_already_live_with_its_proxy_as_wanted_is_a_noop_without_a_reload(run):
-    fake = FakeHost(live_state(NEW), proxy_conf=layout.render_proxy(["blue"], [], PORTS, LIMITS[NEW], CLIENTS))
+    fake = FakeHost(live_state(NEW), proxy_conf=layout.render_proxy(PORTS, LIMITS[NEW], CLIENTS))
     assert run(fake, NEW) == []
     assert fake.noops == ["ingest v1 with config bbbbbbbbbbbb is already live in slot blue"]
 
 
 def test_changed_inventory_limits_reach_a_host_already_live_with_one_reload_and_no_switch(run):
-    fake = FakeHost(live_state(NEW), proxy_conf=layout.render_proxy(["blue"], [], PORTS, LIMITS[NEW], CLIENTS))
+    fake = FakeHost(live_state(NEW), proxy_conf=layout.render_proxy(PORTS, LIMITS[NEW], CLIENTS))
     tighter = layout.ClientLimits(connections=8, requests_per_s=20, burst=10)
     commands = run(fake, NEW, clients=tighter)
     [conf] = proxy_puts(commands)
     assert "limit_conn ingest_conn 8;" in conf and body_limit_of(conf) == 4096
-    assert "server 127.0.0.1:8001 max_fails=0;" in conf, "traffic stays on the live slot"
-    assert len(commands) == 2 and "-s reload" in commands[1]
-    assert not any(layout.STATE_FILE in c or "--force-recreate api_" in c for c in commands)
+    assert len(commands) == 2 and RELOAD in commands[1]
+    assert not any(layout.STATE_FILE in c or "--force-recreate api_" in c or ".live.sock.new" in c for c in commands)
     assert fake.noops == []
+
+
+def test_a_live_host_without_routes_gets_them_before_its_new_config_is_loaded(run):
+    """A host upgraded from a proxy that named the slot in its config: routes first, then the reload, so nginx
+    never runs a config whose routes do not exist."""
+    fake = FakeHost(live_state(NEW), proxy_conf="an older template", routing=None)
+    commands = run(fake, NEW)
+    assert index_of(commands, layout.route_proxy("blue")) < index_of(commands, RELOAD)
+    assert not any(layout.STATE_FILE in c for c in commands)
+
+
+def test_a_half_switched_host_is_routed_whole_reloaded_and_recorded(run):
+    """The routes already point at the release wanted (state.json was never written): nothing restarts."""
+    state = {**live_state(OLD), "release": "v0", "image": "ingest:v0", "image_id": "sha256:" + "0" * 64}
+    routed = Routing(live="green", canary="green",
+                     slot_env={"green": layout.slot_env("green", "ingest:v1", "v1", NEW)})
+    fake = FakeHost(state, proxy_conf=layout.render_proxy(PORTS, LIMITS[NEW], CLIENTS), routing=routed)
+    fake.image_ids = {"ingest:v1": IMAGE_ID}
+    commands = run(fake, NEW)
+    assert layout.route_proxy("green") in commands and any(RELOAD in c for c in commands)
+    assert not any("--force-recreate" in c or "stop" in c for c in commands)
+    assert '"slot": "green"' in commands[-1] and layout.STATE_FILE in commands[-1]
+
+
+def test_routes_are_symlinks_replaced_by_rename_canary_first():
+    command = layout.route_proxy("green", canary="blue")
+    assert command == ("cd /opt/ingest/proxy && "
+                       "ln -sfn /run/ingest-slots/blue.sock .canary.sock.new && mv -Tf .canary.sock.new canary.sock && "
+                       "ln -sfn /run/ingest-slots/green.sock .live.sock.new && mv -Tf .live.sock.new live.sock")
+    with pytest.raises(ValueError, match="slot: expected one of"):
+        layout.route_proxy("green; rm -rf /")

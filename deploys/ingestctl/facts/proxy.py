@@ -1,5 +1,5 @@
-"""What a host's proxy is configured from: where its config file routes traffic (beside what compose runs in each
-api slot), and the body limit of a config version, which the proxy's client_max_body_size follows."""
+"""What a host's proxy is configured from: where its routes send traffic (beside what compose runs in each api
+slot), and the body limit of a config version, which the proxy's client_max_body_size follows."""
 
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ from pyinfra.api.exceptions import FactProcessError
 from ingestctl import config as config_mod
 from ingestctl import hostvalues
 from ingestctl.errors import ConfigError
-from ingestctl.hostlayout import BASE, EMPTY_CONFIG
+from ingestctl.hostlayout import BASE, EMPTY_CONFIG, ROUTES
 from ingestctl.reconcile import Routing, parse_routing
 
 BODY_LIMIT_KEY = "MAX_REQUEST_BODY_BYTES"
 
 
 class ProxyRouting(FactBase[Routing | None]):
-    """The live (non-backup) upstream ports of the proxy config and the slots' .env variables, in one round."""
+    """Where the proxy's routes (live.sock, canary.sock) point and the slots' .env variables, in one round."""
 
     def command(self) -> str:
-        # The template writes one `server 127.0.0.1:PORT max_fails=0;` line per live slot; backups say `backup`.
         return (
-            f"sed -n 's/^ *server 127\\.0\\.0\\.1:\\([0-9][0-9]*\\) max_fails=0;$/port \\1/p' "
-            f"{BASE}/proxy/nginx.conf 2>/dev/null; grep '^API_' {BASE}/.env 2>/dev/null; true"
+            f"for route in {' '.join(ROUTES)}; do t=$(readlink {BASE}/proxy/$route.sock 2>/dev/null) "
+            f'&& echo "$route $t"; done; grep \'^API_\' {BASE}/.env 2>/dev/null; true'
         )
 
     def process(self, output: list[str]) -> Routing | None:

@@ -265,6 +265,21 @@ class RunningServices(FactBase[dict[str, str]]):
         return services
 
 
+class SlotSockets(FactBase[frozenset[str]]):
+    """The slots whose unix socket (the proxy's route to them) exists in BASE/run. Only a slot container of this
+    layout creates one: a slot started before the layout had sockets has none, and a switch must not route to it."""
+
+    @staticmethod
+    def default() -> frozenset[str]:
+        return frozenset()
+
+    def command(self) -> str:
+        return f"ls -1 {BASE}/run 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> frozenset[str]:
+        return frozenset(line.strip()[:-5] for line in output if line.strip() in ("blue.sock", "green.sock"))
+
+
 class FileDigests(FactBase[dict[str, str | None]]):
     """sha256 of each path (None when absent): one round trip to tell whether a set of files is as wanted."""
 

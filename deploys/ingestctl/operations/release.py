@@ -7,7 +7,7 @@ They read the host only through facts (`ingestctl.facts.release`), yield the com
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Mapping
 from io import StringIO
 
 from ingestctl import hostlayout as layout
@@ -23,8 +23,10 @@ from ingestctl.facts.release import (
     IngestState,
     RunningServices,
     SchemaHead,
+    SlotSockets,
 )
 from ingestctl.operations import secretfiles
+from ingestctl.reconcile import Routing
 from ingestctl.secrets import APP_DB_ROLE, app_database_password
 from pyinfra import host
 from pyinfra.api import deploy, operation
@@ -75,9 +77,15 @@ def layout_present(compose_for: Mapping[str, str], infra_images: Mapping[str, st
         yield from files.directory._inner(path=f"{layout.BASE}/{sub}", mode=mode)
     # An empty config keeps compose happy for slots that have never run.
     yield from files.directory._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/secrets", mode="700")
+    # The slots' unix sockets: the app user creates them, nobody else writes here.
+    yield f"mkdir -p {layout.BASE}/run && chown {app_uid}:{app_uid} {layout.BASE}/run && chmod 755 {layout.BASE}/run"
     yield from files.file._inner(path=f"{layout.BASE}/config/{layout.EMPTY_CONFIG}/app.env", mode="600")
     for path, text in wanted.items():
         yield from files.put._inner(src=StringIO(text), dest=path, mode="644")
+    if "proxy" in host.get_fact(RunningServices):
+        # A running proxy is brought to the compose file's definition (recreated only when it changed, as when
+        # the slots' sockets were first mounted into it); a first release starts it in its switch.
+        yield layout.compose(compose_binary(), "up", "-d", "--no-deps", "proxy")
 
 
 @operation()
@@ -152,37 +160,41 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
 RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 
-def live_state(ports: layout.Ports) -> tuple[dict, bool]:
-    """What the host really serves: state.json, unless the proxy's config routes elsewhere (see reconcile).
+def live_state() -> tuple[dict, bool, Routing | None]:
+    """What the host really serves: state.json, unless the proxy's routes point elsewhere (see reconcile).
 
-    Returns (state, stale); when stale, the live slot's image ID is read from the engine by its image name.
+    Returns (state, stale, routing); when stale, the live slot's image ID is read from the engine by its image
+    name.
     """
     routing = host.get_fact(ProxyRouting)
-    state, stale = reconcile.effective_state(
-        host.get_fact(IngestState) or {},
-        reconcile.routed_slot(routing, {slot: ports[slot] for slot in layout.SLOTS}),
-        routing,
-    )
+    state, stale = reconcile.effective_state(host.get_fact(IngestState) or {}, reconcile.routed_slot(routing),
+                                             routing)
     if stale and state.get("image"):
         state["image_id"] = host.get_fact(DockerImage, image=state["image"])
-    return state, stale
+    return state, stale, routing
 
 
 PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
 
 
-def proxy_conf(slot: str, config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits,
-               canary: layout.Canary | None = None) -> str:
-    """The proxy's config routing to SLOT (and CANARY's share to its slot), whose config version CONFIG_VERSION
-    sets the body limit."""
+def proxy_conf(config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits,
+               canary_weight: int) -> str:
+    """The proxy's config for CONFIG_VERSION's body limit, the inventory's CLIENTS limits and CANARY_WEIGHT."""
     limit = host.get_fact(ConfigBodyLimit, version=config_version or layout.EMPTY_CONFIG)
-    return layout.render_proxy([slot], [], ports, limit, clients, canary)
+    return layout.render_proxy(ports, limit, clients, canary_weight)
 
 
-def proxy_conf_put(text: str) -> Iterator:
-    """Put the proxy's config when the file on the host differs from TEXT. Reloading is the caller's."""
-    if host.get_fact(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) != sha256(text):
-        yield from files.put._inner(src=StringIO(text), dest=PROXY_CONF, mode="644")
+def proxy_conf_put(text: str) -> list[str]:
+    """The commands that put the proxy's config when the file on the host differs from TEXT (reloading is the
+    caller's): none when it is already in place."""
+    if host.get_fact(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) == sha256(text):
+        return []
+    return list(files.put._inner(src=StringIO(text), dest=PROXY_CONF, mode="644"))
+
+
+def proxy_applied(puts: list[str]) -> str:
+    """After a config put (PUTS): reload the proxy gracefully. Without one: only start it if it is not running."""
+    return layout.reload_proxy(compose_binary()) if puts else layout.proxy_started(compose_binary())
 
 
 @operation()
@@ -194,6 +206,7 @@ def release_live(
     infra_images: Mapping[str, str],
     ports: layout.Ports,
     clients: layout.ClientLimits,
+    canary_weight: int = 100,
     ready_timeout_s: int = 60,
     drain_grace_s: int = 30,
     schema_head: str | None = None,
@@ -203,57 +216,62 @@ def release_live(
     """Ensure RELEASE runs live with CONFIG_VERSION, switching slots behind the proxy without downtime.
 
     The idle slot gets the release (unless it already runs it, warm, as the standby), must answer ready, then
-    the proxy is pointed at it with a graceful reload: requests in flight on the old slot finish there. The old
-    slot stays up as the warm standby (`keep_standby`), so rolling back to it is a proxy reload; without
+    the proxy's routes are flipped to it (`layout.route_proxy`): the next request goes there, requests in flight
+    on the old slot finish there, and no client connection is closed, since nginx is not reloaded. The old slot
+    stays up as the warm standby (`keep_standby`), so rolling back to it is another flip; without
     `keep_standby` it is drained with SIGTERM and removed.
 
-    The proxy's body limit is CONFIG_VERSION's MAX_REQUEST_BODY_BYTES as written on the host, so a config rollout
-    or rollback moves it with the same reload; its per-client limits are CLIENTS.
+    The proxy's config changes only with its settings: CONFIG_VERSION's MAX_REQUEST_BODY_BYTES (as written on the
+    host), the inventory's CLIENTS limits and CANARY_WEIGHT. Then, and only then, it is reloaded gracefully.
 
     + clear_failed_idle: when RELEASE is already live, also remove whatever runs in the idle slot that state.json
-      does not record as the standby: the leftover of a switch that failed (a release that never got ready).
+      does not record as the standby: the leftover of a switch that failed (a release that never got ready), or
+      a canary whose gates failed (its route goes back to the live slot first).
     """
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version,
               "schema_head": schema_head}
-    state, stale = live_state(ports)
+    state, stale, routing = live_state()
+    puts = proxy_conf_put(proxy_conf(config_version, ports, clients, canary_weight))
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
-        puts = list(proxy_conf_put(proxy_conf(state["slot"], config_version, ports, clients)))
+        live = state["slot"]
+        yield from puts
         if stale:
-            # Half-switched towards this very release: the proxy config routes here, state.json was never
-            # written. Reload (the reload itself may be what failed) and record it; nothing else moves.
-            yield from puts
+            # Half-switched towards this very release: the routes point here, state.json was never written.
+            # Route whole and reload (a reload may be what failed), then record it; nothing else moves.
+            yield layout.route_proxy(live)
             yield layout.reload_proxy(compose_binary())
             yield layout.write_state({**state, "schema_head": schema_head})
             return
-        if puts:
-            # The proxy's config is not what this release and config want: the inventory's client limits (or the
-            # template) changed. A graceful reload applies it without a switch; old workers finish their requests.
-            yield from puts
-            yield layout.reload_proxy(compose_binary())
+        # A canary that failed its gate goes back to the live slot first, so nothing is sent to it while it stops.
+        routed = routing is not None and routing.live == live and routing.canary == live
+        if not routed:
+            yield layout.route_proxy(live)
+        if puts or not routed:
+            # The proxy's settings changed (the inventory's limits, the template), or its routes were not in place
+            # (an upgrade from a proxy that named the slot in its config): applied without a switch.
+            yield proxy_applied(puts)
         if clear_failed_idle:
-            idle = layout.other_slot(state.get("slot"))
+            idle = layout.other_slot(live)
             standby = state.get("standby") or {}
             running = host.get_fact(RunningServices).get(f"api_{idle}")
             if state.get("canary"):
-                # The canary that failed its gate: the proxy config above already took its share back.
                 yield layout.write_state({k: v for k, v in state.items() if k != "canary"})
             if running and not (standby.get("slot") == idle and standby.get("image") == running):
-                # No traffic reached it, or a canary's share that the reload above already moved back: in-flight
-                # requests finish on the old workers of the reload, so no drain grace is needed.
+                # Nothing routes to it any more; a request that reached it just before the flip is finished within
+                # the grace, and one refused while it stops is retried by the proxy on the live route.
                 yield layout.stop_slot(compose_binary(), idle, 1)
                 return
-        if not puts:
-            host.noop(f"ingest {release} with config {config_version} is already live in slot {state['slot']}")
+        if not puts and routed:
+            host.noop(f"ingest {release} with config {config_version} is already live in slot {live}")
         return
     live = state.get("slot")
     new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
-    yield from files.put._inner(src=StringIO(proxy_conf(new, config_version, ports, clients)), dest=PROXY_CONF,
-                                mode="644")
-    binary = compose_binary()
-    yield layout.reload_proxy(binary)
+    yield from puts
+    yield layout.route_proxy(new)
+    yield proxy_applied(puts)
     previous = {key: state[key] for key in RELEASE_KEYS if key in state}
     if live and not keep_standby:
-        yield layout.stop_slot(binary, live, drain_grace_s)
+        yield layout.stop_slot(compose_binary(), live, drain_grace_s)
     yield layout.write_state(
         {
             **wanted,
@@ -274,7 +292,8 @@ def idle_slot_ready(state: Mapping, wanted: Mapping[str, str | None], infra_imag
     binary = compose_binary()
     new = layout.other_slot(state.get("slot"))
     running = host.get_fact(RunningServices).get(f"api_{new}")
-    warm = running == wanted["image"] and any(
+    # A slot with no socket was started before the layout had them: the proxy could not reach it.
+    warm = running == wanted["image"] and new in host.get_fact(SlotSockets) and any(
         candidate.get("slot") == new
         and all(candidate.get(key) == wanted[key] for key in ("release", "image_id", "config_version"))
         for candidate in (state.get("standby") or {}, state.get("canary") or {})
@@ -301,17 +320,19 @@ def release_canary(
     infra_images: Mapping[str, str],
     ports: layout.Ports,
     clients: layout.ClientLimits,
-    weight: int,
+    canary_weight: int,
     ready_timeout_s: int = 60,
 ):
-    """Ensure RELEASE takes WEIGHT percent of the host's requests from its idle slot, the rest staying on the live
-    release, until `release_live` switches the host whole (the gates passed) or back (they failed).
+    """Ensure RELEASE takes CANARY_WEIGHT percent of the host's requests from its idle slot, the rest staying on
+    the live release, until `release_live` switches the host whole (the gates passed) or back (they failed).
 
-    state.json keeps the live release as live and records the canary, so a switch or rollback from here acts as
-    from the live release, and the full switch reuses the canary's running slot instead of recreating it.
+    The share is the proxy config's (the inventory's canary_weight, there before the canary starts); the canary
+    starts by flipping the canary route to the new slot, with no reload. state.json keeps the live release as
+    live and records the canary, so a switch or rollback from here acts as from the live release, and the full
+    switch reuses the canary's running slot instead of recreating it.
     """
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version}
-    state, _stale = live_state(ports)
+    state, _stale, _routing = live_state()
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
         host.noop(f"ingest {release} with config {config_version} is already live: no canary")
         return
@@ -322,15 +343,15 @@ def release_canary(
         host.noop("no trusted live release to share the traffic with: the switch moves the host whole")
         return
     new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
-    canary = layout.Canary(slot=new, previous=live, weight=weight)
-    yield from files.put._inner(src=StringIO(proxy_conf(live, state.get("config_version"), ports, clients, canary)),
-                                dest=PROXY_CONF, mode="644")
-    yield layout.reload_proxy(compose_binary())
+    puts = proxy_conf_put(proxy_conf(state.get("config_version"), ports, clients, canary_weight))
+    yield from puts
+    yield layout.route_proxy(live, canary=new)
+    yield proxy_applied(puts)
     standby = state.get("standby") or {}
     if standby.get("slot") == new and standby.get("image_id") != image_id:
         standby = {}  # the canary took the standby's slot: a rollback can no longer find it warm there
     yield layout.write_state({**state, "slots": slots, "standby": standby or None,
-                              "canary": {**wanted, "slot": new, "weight": weight}})
+                              "canary": {**wanted, "slot": new, "weight": canary_weight}})
 
 
 @operation()
@@ -338,16 +359,18 @@ def release_withdrawn(drain_grace_s: int = 30):
     """Take the api out of service on a host that had nothing live before this run (its first deploy failed).
 
     That is the rollback of a first deploy: back to what the host ran before, which is nothing. The proxy
-    goes too, so clients get a refused connection rather than a 502 from a proxy with no upstream.
+    goes too, so clients get a refused connection rather than a 502 from a proxy with no upstream, and so do its
+    routes: a host with no live release routes nowhere.
     """
     running = host.get_fact(RunningServices)
     serving = sorted(service for service in running if service.startswith("api_") or service == "proxy")
-    if not serving and host.get_fact(IngestState) is None:
+    if not serving and host.get_fact(IngestState) is None and host.get_fact(ProxyRouting) is None:
         host.noop("no ingest release in service")
         return
     binary = compose_binary()
     for service in serving:
         yield layout.stop_service(binary, service, drain_grace_s)
+    yield layout.unroute_proxy()
     yield layout.remove_state()
 
 
