@@ -4,7 +4,8 @@
 Target (DESIGN section 6): 0 failed requests in every phase, and every acknowledged event in PostgreSQL
 exactly once. The same load against a fleet that is left alone runs first, as the baseline.
 
-    python -m bench.zero_downtime [--soak N] [--workers 4] [--idle-clients 12] [--fresh-clients 2] [--racy] [--json]
+    python -m bench.zero_downtime [--soak N] [--workers 4] [--idle-clients 12] [--fresh-clients 2] [--racy]
+                                  [--baseline-s 10] [--nice N] [--json]
 
 Without --soak: one deploy (A -> B), `rollback app`, and `config set` + `rollback config`. With --soak N: N
 rounds of those, each followed by a deploy of a release whose queries fail (this checkout with the fault of
@@ -70,12 +71,13 @@ def sandbox():
 Action = Callable[[], tuple[int, list[float]]]
 
 
-def command(*args: str, expect: int = 0, root: Path = ROOT) -> Action:
+def command(*args: str, expect: int = 0, root: Path = ROOT, nice: int = 0) -> Action:
     """An `ingestctl ARGS --json` run expected to exit EXPECT; it returns the exit code and the times of the
-    stream's `switched` events (a batch of hosts live on the new slot)."""
+    stream's `switched` events (a batch of hosts live on the new slot). NICE: the controller's niceness; here it
+    shares the 2 cores with the fleet and the load, which a controller on its own machine would not."""
 
     def run() -> tuple[int, list[float]]:
-        result = ingestctl(*args, "--json", root=root, timeout=600)
+        result = ingestctl(*args, "--json", root=root, timeout=600, nice=nice)
         if result.code != expect:
             raise SystemExit(f"`ingestctl {' '.join(args)}` exited {result.code}, expected {expect}:\n"
                              f"{result.explain()}")
@@ -100,7 +102,8 @@ def phase(name: str, kind: str, round_: int, action: Action) -> PhaseWindow:
     return PhaseWindow(name, kind, round_, start, action_start, action_end, time.time(), tuple(switches), code)
 
 
-def rounds(count: int, tag: str, bad_root: Path | None, racy: bool) -> list[tuple[str, str, int, Action]]:
+def rounds(count: int, tag: str, bad_root: Path | None, racy: bool,
+           nice: int = 0) -> list[tuple[str, str, int, Action]]:
     """The switches of COUNT rounds: A -> B, back to A, a config version and back, then (with BAD_ROOT) a bad
     release that is rolled back to A. From round 2 on, B starts cold again: the rollback of the bad release
     removed the standby."""
@@ -108,18 +111,18 @@ def rounds(count: int, tag: str, bad_root: Path | None, racy: bool) -> list[tupl
     plan = []
     for n in range(1, count + 1):
         plan += [
-            (f"deploy {a} -> {b}", "deploy", n, command("deploy", "local", "--version", b, "--skip-bench")),
-            (f"rollback app -> {a}", "rollback-app", n, command("rollback", "app", "local")),
+            (f"deploy {a} -> {b}", "deploy", n, command("deploy", "local", "--version", b, "--skip-bench", nice=nice)),
+            (f"rollback app -> {a}", "rollback-app", n, command("rollback", "app", "local", nice=nice)),
             (f"config set INGEST_MAX_BATCH_ITEMS={900 - n}", "config", n,
-             command("config", "set", "local", f"INGEST_MAX_BATCH_ITEMS={900 - n}")),
-            ("rollback config", "config", n, command("rollback", "config", "local")),
+             command("config", "set", "local", f"INGEST_MAX_BATCH_ITEMS={900 - n}", nice=nice)),
+            ("rollback config", "config", n, command("rollback", "config", "local", nice=nice)),
         ]
         if racy:
             plan.append(("racy control: every proxy restarted", RACY_CONTROL, n, restart_proxies))
         if bad_root is not None:
             plan.append((f"deploy bad zd-{tag}-bad{n} (rolled back)", BAD_RELEASE, n,
                          command("deploy", "local", "--version", f"zd-{tag}-bad{n}", "--skip-bench",
-                                 expect=3, root=bad_root)))
+                                 expect=3, root=bad_root, nice=nice)))
     return plan
 
 
@@ -140,6 +143,10 @@ def main() -> int:
     parser.add_argument("--fresh-clients", type=int, default=2, help="clients opening a connection per request")
     parser.add_argument("--racy", action="store_true",
                         help="each round also restarts every proxy: the negative control, which must fail requests")
+    parser.add_argument("--baseline-s", type=float, default=10.0, help="seconds of load with no change, first")
+    parser.add_argument("--nice", type=int, default=0, metavar="N",
+                        help="run the controller (ingestctl) at niceness N: on this machine it shares the CPUs with "
+                             "the sandbox fleet and the load, as a controller on its own machine would not")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -153,8 +160,8 @@ def main() -> int:
                     idle_clients=args.idle_clients, fresh_clients=args.fresh_clients,
                     max_seconds=SECONDS_PER_ROUND * max(1, args.soak) + 60, max_requests=MAX_REQUESTS)
         with load:
-            windows = [phase("baseline (no change)", BASELINE, 0, pause(10))]
-            windows += [phase(*step) for step in rounds(max(1, args.soak), tag, bad_root, args.racy)]
+            windows = [phase("baseline (no change)", BASELINE, 0, pause(args.baseline_s))]
+            windows += [phase(*step) for step in rounds(max(1, args.soak), tag, bad_root, args.racy, args.nice)]
     result = load.result
     reports = [phase_report(w, result.samples) for w in windows]
     baseline_p99 = compare_to_baseline(reports)
@@ -165,6 +172,8 @@ def main() -> int:
         "hosts": len(urls),
         "clients": {"keepalive": args.workers, "idle_gaps_0_6s": args.idle_clients, "fresh": args.fresh_clients},
         "rounds": max(1, args.soak),
+        "controller_nice": args.nice,
+        "baseline_s": args.baseline_s,
         "requests": result.requests,
         "baseline_p99_ms": baseline_p99,
         "phases": [r.as_dict() for r in reports],

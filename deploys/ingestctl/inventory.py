@@ -138,7 +138,7 @@ class EnvData(BaseModel):
     # How long a draining api slot may finish in-flight requests after SIGTERM.
     drain_grace_s: Integer = Field(default=30, ge=1, le=600)
     # Keep the previous release running, out of traffic, in the other slot: an app rollback to it is then a
-    # proxy reload. Costs one idle api process per host.
+    # flip of the proxy's route. Costs one idle api process per host.
     keep_standby: bool = True
     # The first batch's share of traffic, in percent, while its gates judge the new release: below 100 each of
     # its hosts' proxy sends only this share to the new slot and the rest to the previous release (still

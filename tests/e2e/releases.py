@@ -60,11 +60,11 @@ MADE_UP_SECRETS: dict[str, str] = {}
 
 
 def ingestctl(*args: str, root: Path = PROJECT_ROOT, env: Mapping[str, str] | None = None,
-              timeout: float = 1200) -> Result:
-    """Run the real console script against ROOT (a checkout), output captured."""
+              timeout: float = 1200, nice: int = 0) -> Result:
+    """Run the real console script against ROOT (a checkout), output captured; at niceness NICE when above 0."""
     executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
     completed = subprocess.run(
-        [executable, *args], cwd=root, env={**os.environ, "INGESTCTL_ROOT": str(root), **(env or {})},
+        [*(["nice", "-n", str(nice)] if nice > 0 else []), executable, *args], cwd=root, env={**os.environ, "INGESTCTL_ROOT": str(root), **(env or {})},
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     OUTPUTS.append(completed.stdout + completed.stderr)

@@ -1,6 +1,12 @@
 """The on-host layout and the shell commands that change it, pinned as exact strings (Kamal style)."""
 
+import http.server
 import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
 
 import pytest
 import yaml
@@ -61,9 +67,61 @@ def test_reload_proxy_reloads_a_running_proxy_else_starts_it():
 def test_wait_slot_ready_is_bounded_and_names_the_slot():
     command = layout.wait_slot_ready("green", 8002, 30)
     assert "seq 1 300" in command, "30 s at 10 tries a second"
-    assert "http://127.0.0.1:8002/health/ready" in command
+    assert "/dev/tcp/127.0.0.1/8002" in command and "GET /health/ready" in command
     assert "label=com.docker.compose.service=api_green" in command
     assert "api_green on port 8002 not ready after 30s" in command
+    assert "docker exec" not in command, "no process start in the container per try"
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(self.status if self.path == "/health/ready" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def ready_server():
+    def start(status: int) -> int:
+        handler = type("Handler", (_Ready,), {"status": status})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1]
+
+    servers: list = []
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed: apt-get install bash")
+def test_wait_slot_ready_passes_on_a_200_from_a_real_server(ready_server):
+    port = ready_server(200)
+    started = time.monotonic()
+    done = subprocess.run(["sh", "-c", layout.wait_slot_ready("blue", port, 5)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed: apt-get install bash")
+@pytest.mark.parametrize("status", [503, None])
+def test_wait_slot_ready_fails_within_its_timeout_naming_the_slot(ready_server, status):
+    if status is None:  # nothing listens
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    else:
+        port = ready_server(status)
+    started = time.monotonic()
+    done = subprocess.run(["sh", "-c", layout.wait_slot_ready("blue", port, 1)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(f"api_blue on port {port} not ready after 1s"), done.stderr
+    assert time.monotonic() - started < 5
 
 
 def test_write_state_is_atomic_and_quoted():
