@@ -52,13 +52,17 @@ class Ports:
         return {"blue": self.blue, "green": self.green, "public": self.public, "redis": self.redis}[slot]
 
 
+def checked_slot(slot: str) -> str:
+    if slot not in SLOTS:
+        raise ValueError(f"slot: expected one of {SLOTS}, found {slot!r}")
+    return slot
+
+
 def other_slot(slot: str | None) -> str:
     """The idle slot a new release starts in. A host with nothing live starts in blue."""
     if slot is None:
         return "blue"
-    if slot not in SLOTS:
-        raise ValueError(f"slot: expected one of {SLOTS}, found {slot!r}")
-    return "green" if slot == "blue" else "blue"
+    return "green" if checked_slot(slot) == "blue" else "blue"
 
 
 @lru_cache(maxsize=1)
@@ -233,9 +237,7 @@ ROUTES = ("live", "canary")
 
 
 def slot_socket(slot: str) -> str:
-    if slot not in SLOTS:
-        raise ValueError(f"slot: expected one of {SLOTS}, found {slot!r}")
-    return f"{SLOT_SOCKETS}/{slot}.sock"
+    return f"{SLOT_SOCKETS}/{checked_slot(slot)}.sock"
 
 
 def render_proxy(ports: Ports, max_body_bytes: int, clients: ClientLimits, canary_weight: int = 100,
@@ -350,8 +352,7 @@ def wait_slot_ready(slot: str, port: int, timeout_s: int) -> str:
         f"end=$(( $(date +%s) + {timeout_s} )); "
         f"for i in $(seq 1 {max(1, timeout_s * 10)}); do {ready_probe(port)} && exit 0; "
         f'[ "$(date +%s)" -ge "$end" ] && break; sleep 0.1; done; '
-        f'docker logs --tail 30 "$(docker ps -q --filter label=com.docker.compose.project={PROJECT} '
-        f'--filter label=com.docker.compose.service=api_{slot})" >&2; '
+        f'docker logs --tail 30 "{container_of(f"api_{slot}")}" >&2; '
         f"echo 'api_{slot} on port {port} not ready after {timeout_s}s' >&2; exit 1"
     )
     return f"bash -c {shlex.quote(script)}"

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ingestctl import hostvalues
-from ingestctl.hostlayout import EMPTY_CONFIG, SLOT_SOCKETS
+from ingestctl.hostlayout import EMPTY_CONFIG, ROUTES, SLOT_SOCKETS, SLOTS
 
 # .env values are read back from the host: untrusted. Only what the project itself writes is accepted.
 ENV_LINE = re.compile(r"^(API_(BLUE|GREEN)_(IMAGE|VERSION|CONFIG))=(.*)$")
@@ -28,16 +28,16 @@ RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 @dataclass(frozen=True)
 class Routing:
-    """Where the proxy's routes point (the slot behind live.sock and behind canary.sock, None for a route that is
+    """Where the proxy's routes point (the slot behind live.sock, and behind canary.sock: None when that route is
     missing or not one of the project's), and the api slots' compose variables."""
 
-    live: str | None
+    live: str
     canary: str | None
     slot_env: Mapping[str, Mapping[str, str]]
 
 
 # `ROUTE TARGET` lines, TARGET as `readlink` prints it: only the project's own slot sockets are accepted.
-ROUTE_LINE = re.compile(rf"^(live|canary) {re.escape(SLOT_SOCKETS)}/(blue|green)\.sock$")
+ROUTE_LINE = re.compile(rf"^({'|'.join(ROUTES)}) {re.escape(SLOT_SOCKETS)}/({'|'.join(SLOTS)})\.sock$")
 
 
 def parse_routing(output: list[str]) -> Routing | None:

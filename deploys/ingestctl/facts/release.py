@@ -277,7 +277,7 @@ class SlotSockets(FactBase[frozenset[str]]):
         return f"ls -1 {BASE}/run 2>/dev/null || true"
 
     def process(self, output: list[str]) -> frozenset[str]:
-        return frozenset(line.strip()[:-5] for line in output if line.strip() in ("blue.sock", "green.sock"))
+        return frozenset(slot for slot in SLOTS if f"{slot}.sock" in {line.strip() for line in output})
 
 
 class FileDigests(FactBase[dict[str, str | None]]):
