@@ -1,6 +1,6 @@
 """No-op re-deploy: deploying the release that already runs, to the 3-host sandbox, must change nothing and
-take at most 5 s (DESIGN section 6). Side by side, the same convergence through the plain pyinfra CLI
-(`pyinfra inventories/local.py deploys/deploy.py`), which has no lock, gates or ledger.
+take at most 1.0x the same convergence through the plain pyinfra CLI (DESIGN section 6), run side by side:
+`pyinfra inventories/local.py deploys/deploy.py`, which has no lock, gates or ledger.
 
     python -m bench.noop_redeploy [--repeat 3] [--json]
 """
@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.releases import ingestctl
 
 VERSION = "noop-v1"
+TARGET_RATIO = 1.0
 
 
 def timed(func) -> tuple[float, object]:
@@ -70,7 +71,7 @@ def main() -> int:
         "ingestctl_median_s": statistics.median(ours),
         "plain_pyinfra_median_s": statistics.median(plain),
         "ratio": round(statistics.median(ours) / statistics.median(plain), 2),
-        "target_s": 5,
+        "target_ratio": TARGET_RATIO,
     }
     if args.json:
         print(json.dumps(report))
@@ -81,9 +82,9 @@ def main() -> int:
             print(f"| {number} | {a} | {b} |")
         print(
             f"\nmedian {report['ingestctl_median_s']} s vs {report['plain_pyinfra_median_s']} s "
-            f"(ratio {report['ratio']}); target <= 5 s"
+            f"(ratio {report['ratio']}); target ratio <= {TARGET_RATIO}"
         )
-    return 0 if report["ingestctl_median_s"] <= 5 else 1
+    return 0 if report["ratio"] <= TARGET_RATIO else 1
 
 
 if __name__ == "__main__":

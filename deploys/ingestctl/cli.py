@@ -5,6 +5,7 @@ Subcommand groups live beside the code they drive and are attached here, so each
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -16,7 +17,31 @@ from ingestctl.clikit import json_option, reporting
 from ingestctl.output import Reporter
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Subcommand groups imported only when named (click's documented lazy loading): `rollback app` at 3 a.m.
+    does not pay for the incident, SLO, testbed and image modules' imports."""
+
+    def __init__(self, *args, lazy_subcommands: dict[str, str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_subcommands = lazy_subcommands  # command name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_subcommands])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_subcommands:
+            module, _, attribute = self.lazy_subcommands[cmd_name].partition(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, lazy_subcommands={
+    "testbed": "ingestctl.testbed.commands:testbed",
+    "image": "ingestctl.images_cli:image",
+    "setup": "ingestctl.setup_cli:setup",
+    "incident": "ingestctl.incident_cli:incident",
+    "slo": "ingestctl.slo:slo_command",
+})
 def main() -> None:
     """Build, ship, gate and roll back the ingest service on a fleet of hosts."""
     # pyinfra and paramiko log through `logging`; without a handler Python prints their warnings (e.g. about
@@ -287,24 +312,3 @@ def verify_command(env: str, pytest_args: tuple[str, ...], reporter: Reporter) -
     if code != 0:
         sys.exit(code)
 
-
-def _attach_optional_groups() -> None:
-    """Attach subcommand groups defined in their own modules."""
-    from ingestctl.testbed.commands import testbed
-
-    main.add_command(testbed)
-    from ingestctl.images_cli import image
-
-    main.add_command(image)
-    from ingestctl.setup_cli import setup
-
-    main.add_command(setup)
-    from ingestctl.incident_cli import incident
-
-    main.add_command(incident)
-    from ingestctl.slo import slo_command
-
-    main.add_command(slo_command)
-
-
-_attach_optional_groups()

@@ -37,7 +37,8 @@ def connected(env: str, hosts: Iterable[str] | None = None, require_all: bool = 
     `require_all=False`: then only the reachable hosts are yielded (for clean-up that must reach what it can)."""
     inventory = runner.load_inventory(env)
     limit = runner.select_hosts(inventory, hosts)
-    state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=None), initial_limit=limit)
+    parallel = runner.pool_size(limit if limit is not None else list(inventory))
+    state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=None, PARALLEL=parallel), initial_limit=limit)
     try:
         try:
             connect_all(state)
@@ -70,8 +71,14 @@ def on_every_host(active: Mapping[str, Any], call: Callable[[str, Any], Any]) ->
     here, after every host has finished.
     """
     names = list(active)
-    results = Pool(max(1, len(names))).map(lambda name: call(name, active[name]), names)
+    results = Pool(runner.pool_size(active.values())).map(lambda name: call(name, active[name]), names)
     return dict(zip(names, results, strict=True))
+
+
+
+def at_once(*reads: Callable[[], Any]) -> list[Any]:
+    """Every one of READS at once (over one host's connection, say), their results in order."""
+    return Pool(len(reads)).map(lambda read: read(), reads)
 
 
 def run_on(

@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,11 +38,6 @@ CHUNK = 1 << 20
 BLOCK = 512
 # Level 3 keeps most of the ratio of higher levels on image layers at a fraction of the CPU time.
 LEVEL = 3
-
-# pyinfra runs a deploy once per host in parallel greenlets: the first caller saves the image, the
-# others wait for it.
-_lock = threading.Lock()
-
 
 class Codec(StrEnum):
     """How frames are compressed on the wire. zstd where both ends have it, else gzip (always on Debian)."""
@@ -205,7 +199,9 @@ def cached_image(image_id: str, codec: Codec) -> LayeredImage | None:
 
 def ensure_layers(image_id: str, codecs: Sequence[Codec]) -> LayeredImage:
     """IMAGE_ID's layers cached in every one of CODECS, saving the image from the local engine when needed."""
-    with _lock, paths.file_lock(cache_dir() / ".lock"):
+    # pyinfra runs a deploy once per host in parallel greenlets: the first caller saves the image, the others
+    # wait for it (file_lock excludes greenlets of this process too).
+    with paths.file_lock(cache_dir() / ".lock"):
         cached = [cached_image(image_id, codec) for codec in codecs]
         if all(cached):
             return cached[0]

@@ -161,6 +161,10 @@ class EnvData(BaseModel):
     # Every command on a host, and so every step, ends within this: a hung engine or SSH channel fails the step
     # (and the run rolls back) instead of holding the fleet's lock for ever. Migrations have their own bound.
     command_timeout_s: Integer = Field(default=600, ge=30, le=86400)
+    # Hosts worked on at once in every per-host step (facts, lock, switch, ledger): each holds one SSH connection
+    # and a few open files on this machine, and sshd's MaxStartups (default 10:30:100) bounds new connections a
+    # host accepts at once, not how many hosts this machine connects to.
+    parallelism: Integer = Field(default=50, ge=1, le=1000)
     # The deploy lock is a lease the running command renews every lock_ttl_s / 4; a holder silent for longer
     # (killed, its machine gone) is taken over by the next command, and the takeover is recorded.
     lock_ttl_s: Integer = Field(default=60, ge=10, le=86400)

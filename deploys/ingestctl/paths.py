@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +33,22 @@ def secrets_file(env: str) -> Path:
     return project_root() / "secrets" / f"{env}.env"
 
 
+# One in-process lock per lock file, taken before the flock. Two open files of one process are two flock
+# holders that exclude each other, and under the pyinfra CLI (gevent) a blocking flock stops every greenlet:
+# three hosts' deploy.py building the image at once would wait forever on each other. A threading lock is
+# cooperative there, since the CLI patches threading.
+_in_process: dict[Path, threading.Lock] = {}
+_in_process_guard = threading.Lock()
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine (flock on PATH, created if missing)."""
+    """An exclusive lock between processes and between threads or greenlets of this process (flock on PATH,
+    created if missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    with _in_process_guard:
+        inner = _in_process.setdefault(path.resolve(), threading.Lock())
+    with inner, open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gevent.pool import Pool
 from pyinfra.api import BaseStateCallback, Config, Inventory, State
 from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.deploy import add_deploy
@@ -26,8 +27,9 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import add_op
 from pyinfra.api.operations import run_ops
 from pyinfra.api.state import StateStage
+from pyinfra.context import ctx_state
 
-from ingestctl import paths
+from ingestctl import paths, sshpool
 from ingestctl.errors import ConfigError, HostError, IngestctlError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -145,7 +147,9 @@ def load_inventory(env: str | Path, data: Mapping[str, Any] | None = None) -> In
     if not all_hosts:
         raise ConfigError(f"inventory {path} defines no hosts (expected module-level lists of host names)")
     groups.setdefault(path.stem, (names, {}))
-    return Inventory((list(all_hosts), dict(all_data)), override_data=dict(data or {}), **groups)
+    inventory = Inventory((list(all_hosts), dict(all_data)), override_data=dict(data or {}), **groups)
+    sshpool.pool_connections(inventory)
+    return inventory
 
 
 def select_hosts(inventory: Inventory, hosts: Iterable[str] | None) -> list | None:
@@ -211,6 +215,17 @@ def run_operations(
     return _run(env, add, hosts, data, raise_on_error)
 
 
+# inventory's `parallelism` default, for hosts without inventory data (the executor's in-memory fleet).
+DEFAULT_PARALLELISM = 50
+
+
+def pool_size(hosts: Iterable[Any]) -> int:
+    """Hosts worked on at once: all of HOSTS, up to the inventory's `parallelism`."""
+    hosts = list(hosts)
+    limit = min((int(h.data.get("parallelism") or DEFAULT_PARALLELISM) for h in hosts), default=1)
+    return max(1, min(len(hosts), limit))
+
+
 def command_timeout(host) -> dict[str, int]:
     """pyinfra's per-command `_timeout` from the inventory's `command_timeout_s`: a hung dockerd or SSH channel
     fails the step instead of holding the fleet's lock for ever. Calls may set their own `_timeout`."""
@@ -239,7 +254,8 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
     inventory = load_inventory(env, data)
     limit = select_hosts(inventory, hosts)
     # FAIL_PERCENT None: one host failing never stops the others; the caller decides from the results.
-    state = State(inventory, Config(FAIL_PERCENT=None, CONNECT_TIMEOUT=10), initial_limit=limit)
+    parallel = pool_size(limit if limit is not None else list(inventory))
+    state = State(inventory, Config(FAIL_PERCENT=None, CONNECT_TIMEOUT=10, PARALLEL=parallel), initial_limit=limit)
     state.print_noop_info = True
     collector = _Collector()
     state.add_callback_handler(collector)
@@ -255,15 +271,9 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
         except PyinfraError:
             pass  # every host failed to connect: reported per host below
         state.set_stage(StateStage.Prepare)
-        for host in sorted(state.inventory.get_active_hosts(), key=lambda h: h.name):
-            try:
-                add(state, host)
-            except IngestctlError:
-                raise  # a local problem (missing image, bad inventory data): no host is at fault
-            except Exception as exc:  # noqa: BLE001 - pyinfra raises many types while preparing; each fails only this host
-                prepare_errors[host.name] = f"preparing operations failed: {type(exc).__name__}: {exc}"
-                state.active_hosts.discard(host)
-                state.failed_hosts.add(host)
+        local_errors = [error for error in _prepare_every_host(state, add, prepare_errors) if error is not None]
+        if local_errors:
+            raise local_errors[0]  # a local problem (missing image, bad inventory data): no host is at fault
         state.set_stage(StateStage.Execute)
         if state.active_hosts:
             try:
@@ -281,6 +291,29 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
     if raise_on_error:
         result.raise_for_failures()
     return result
+
+
+def _prepare_every_host(state: State, add, prepare_errors: dict[str, str]) -> list[IngestctlError | None]:
+    """ADD on every active host at once, as the pyinfra CLI prepares hosts (one greenlet each; pyinfra keeps the
+    current host greenlet-local): an operation's facts are read on all hosts in one round, not host by host.
+    An error while preparing fails only its host; an IngestctlError is returned, to be raised by the caller."""
+
+    def prepare(host) -> IngestctlError | None:
+        try:
+            add(state, host)
+        except IngestctlError as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - pyinfra raises many types while preparing; each fails only this host
+            prepare_errors[host.name] = f"preparing operations failed: {type(exc).__name__}: {exc}"
+            state.active_hosts.discard(host)
+            state.failed_hosts.add(host)
+        return None
+
+    hosts = sorted(state.inventory.get_active_hosts(), key=lambda h: h.name)
+    # The current state is one global, which add_op sets and then resets to what it was: set here, around every
+    # greenlet, one host finishing can no longer unset it under another.
+    with ctx_state.use(state):
+        return Pool(pool_size(hosts)).map(prepare, hosts)
 
 
 def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[str, str]) -> RunResult:

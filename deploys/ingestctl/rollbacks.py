@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
+from ingestctl import fleet
 from ingestctl import fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
@@ -110,13 +111,13 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
     database record, so it works from any checkout. WITH_SCHEMA also brings the schema down to the target's head
     when the revisions in between are not backward-compatible but declare data-safe downgrades."""
     ctx, run = begin("rollback-app", env_name, reporter)
-    entries = fleetview.read_ledger(env_name, reporter, ctx.io)
-    states = host_states(ctx)
+    # Everything the plan needs, read at once: one round, not three.
+    entries, states, (db_head, applied) = fleet.at_once(lambda: fleetview.read_ledger(env_name, reporter, ctx.io),
+                                                        lambda: host_states(ctx), lambda: schema_record(ctx))
     _host, current = live_release(ctx, states)
     target = plan.rollback_target(entries, to, current=current["release"])
     if not target.image_id:
         raise ConfigError(f"release {target.release}: the ledger has no image ID for it; deploy it by version instead")
-    db_head, applied = schema_record(ctx)
     check = migrations.check_app_rollback_applied(applied, db_head, target.code_schema_head(), env=env_name,
                                                   with_schema=with_schema)
     release = Release(target.release, f"ingest:{target.release}", target.image_id, target.code_schema_head())
@@ -136,7 +137,8 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
     with guarded(ctx, run, lock_wait_s, f"rollback app {env_name} -> {release.version}") as guard:
         require_unmoved_schema(guard.schema_head, db_head, env_name)
         started = time.time()
-        ensure_image_available(ctx, release)
+        if not warm_everywhere(ctx, guard.before, release):
+            ensure_image_available(ctx, release)
         run.step("images", started)
         if check.needs_downgrade:
             started = time.time()
@@ -156,10 +158,12 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
 
 
 def schema_record(ctx: Context) -> tuple[str | None, list]:
-    """The database's head and its own record of applied migrations, in one SSH round to the db host."""
+    """The database's head and its own record of applied migrations, read at once from the db host."""
     db = ctx.env.db_host
     with ctx.io.connected([db]) as active:
-        return active[db].get_fact(SchemaHead), active[db].get_fact(AppliedMigrations)
+        head, applied = fleet.at_once(lambda: active[db].get_fact(SchemaHead),
+                                      lambda: active[db].get_fact(AppliedMigrations))
+        return head, applied
 
 
 def require_unmoved_schema(under_lock: str | None, planned: str | None, env: str) -> None:
@@ -194,6 +198,16 @@ def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, 
                              f"{after}; restore point {restore_point}")
     ctx.reporter.event("step", f"schema at {after or 'empty'} (restore point {restore_point})", step="downgrade",
                        schema_after=after, restore_point=restore_point)
+
+
+def warm_everywhere(ctx: Context, states: Mapping[str, dict | None], release: Release) -> bool:
+    """Every app host records RELEASE's image as its warm standby: a running container holds its image, so there
+    is nothing to ship or check (if the record is false, the switch starts the slot and fails on the image)."""
+    return all(
+        ((states.get(h) or {}).get("standby") or {}).get("image_id") == release.image_id
+        and ((states.get(h) or {}).get("standby") or {}).get("image") == release.image
+        for h in ctx.env.app_hosts
+    )
 
 
 def ensure_image_available(ctx: Context, release: Release) -> None:

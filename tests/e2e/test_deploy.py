@@ -160,6 +160,20 @@ def test_noop_redeploy_changes_nothing(testbed, ssh, deployed_v2, checkout):
     print(f"no-op re-deploy of {V2} to {len(before)} hosts: {took:.1f}s (including the cached image build)")
 
 
+def test_the_plain_pyinfra_deploy_of_the_live_release_changes_nothing(testbed, ssh, deployed_v2, checkout):
+    """`pyinfra inventories/local.py deploys/deploy.py` (deploy.py's docstring) runs deploy.py once per host in
+    greenlets; each builds the image under one lock file, which once stopped the whole process for ever."""
+    before = host_snapshot(testbed, ssh)
+    completed = subprocess.run(
+        [str(Path(sys.executable).parent / "pyinfra"), "-y", "inventories/local.py", "deploys/deploy.py", "--data",
+         f"version={V2}"], cwd=checkout, env={**os.environ, "INGESTCTL_ROOT": str(checkout)},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+    after = host_snapshot(testbed, ssh)
+    assert {h: s["state"] for h, s in after.items()} == {h: s["state"] for h, s in before.items()}
+    assert_fleet_on(testbed, ssh, V2)
+
+
 def test_dry_prints_the_plan_and_changes_nothing(testbed, ssh, deployed_v2, checkout, docker_engine):
     before = host_snapshot(testbed, ssh)
     dry_version = "e2e4-dry"

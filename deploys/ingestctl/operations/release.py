@@ -11,7 +11,7 @@ from collections.abc import Generator, Mapping
 from io import StringIO
 
 from ingestctl import hostlayout as layout
-from ingestctl import reconcile
+from ingestctl import reconcile, sshpool
 from ingestctl.errors import HostError
 from ingestctl.facts.docker import DockerImage
 from ingestctl.facts.proxy import ConfigBodyLimit, ProxyRouting
@@ -34,7 +34,8 @@ from pyinfra.operations import files
 
 
 def compose_binary() -> str:
-    binary = host.get_fact(ComposeBinary)
+    # Asked by most operations, and `docker compose version` costs 60 ms a host: once per connection.
+    binary = sshpool.remembered(host, "compose-binary", lambda: host.get_fact(ComposeBinary))
     if binary is None:
         raise HostError(
             f"host {host.name}: expected `docker compose` or `docker-compose`, found neither; "

@@ -1,0 +1,126 @@
+"""Scale: a real deploy, a no-op deploy and an app rollback on a 3-host fleet and on an 8-host one, side by side
+in one run, each size on its own sandbox (`ingestctl testbed up --hosts 2`, then `--hosts 7`: db1 and its app
+hosts). Target (DESIGN section 6): 8 hosts / 3 hosts at most 1.5x for the no-op and the rollback.
+
+Each size: a first deploy (the shipping, reported apart with the bytes each host's eth0 received), a deploy of a
+new version (the same image re-tagged, so no image bytes: the gated rolling switch itself), a no-op re-deploy, and
+`rollback app` to the warm standby. For every command it also reports the SSH connections each host's sshd
+accepted (its own log), which must not grow with the fleet.
+
+    python -m bench.scale [--sizes 3,8] [--keep] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TESTBED = "ingest-scale"
+TARGET_RATIO = 1.5
+BOUNDED = ("noop", "rollback")
+
+
+def run(*args: str, timeout: float = 1800) -> float:
+    """`ingestctl ARGS` on the scale sandbox; seconds it took. A failure stops the benchmark with its output."""
+    executable = shutil.which("ingestctl", path=str(Path(sys.executable).parent)) or "ingestctl"
+    started = time.monotonic()
+    completed = subprocess.run([executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "INGESTCTL_TESTBED": TESTBED, "INGESTCTL_ROOT": str(ROOT)},
+                               check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"ingestctl {' '.join(args)} failed ({completed.returncode}):\n"
+                         f"{completed.stdout[-3000:]}{completed.stderr[-2000:]}")
+    return round(time.monotonic() - started, 2)
+
+
+def ssh_logins(container: str, since: float, until: float) -> int:
+    logs = subprocess.run(["docker", "logs", "--since", f"{since:.3f}", "--until", f"{until:.3f}", container],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return (logs.stdout + logs.stderr).count("Accepted publickey")
+
+
+def measured(hosts, *args: str) -> dict:
+    """Seconds, bytes received and SSH connections per host for one command."""
+    from ingestctl.testbed import probe
+
+    before = {h.name: probe.received_bytes(h.container) for h in hosts}
+    since = time.time()
+    seconds = run(*args)
+    until = time.time()
+    return {
+        "seconds": seconds,
+        "mb_received": {h.name: round((probe.received_bytes(h.container) - before[h.name]) / 1e6, 3) for h in hosts},
+        "ssh_connections": {h.name: ssh_logins(h.container, since, until) for h in hosts},
+    }
+
+
+def one_size(size: int, keep: bool) -> dict:
+    from ingestctl.testbed import state as testbed_state
+
+    run("testbed", "down")
+    run("testbed", "up", "--hosts", str(size - 1))
+    try:
+        hosts = testbed_state.load(TESTBED).hosts
+        assert len(hosts) == size, f"expected {size} hosts, the testbed has {[h.name for h in hosts]}"
+        result = {
+            "hosts": size,
+            "first_deploy": measured(hosts, "deploy", "local", "--version", "scale-v1", "--skip-bench"),
+            "deploy": measured(hosts, "deploy", "local", "--version", "scale-v2", "--skip-bench"),
+            "noop": measured(hosts, "deploy", "local", "--version", "scale-v2", "--skip-bench"),
+            "rollback": measured(hosts, "rollback", "app", "local"),
+        }
+    finally:
+        if not keep:
+            run("testbed", "down")
+    for case in ("first_deploy", "deploy", "noop", "rollback"):
+        print(f"  {size} hosts, {case}: {result[case]['seconds']} s, at most "
+              f"{max(result[case]['ssh_connections'].values())} SSH connection(s) a host, at most "
+              f"{max(result[case]['mb_received'].values())} MB received a host", file=sys.stderr)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="3,8", help="two fleet sizes, smaller first (default 3,8)")
+    parser.add_argument("--keep", action="store_true", help="leave the last sandbox up")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    small, large = (int(n) for n in args.sizes.split(","))
+    results = {size: one_size(size, args.keep and size == large) for size in (small, large)}
+    cases = ("first_deploy", "deploy", "noop", "rollback")
+    ratios = {case: round(results[large][case]["seconds"] / results[small][case]["seconds"], 2) for case in cases}
+    connections = {case: max(max(results[s][case]["ssh_connections"].values()) for s in (small, large))
+                   for case in cases}
+    report = {
+        "bench": "scale",
+        "sizes": [small, large],
+        "results": {str(size): result for size, result in results.items()},
+        "ratios": ratios,
+        "max_ssh_connections_per_host": connections,
+        "target_ratio": TARGET_RATIO,
+        "passed": all(ratios[case] <= TARGET_RATIO for case in BOUNDED),
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"| case | {small} hosts (s) | {large} hosts (s) | ratio | SSH connections a host, at most |")
+        print("|---|---|---|---|---|")
+        for case in cases:
+            print(f"| {case} | {results[small][case]['seconds']} | {results[large][case]['seconds']} | "
+                  f"{ratios[case]} | {connections[case]} |")
+        print(f"\nno-op and rollback ratios {ratios['noop']} and {ratios['rollback']} (target <= {TARGET_RATIO}); "
+              "the first deploy ships the images (MB per host in --json)")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
