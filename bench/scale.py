@@ -5,7 +5,9 @@ hosts). Target (DESIGN section 6): 8 hosts / 3 hosts at most 1.5x for the no-op 
 Each size: a first deploy (the shipping, reported apart with the bytes each host's eth0 received), a deploy of a
 new version (the same image re-tagged, so no image bytes: the gated rolling switch itself), a no-op re-deploy, and
 `rollback app` to the warm standby. For every command it also reports the SSH connections each host's sshd
-accepted (its own log), which must not grow with the fleet.
+accepted (its own log), which must not grow with the fleet, and the CPU-seconds of the controller and of the rest
+of the machine: here every sandbox host shares the machine's cores, so their work adds up where real hosts'
+would overlap.
 
     python -m bench.scale [--sizes 3,8] [--keep] [--json]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,16 +51,33 @@ def ssh_logins(container: str, since: float, until: float) -> int:
     return (logs.stdout + logs.stderr).count("Accepted publickey")
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds this machine has spent busy (every core, /proc/stat), for the sandbox hosts' share."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def controller_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measured(hosts, *args: str) -> dict:
-    """Seconds, bytes received and SSH connections per host for one command."""
+    """Seconds, CPU (the controller's, and the rest of the machine's: the sandbox hosts share its cores), bytes
+    received and SSH connections per host for one command."""
     from ingestctl.testbed import probe
 
     before = {h.name: probe.received_bytes(h.container) for h in hosts}
+    busy, controller = machine_busy_s(), controller_cpu_s()
     since = time.time()
     seconds = run(*args)
     until = time.time()
+    controller = controller_cpu_s() - controller
     return {
         "seconds": seconds,
+        "controller_cpu_s": round(controller, 2),
+        "hosts_cpu_s": round(machine_busy_s() - busy - controller, 2),
         "mb_received": {h.name: round((probe.received_bytes(h.container) - before[h.name]) / 1e6, 3) for h in hosts},
         "ssh_connections": {h.name: ssh_logins(h.container, since, until) for h in hosts},
     }
@@ -82,7 +102,8 @@ def one_size(size: int, keep: bool) -> dict:
         if not keep:
             run("testbed", "down")
     for case in ("first_deploy", "deploy", "noop", "rollback"):
-        print(f"  {size} hosts, {case}: {result[case]['seconds']} s, at most "
+        print(f"  {size} hosts, {case}: {result[case]['seconds']} s (CPU: controller "
+              f"{result[case]['controller_cpu_s']} s, sandbox hosts {result[case]['hosts_cpu_s']} s), at most "
               f"{max(result[case]['ssh_connections'].values())} SSH connection(s) a host, at most "
               f"{max(result[case]['mb_received'].values())} MB received a host", file=sys.stderr)
     return result
@@ -112,11 +133,14 @@ def main() -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"| case | {small} hosts (s) | {large} hosts (s) | ratio | SSH connections a host, at most |")
-        print("|---|---|---|---|---|")
+        print(f"| case | {small} hosts (s) | {large} hosts (s) | ratio | controller CPU (s) | sandbox hosts' CPU (s) "
+              "| SSH connections a host, at most |")
+        print("|---|---|---|---|---|---|---|")
         for case in cases:
-            print(f"| {case} | {results[small][case]['seconds']} | {results[large][case]['seconds']} | "
-                  f"{ratios[case]} | {connections[case]} |")
+            small_case, large_case = results[small][case], results[large][case]
+            print(f"| {case} | {small_case['seconds']} | {large_case['seconds']} | {ratios[case]} | "
+                  f"{small_case['controller_cpu_s']} / {large_case['controller_cpu_s']} | "
+                  f"{small_case['hosts_cpu_s']} / {large_case['hosts_cpu_s']} | {connections[case]} |")
         print(f"\nno-op and rollback ratios {ratios['noop']} and {ratios['rollback']} (target <= {TARGET_RATIO}); "
               "the first deploy ships the images (MB per host in --json)")
     return 0 if report["passed"] else 1

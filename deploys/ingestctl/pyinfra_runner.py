@@ -222,8 +222,13 @@ DEFAULT_PARALLELISM = 50
 def pool_size(hosts: Iterable[Any]) -> int:
     """Hosts worked on at once: all of HOSTS, up to the inventory's `parallelism`."""
     hosts = list(hosts)
-    limit = min((int(h.data.get("parallelism") or DEFAULT_PARALLELISM) for h in hosts), default=1)
+    limit = min((_parallelism(h) for h in hosts), default=1)
     return max(1, min(len(hosts), limit))
+
+
+def _parallelism(host: Any) -> int:
+    data = getattr(host, "data", None)  # a pyinfra Host; anything without inventory data gets the default
+    return int((data.get("parallelism") if data is not None else None) or DEFAULT_PARALLELISM)
 
 
 def command_timeout(host) -> dict[str, int]:

@@ -13,8 +13,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ingestctl import config as config_mod
-from ingestctl import fleet
-from ingestctl import fleetview, gates, hostlayout, migrations, plan
+from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
 from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead

@@ -6,12 +6,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from ingestctl import sshpool
+from ingestctl.sshpool import PooledSSHConnector
 from pyinfra.api import Inventory
 from pyinfra.connectors.local import LocalConnector
 from pyinfra.connectors.ssh import SSHConnector
-
-from ingestctl import sshpool
-from ingestctl.sshpool import PooledSSHConnector
 
 
 @pytest.fixture(autouse=True)

@@ -38,6 +38,39 @@ class DockerImage(FactBase[str | None]):
         return lines[0]
 
 
+class TaggedImages(FactBase[dict[str, str]]):
+    """Every tagged image on the host, {name:tag: image ID}, from one `docker images` (one CLI start a host, where
+    a DockerImage per image costs one each). The command fails when the engine does not answer, as DockerImage's
+    does, so an unanswering engine never reads as a host without images."""
+
+    @staticmethod
+    def default() -> dict[str, str]:
+        return {}
+
+    def command(self) -> str:
+        return "docker images --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}'"
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        images: dict[str, str] = {}
+        for line in (line.strip() for line in output if line.strip()):
+            reference, _, image_id = line.partition(" ")
+            if "<none>" in reference:
+                continue  # dangling, or a digest-only pull: no tag to compare with
+            if not hostvalues.IMAGE_ID.matches(image_id):
+                raise FactProcessError(f"docker images: expected 'name:tag sha256:<64 hex>', found "
+                                       f"{hostvalues.shown(line)}")
+            images[reference] = image_id
+        return images
+
+
+def tagged(reference: str) -> str | None:
+    """REFERENCE as `docker images` lists it (name:tag, `latest` when untagged); None for a digest reference."""
+    if "@" in reference:
+        return None
+    name = reference.rsplit("/", 1)[-1]
+    return reference if ":" in name else f"{reference}:latest"
+
+
 @dataclass(frozen=True)
 class HostLayers:
     """What a host's engine holds, for layer-aware shipping: the chain ID of every layer of every image."""

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ingestctl import image_layers, openssh
 from ingestctl.errors import HostError
-from ingestctl.facts.docker import DockerImage, HostLayers, ImageLayers
+from ingestctl.facts.docker import DockerImage, HostLayers, ImageLayers, TaggedImages, tagged
 from ingestctl.image_layers import Codec, LayeredImage, Shipment
 from ingestctl.openssh import ProgressSink
 from pyinfra import host
@@ -74,6 +74,13 @@ def plan_shipment(images: Sequence[LayeredImage], layers: HostLayers, codec: Cod
     return Shipment(tuple(images), needed, codec)
 
 
+def present_ids(images: Sequence[str]) -> dict[str, str | None]:
+    """The ID each of IMAGES has on the host: from one listing of its tagged images, a digest reference by itself."""
+    listing = host.get_fact(TaggedImages) if any(tagged(image) for image in images) else {}
+    return {image: listing.get(reference) if (reference := tagged(image)) else host.get_fact(DockerImage, image=image)
+            for image in images}
+
+
 @operation()
 def images_loaded(images: Sequence[tuple[str, str]], progress: ProgressSink | None = None):
     """Ensure each IMAGE (name:tag) on the host is exactly its IMAGE_ID, in one stream of the layers it lacks.
@@ -82,8 +89,8 @@ def images_loaded(images: Sequence[tuple[str, str]], progress: ProgressSink | No
       in the local engine, which the layers come from
     + progress: called with bytes sent and rate every few seconds of a long transfer
     """
-    wanted = [(image, image_id) for image, image_id in images
-              if host.get_fact(DockerImage, image=image) != image_id]
+    present = present_ids([image for image, _image_id in images])
+    wanted = [(image, image_id) for image, image_id in images if present[image] != image_id]
     if not wanted:
         for image, image_id in images:
             host.noop(f"image {image} already present as {image_id}")
