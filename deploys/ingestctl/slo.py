@@ -6,6 +6,7 @@ The budget arithmetic and the deploy decision are pure and unit-tested; `evaluat
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -101,37 +102,46 @@ def describe(statuses: list[SLOStatus]) -> str:
                      f"burn rate {s.budget.burn_rate:.2f}" for s in statuses)
 
 
-def _ratio(prom: Prometheus, query: str) -> float | None:
-    value = prom.scalar(query)
+def _ratio(value: float | None) -> float | None:
     return None if value is None else min(max(value, 0.0), 1.0)
 
 
 def evaluate(prom: Prometheus, slos: SLOs) -> list[SLOStatus]:
-    """Each declared SLO's value, budget and burn rate, read from Prometheus now."""
-    statuses = []
+    """Each declared SLO's value, budget and burn rate, read from Prometheus now (every query at once: a deploy
+    waits for them)."""
+    asked: dict[str, dict[str, str]] = {}
     if slos.availability is not None:
         slo = slos.availability
-        queries = {"requests": promql.requests_query(slo.window),
-                   "error_ratio": promql.error_ratio_query(slo.window),
-                   "burn_error_ratio": promql.error_ratio_query(slo.burn_window)}
-        bad = _ratio(prom, queries["error_ratio"])
-        statuses.append(SLOStatus(
-            "availability", f"{slo.target * 100:g}% of requests without 5xx over {slo.window}",
-            None if bad is None else 1 - bad, prom.scalar(queries["requests"]) or 0.0,
-            Budget(slo.allowed_error_ratio, bad, _ratio(prom, queries["burn_error_ratio"])),
-            slo.window, slo.burn_window, queries))
+        asked["availability"] = {"requests": promql.requests_query(slo.window),
+                                 "error_ratio": promql.error_ratio_query(slo.window),
+                                 "burn_error_ratio": promql.error_ratio_query(slo.burn_window)}
     if slos.latency is not None:
         slo = slos.latency
-        queries = {"requests": promql.requests_query(slo.window),
-                   "p95": promql.quantile_query(0.95, slo.window),
-                   "slower_ratio": promql.slower_ratio_query(slo.bound_le, slo.window),
-                   "burn_slower_ratio": promql.slower_ratio_query(slo.bound_le, slo.burn_window)}
-        p95 = prom.scalar(queries["p95"])
+        asked["latency"] = {"requests": promql.requests_query(slo.window),
+                            "p95": promql.quantile_query(0.95, slo.window),
+                            "slower_ratio": promql.slower_ratio_query(slo.bound_le, slo.window),
+                            "burn_slower_ratio": promql.slower_ratio_query(slo.bound_le, slo.burn_window)}
+    pairs = [(name, key, query) for name, queries in asked.items() for key, query in queries.items()]
+    with ThreadPoolExecutor(max_workers=max(1, len(pairs))) as pool:
+        results = list(pool.map(lambda pair: prom.scalar(pair[2]), pairs))
+    value = {(name, key): result for (name, key, _query), result in zip(pairs, results, strict=True)}
+    statuses = []
+    if slos.availability is not None:
+        slo, queries = slos.availability, asked["availability"]
+        bad = _ratio(value["availability", "error_ratio"])
+        statuses.append(SLOStatus(
+            "availability", f"{slo.target * 100:g}% of requests without 5xx over {slo.window}",
+            None if bad is None else 1 - bad, value["availability", "requests"] or 0.0,
+            Budget(slo.allowed_error_ratio, bad, _ratio(value["availability", "burn_error_ratio"])),
+            slo.window, slo.burn_window, queries))
+    if slos.latency is not None:
+        slo, queries = slos.latency, asked["latency"]
+        p95 = value["latency", "p95"]
         statuses.append(SLOStatus(
             "latency", f"p95 <= {slo.p95_ms:g} ms over {slo.window}",
-            None if p95 is None else round(p95 * 1000, 1), prom.scalar(queries["requests"]) or 0.0,
-            Budget(slo.allowed_slow_ratio, _ratio(prom, queries["slower_ratio"]),
-                   _ratio(prom, queries["burn_slower_ratio"])),
+            None if p95 is None else round(p95 * 1000, 1), value["latency", "requests"] or 0.0,
+            Budget(slo.allowed_slow_ratio, _ratio(value["latency", "slower_ratio"]),
+                   _ratio(value["latency", "burn_slower_ratio"])),
             slo.window, slo.burn_window, queries))
     return statuses
 
