@@ -92,10 +92,12 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     with ctx.io.connected() as active:
         record = acquire_lock(ctx, run, lock_wait_s, command, active)
         try:
-            if check_setup:
-                require_set_up(ctx, active)
-            guard.before = fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState))
-            guard.schema_head = active[ctx.env.db_host].get_fact(SchemaHead)
+            # Read at once: the setup check, what each host runs and the schema head are independent rounds.
+            _ready, guard.before, guard.schema_head = fleet.at_once(
+                lambda: require_set_up(ctx, active) if check_setup else None,
+                lambda: fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState)),
+                lambda: active[ctx.env.db_host].get_fact(SchemaHead),
+            )
             journal_start(ctx, run, active)
         except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
             from ingestctl import lock as lock_mod
