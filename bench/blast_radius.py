@@ -92,6 +92,13 @@ def run_bad(weight: int, urls: list[str], secrets: dict, workers: int, max_secon
     }
 
 
+def must(*args: str) -> None:
+    """`ingestctl ARGS`, which must succeed: the benchmark stops with its output otherwise."""
+    result = ingestctl(*args)
+    if result.code != 0:
+        raise SystemExit(f"`ingestctl {' '.join(args)}` failed:\n{result.explain()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weight", type=int, action="append",
@@ -104,7 +111,7 @@ def main() -> int:
     if not all(1 <= w <= 99 for w in weights):
         parser.error(f"--weight: expected 1 to 99 (100 is the whole-host run each is compared with), found {weights}")
 
-    from bench.zero_downtime import must, sandbox
+    from bench.zero_downtime import sandbox
 
     urls, secrets, _dsn = sandbox()
     print("blast-radius bench: preparing br-good on the sandbox", file=sys.stderr)
