@@ -34,8 +34,10 @@ from ingestctl.cli import main
 def walk(command, path):
     yield path
     if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            yield from walk(command.commands[name], [*path, name])
+        # list_commands/get_command, not .commands: the top group loads most subcommand groups only when named.
+        context = click.Context(command)
+        for name in command.list_commands(context):
+            yield from walk(command.get_command(context, name), [*path, name])
 
 print(json.dumps(list(walk(main, []))))
 """
