@@ -51,12 +51,6 @@ def run(*args: str, timeout: float = 1800) -> tuple[float, int]:
     return seconds, peak_kib
 
 
-def ssh_logins(container: str, since: float, until: float) -> int:
-    logs = subprocess.run(["docker", "logs", "--since", f"{since:.3f}", "--until", f"{until:.3f}", container],
-                          capture_output=True, text=True, timeout=60, check=True)
-    return (logs.stdout + logs.stderr).count("Accepted publickey")
-
-
 def machine_busy_s() -> float:
     """CPU-seconds this machine has spent busy (every core, /proc/stat), for the sandbox hosts' share."""
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -86,7 +80,7 @@ def measured(hosts, *args: str) -> dict:
         "controller_peak_mb": round(peak_kib / 1024, 1),
         "hosts_cpu_s": round(machine_busy_s() - busy - controller, 2),
         "mb_received": {h.name: round((probe.received_bytes(h.container) - before[h.name]) / 1e6, 3) for h in hosts},
-        "ssh_connections": {h.name: ssh_logins(h.container, since, until) for h in hosts},
+        "ssh_connections": {h.name: probe.ssh_logins(h.container, since, until) for h in hosts},
     }
 
 

@@ -75,7 +75,6 @@ def on_every_host(active: Mapping[str, Any], call: Callable[[str, Any], Any]) ->
     return dict(zip(names, results, strict=True))
 
 
-
 def at_once(*reads: Callable[[], Any]) -> list[Any]:
     """Every one of READS at once (over one host's connection, say), their results in order."""
     return Pool(len(reads)).map(lambda read: read(), reads)

@@ -202,11 +202,8 @@ def downgrade_schema(ctx: Context, run: Run, carrier: str, config_version: str, 
 def warm_everywhere(ctx: Context, states: Mapping[str, dict | None], release: Release) -> bool:
     """Every app host records RELEASE's image as its warm standby: a running container holds its image, so there
     is nothing to ship or check (if the record is false, the switch starts the slot and fails on the image)."""
-    return all(
-        ((states.get(h) or {}).get("standby") or {}).get("image_id") == release.image_id
-        and ((states.get(h) or {}).get("standby") or {}).get("image") == release.image
-        for h in ctx.env.app_hosts
-    )
+    standbys = [(states.get(h) or {}).get("standby") or {} for h in ctx.env.app_hosts]
+    return all(s.get("image_id") == release.image_id and s.get("image") == release.image for s in standbys)
 
 
 def ensure_image_available(ctx: Context, release: Release) -> None:

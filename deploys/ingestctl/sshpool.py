@@ -68,6 +68,7 @@ class PooledSSHConnector(SSHConnector):
                 self.client = kept
                 return
             if kept is not None:
+                self._drop(key, kept)  # what was remembered over it goes with it
                 kept.close()
             super()._connect()
             no_delay(self.client)
@@ -83,12 +84,17 @@ class PooledSSHConnector(SSHConnector):
 
     def forget(self) -> None:
         """Drop this host's kept connection and what was remembered over it: the next connect makes a new one."""
-        key = self._pool_key()
-        with self._guard:
-            if self._pool.get(key) is self.client:
-                del self._pool[key]
-            for remembered in [k for k in self._remembered if k[0] == key]:
-                del self._remembered[remembered]
+        self._drop(self._pool_key(), self.client)
+
+    @classmethod
+    def _drop(cls, key: tuple, client: SSHClient | None) -> None:
+        """Forget CLIENT as KEY's kept connection, and what was remembered over it; nothing if another replaced it."""
+        with cls._guard:
+            if cls._pool.get(key) is not client:
+                return
+            del cls._pool[key]
+            for remembered in [k for k in cls._remembered if k[0] == key]:
+                del cls._remembered[remembered]
 
     def remember(self, name: str, read: Callable[[], T]) -> T:
         """READ() once per kept connection; a None result is not kept."""

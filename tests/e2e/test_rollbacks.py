@@ -265,15 +265,10 @@ def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named
     verify(ssh)
 
 
-def ssh_logins(container: str, since: float, until: float) -> int:
-    """Connections sshd accepted on a sandbox host in [SINCE, UNTIL], from its own log (the container's stderr)."""
-    logs = subprocess.run(["docker", "logs", "--since", f"{since:.3f}", "--until", f"{until:.3f}", container],
-                          capture_output=True, text=True, timeout=60, check=True)
-    return (logs.stdout + logs.stderr).count("Accepted publickey")
-
-
 def test_a_rollback_reaches_each_host_over_one_ssh_connection(testbed, ssh, baseline, testbed_name):
     """Reads, lock, switch, health and ledger share one connection per host (sshpool), counted by each sshd."""
+    from ingestctl.testbed.probe import ssh_logins
+
     assert_fleet_on(testbed, ssh, V2)
     since = time.time()
     result = ingestctl("rollback", "app", "local", "--to", V1, "--json")

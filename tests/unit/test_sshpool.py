@@ -88,11 +88,13 @@ def test_a_second_connect_to_the_same_host_reuses_the_connection_once_it_answers
 def test_a_kept_connection_that_does_not_answer_is_closed_and_replaced(fresh) -> None:
     first = pooled()
     first._connect()
+    assert first.remember("compose", lambda: "docker compose") == "docker compose"
     first.client.transport.opens = False  # a paused host: the TCP connection is up, sshd does not answer
     second = pooled()
     second._connect()
     assert len(fresh) == 2 and second.client is fresh[1]
     assert fresh[0].closed
+    assert second.remember("compose", lambda: "docker-compose") == "docker-compose"  # read again over the new one
 
 
 def test_another_host_gets_its_own_connection(fresh) -> None:

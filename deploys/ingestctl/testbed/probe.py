@@ -156,3 +156,16 @@ def received_bytes(container: str, interface: str = "eth0") -> int:
     if result.exit_code != 0:
         raise RuntimeError(f"{container}: reading {interface} rx_bytes failed: {result.output!r}")
     return int(result.output.decode().strip())
+
+
+def ssh_logins(container: str, since: float, until: float) -> int:
+    """SSH connections a sandbox host's sshd accepted between the Unix times SINCE and UNTIL, from its own log
+    (the container's stderr, read from outside): how many connections a command really made."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        logs = client.containers.get(container).logs(stdout=True, stderr=True, since=since, until=until)
+    finally:
+        client.close()
+    return logs.decode(errors="replace").count("Accepted publickey")
