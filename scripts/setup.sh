@@ -72,6 +72,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[all]'
+# pip byte-compiles what it installs, but not an editable project: compiled here (as this user), every command
+# starts without compiling ingestctl's modules, and under PYTHONDONTWRITEBYTECODE it would do that on every run.
+.venv/bin/python -m compileall -q deploys >/dev/null
 if [ -n "$SUDO" ]; then
   # The sandbox's Debian base images are the one thing that needs root (debootstrap): built once, here, so
   # everything after runs as this user (a member of the docker group). No bytecode from root in the checkout.

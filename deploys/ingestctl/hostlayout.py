@@ -295,6 +295,21 @@ def slot_env(slot: str, image: str, version: str, config_version: str) -> dict[s
 # ----- command builders -------------------------------------------------------------------------------------
 
 
+# The Compose command chosen by the host when the command runs, for a rare branch (facts.release.ComposeBinary
+# asks ahead, when a command surely needs it). Unquoted on purpose: `docker compose` must split into two words.
+COMPOSE_ON_HOST = ("$(if docker compose version >/dev/null 2>&1; then echo 'docker compose'; "
+                   "else echo docker-compose; fi)")
+
+
+# Between the steps of `in_one_round`: each step in its own subshell (a `cd` in one does not move the next).
+ROUND_JOINER = " ) && ( "
+
+
+def in_one_round(*steps: str) -> str:
+    """STEPS as one shell command, in order, stopping at the first that fails: one round trip, not one each."""
+    return "( " + ROUND_JOINER.join(steps) + " )"
+
+
 def compose(binary: str, *args: str, env: Mapping[str, str] | None = None) -> str:
     """A compose command in the project directory. `binary` is `docker compose` or `docker-compose` (a fact).
 

@@ -21,13 +21,14 @@ from typing import Any
 
 from gevent.pool import Pool
 from pyinfra.api import BaseStateCallback, Config, Inventory, State
+from pyinfra.api.command import FunctionCommand
 from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import add_op
 from pyinfra.api.operations import run_ops
 from pyinfra.api.state import StateStage
-from pyinfra.context import ctx_state
+from pyinfra.context import ctx_host, ctx_state
 
 from ingestctl import paths, sshpool
 from ingestctl.errors import ConfigError, HostError, IngestctlError
@@ -206,7 +207,8 @@ def run_operations(
     data: Mapping[str, Any] | None = None,
     raise_on_error: bool = True,
 ) -> RunResult:
-    """Add CALLS in order on every selected host, then run them (each operation on all hosts before the next)."""
+    """Add CALLS in order on every selected host, then run them (each operation on all hosts before the next).
+    How often each is evaluated: see `_run`."""
 
     def add(state: State, host) -> None:
         for call in calls:
@@ -256,11 +258,21 @@ def run_deploy(
 
 
 def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
+    """Connect, add the operations (ADD) on every host, run them, and collect what happened on each host.
+
+    A host with one operation has it evaluated once, when it runs, as `pyinfra -y` does: reading its facts first
+    to learn whether it would change something only doubles the round trips (a switch, the path a rollback waits
+    on; the image check). When any host has several, every operation is first evaluated on every host up to its
+    first command, as pyinfra prepares them, so a problem any of them finds (a missing image, a value on a host
+    that fails its check) stops the run before the first one changes a host.
+    """
     inventory = load_inventory(env, data)
     limit = select_hosts(inventory, hosts)
     # FAIL_PERCENT None: one host failing never stops the others; the caller decides from the results.
     parallel = pool_size(limit if limit is not None else list(inventory))
-    state = State(inventory, Config(FAIL_PERCENT=None, CONNECT_TIMEOUT=10, PARALLEL=parallel), initial_limit=limit)
+    # Operations are only registered while added; `_evaluate_before_running` does pyinfra's change check itself.
+    state = State(inventory, Config(FAIL_PERCENT=None, CONNECT_TIMEOUT=10, PARALLEL=parallel), initial_limit=limit,
+                  check_for_changes=False)
     state.print_noop_info = True
     collector = _Collector()
     state.add_callback_handler(collector)
@@ -276,9 +288,10 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
         except PyinfraError:
             pass  # every host failed to connect: reported per host below
         state.set_stage(StateStage.Prepare)
-        local_errors = [error for error in _prepare_every_host(state, add, prepare_errors) if error is not None]
-        if local_errors:
-            raise local_errors[0]  # a local problem (missing image, bad inventory data): no host is at fault
+        _raise_local_error(_prepare_every_host(state, add, prepare_errors))
+        if any(len(state.ops[host]) > 1 for host in state.inventory.get_active_hosts()):
+            _raise_local_error(_prepare_every_host(state, _evaluate_before_running, prepare_errors))
+        _fail_only_their_host(state, prepare_errors)
         state.set_stage(StateStage.Execute)
         if state.active_hosts:
             try:
@@ -296,6 +309,21 @@ def _run(env, add, hosts, data, raise_on_error: bool) -> RunResult:
     if raise_on_error:
         result.raise_for_failures()
     return result
+
+
+def _raise_local_error(errors: list[IngestctlError | None]) -> None:
+    """The first local problem (missing image, bad inventory data) of a preparation: no host is at fault."""
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def _evaluate_before_running(state: State, host) -> None:
+    """pyinfra's change check: each of HOST's operations evaluated up to its first command (reading its facts),
+    in order, before any runs. Nothing is executed."""
+    with ctx_host.use(host):  # the operations' `host`, as pyinfra sets it while adding them
+        for op_data in list(state.ops[host].values()):
+            next(iter(op_data.command_generator()), None)
 
 
 def _prepare_every_host(state: State, add, prepare_errors: dict[str, str]) -> list[IngestctlError | None]:
@@ -319,6 +347,37 @@ def _prepare_every_host(state: State, add, prepare_errors: dict[str, str]) -> li
     # greenlet, one host finishing can no longer unset it under another.
     with ctx_state.use(state):
         return Pool(pool_size(hosts)).map(prepare, hosts)
+
+
+def _fail_only_their_host(state: State, errors: dict[str, str]) -> None:
+    """While operations run, what preparing does for them (a lone operation is evaluated only then):
+    - an exception there would escape pyinfra's per-host handling and stop every host: it fails only its host's
+      operation instead, and is kept as that host's error;
+    - a fact that fails (pyinfra fails the host and hands the operation the fact's default) stops the operation
+      before its next command, which was decided from that default."""
+
+    def contained(generate, host):
+        def commands():
+            try:
+                for command in generate():
+                    if host in state.failed_hosts:
+                        return  # reported as after a failed preparation: the host failed, with pyinfra's words
+                    yield command
+            except Exception as exc:  # noqa: BLE001 - as while preparing: each fails only this host
+                if host in state.failed_hosts and not isinstance(exc, IngestctlError):
+                    return  # a fact failed on the last host left, and pyinfra said "No hosts remaining!"
+                errors[host.name] = (str(exc) if isinstance(exc, IngestctlError)
+                                     else f"evaluating the operation failed: {type(exc).__name__}: {exc}")
+                yield FunctionCommand(_failed, (), {})
+        return commands
+
+    for host in state.inventory.get_active_hosts():
+        for op_data in state.ops[host].values():
+            op_data.command_generator = contained(op_data.command_generator, host)
+
+
+def _failed(state, host) -> bool:
+    return False
 
 
 def _collect(state: State, limit, collector: _Collector, prepare_errors: dict[str, str]) -> RunResult:

@@ -16,7 +16,7 @@ from ingestctl import config as config_mod
 from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
-from ingestctl.facts.release import REJECTED, AppliedMigrations, ImageMigrations, SchemaHead
+from ingestctl.facts.release import REJECTED, ImageMigrations, SchemaHead, SchemaRecord
 from ingestctl.gatekeeper import report_gate
 from ingestctl.liveconfig import read_live_config
 from ingestctl.operations import release as release_ops
@@ -157,12 +157,10 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
 
 
 def schema_record(ctx: Context) -> tuple[str | None, list]:
-    """The database's head and its own record of applied migrations, read at once from the db host."""
+    """The database's head and its own record of applied migrations, read in one query from the db host."""
     db = ctx.env.db_host
     with ctx.io.connected([db]) as active:
-        head, applied = fleet.at_once(lambda: active[db].get_fact(SchemaHead),
-                                      lambda: active[db].get_fact(AppliedMigrations))
-        return head, applied
+        return active[db].get_fact(SchemaRecord)
 
 
 def require_unmoved_schema(under_lock: str | None, planned: str | None, env: str) -> None:

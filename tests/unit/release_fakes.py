@@ -55,8 +55,10 @@ class FakeHost:
             return self.image_ids.get(kwargs["image"])
         if name == "FileDigests":
             return {p: (ops.sha256(self.files[p]) if self.files.get(p) is not None else None) for p in kwargs["paths"]}
+        # The one-round read (facts.together) runs a shell command, which a fake cannot: it prints nothing, and
+        # every fact is then read on its own, from the answers above.
         return {"IngestState": self.state, "ProxyRouting": self.routing, "RunningServices": self.running,
-                "ComposeBinary": "docker compose", "SlotSockets": self.sockets}[name]
+                "ComposeBinary": "docker compose", "SlotSockets": self.sockets, "_RawLines": None}[name]
 
     def noop(self, message: str) -> None:
         self.noops.append(message)
@@ -65,3 +67,15 @@ class FakeHost:
 def put(src, dest, mode):
     """pyinfra's `files.put._inner`, as one readable command: the destination and the content."""
     yield f"put {dest}\n{src.getvalue()}"
+
+
+def steps(commands) -> list[str]:
+    """An operation's commands as the steps they run, in order: a command that does several in one round trip
+    (`hostlayout.in_one_round`) is split back into them."""
+    flat: list[str] = []
+    for command in map(str, commands):
+        if command.startswith("( ") and command.endswith(" )") and layout.ROUND_JOINER in command:
+            flat.extend(command[2:-2].split(layout.ROUND_JOINER))
+        else:
+            flat.append(command)
+    return flat

@@ -15,7 +15,7 @@ from ingestctl import hostlayout as layout
 from ingestctl.errors import ConfigError
 from ingestctl.facts.release import checked_state
 from ingestctl.operations import release as ops
-from release_fakes import IMAGE_ID, FakeHost, live_state, put
+from release_fakes import IMAGE_ID, FakeHost, live_state, put, steps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alembic_versions"
 SECRETS = {"POSTGRES_PASSWORD": "pg-0123456789abcdef", "API_KEY": "key-0123456789abcdef01",
@@ -96,7 +96,7 @@ def written_state(commands: list[str]) -> dict:
 
 def test_the_canary_starts_the_new_slot_then_flips_the_canary_route_and_records_itself(ops_host):
     ops_host(FakeHost(live_state(OLD), proxy_conf=WEIGHTED))
-    commands = [str(c) for c in ops.release_canary._inner(**V2)]
+    commands = steps(ops.release_canary._inner(**V2))
     starts = [i for i, c in enumerate(commands) if "--force-recreate api_green" in c]
     [flip] = [i for i, c in enumerate(commands) if c == layout.route_proxy("blue", canary="green")]
     assert starts and starts[0] < flip, "the new slot runs and is ready before it gets a share"
@@ -110,7 +110,7 @@ def test_the_canary_starts_the_new_slot_then_flips_the_canary_route_and_records_
 
 def test_a_canary_on_a_proxy_without_the_weights_puts_them_and_reloads(ops_host):
     ops_host(FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(PORTS, 65536, CLIENTS)))
-    commands = [str(c) for c in ops.release_canary._inner(**V2)]
+    commands = steps(ops.release_canary._inner(**V2))
     [conf] = [c for c in commands if c.startswith(f"put {ops.PROXY_CONF}")]
     assert "weight=10" in conf and "weight=90" in conf
     assert any(RELOAD in c for c in commands)
@@ -121,7 +121,7 @@ def test_a_canary_in_the_standbys_slot_retires_the_standby_from_state_json(ops_h
              "slot": "green"}
     ops_host(FakeHost({**live_state(OLD), "standby": older}, proxy_conf=WEIGHTED,
                       running={"api_blue": "ingest:v1", "api_green": "ingest:v0"}))
-    state = written_state([str(c) for c in ops.release_canary._inner(**V2)])
+    state = written_state(steps(ops.release_canary._inner(**V2)))
     assert state["standby"] is None and state["canary"]["slot"] == "green"
 
 
@@ -144,7 +144,7 @@ def canary_host() -> dict:
 
 def test_the_full_switch_after_the_gates_keeps_the_canarys_slot_running(ops_host):
     ops_host(FakeHost(canary_host(), proxy_conf=WEIGHTED, running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
-    commands = [str(c) for c in ops.release_live._inner(**V2)]
+    commands = steps(ops.release_live._inner(**V2))
     assert not any("--force-recreate" in c for c in commands), "recreating it would drop the canary's requests"
     assert layout.route_proxy("green") in commands and not any(RELOAD in c for c in commands)
     state = written_state(commands)
@@ -154,9 +154,9 @@ def test_the_full_switch_after_the_gates_keeps_the_canarys_slot_running(ops_host
 
 def test_a_failed_canary_goes_back_to_the_previous_slot_alone_and_is_removed(ops_host):
     ops_host(FakeHost(canary_host(), proxy_conf=WEIGHTED, running={"api_blue": "ingest:v1", "api_green": "ingest:v2"}))
-    commands = [str(c) for c in ops.release_live._inner(
+    commands = steps(ops.release_live._inner(
         release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=OLD, infra_images={}, ports=PORTS,
-        clients=CLIENTS, canary_weight=10, clear_failed_idle=True, keep_standby=False)]
+        clients=CLIENTS, canary_weight=10, clear_failed_idle=True, keep_standby=False))
     flip = commands.index(layout.route_proxy("blue"))
     stop_at = next(i for i, c in enumerate(commands) if "stop -t 1 api_green" in c)
     assert flip < stop_at, "the proxy leaves the canary's slot before it stops"

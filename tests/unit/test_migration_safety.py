@@ -329,6 +329,19 @@ def test_a_record_that_disagrees_with_the_head_is_refused():
         check_app_rollback_applied(APPLIED[:2], "0003", "0001")
 
 
+def test_the_schema_record_reads_the_head_and_the_applied_migrations_from_one_query():
+    from ingestctl.facts.release import SchemaRecord
+    from ingestctl.hostvalues import HostValueError
+
+    assert SchemaRecord().process(["head|0002", "applied|0001|t|f", "applied|0002|t|t"]) == ("0002", APPLIED[:2])
+    # No alembic_version yet (psql reports that query's error and runs the next): an empty schema.
+    assert SchemaRecord().process([]) == (None, [])
+    with pytest.raises(HostValueError, match="schema record row 1"):
+        SchemaRecord().process(["0002|t|t"])
+    with pytest.raises(HostValueError, match="alembic_version"):
+        SchemaRecord().process(["head|0002; DROP TABLE events"])
+
+
 def test_the_facts_read_the_record_and_the_image_files():
     from ingestctl.facts.release import MIGRATION_FILE_MARK, AppliedMigrations, ImageMigrations
     from ingestctl.hostvalues import HostValueError

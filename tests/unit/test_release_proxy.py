@@ -6,6 +6,7 @@ real ones."""
 from __future__ import annotations
 
 import re
+import subprocess
 from functools import partial
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import release_fakes
 from ingestctl import hostlayout as layout
 from ingestctl.operations import release as ops
 from ingestctl.reconcile import Routing
-from release_fakes import IMAGE_ID, live_state, put
+from release_fakes import IMAGE_ID, live_state, put, steps
 
 PORTS = layout.Ports(public=8000)
 CLIENTS = layout.ClientLimits(connections=64, requests_per_s=200, burst=400)
@@ -31,9 +32,9 @@ def run(monkeypatch):
     def run(fake: release_fakes.FakeHost, config_version: str, clients: layout.ClientLimits = CLIENTS,
             **kwargs) -> list[str]:
         monkeypatch.setattr(ops, "host", fake)
-        return [str(c) for c in ops.release_live._inner(
+        return steps(ops.release_live._inner(
             release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=config_version, infra_images={},
-            ports=PORTS, clients=clients, **kwargs)]
+            ports=PORTS, clients=clients, **kwargs))
 
     return run
 
@@ -85,6 +86,32 @@ def test_a_rollback_to_the_warm_standby_is_a_flip_and_restores_its_config_versio
     assert body_limit_of(conf) == 1048576
     assert layout.route_proxy("blue") in commands
     assert not any("--force-recreate api_" in c for c in commands), "the standby runs already: only the proxy moves"
+
+
+def test_a_switch_to_the_warm_standby_is_one_command_after_its_facts(monkeypatch):
+    """Same proxy settings, standby warm: the readiness wait, the flip and its record go in one round trip, in
+    that order, and the first that fails stops the rest."""
+    standby = {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": OLD,
+               "schema_head": "0001", "slot": "blue"}
+    fake = FakeHost(live_state(NEW, slot="green", standby=standby),
+                    proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS),
+                    running={"api_blue": "ingest:v1", "api_green": "ingest:v2"})
+    monkeypatch.setattr(ops, "host", fake)
+    [command] = list(ops.release_live._inner(release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=OLD,
+                                             infra_images={}, ports=PORTS, clients=CLIENTS))
+    parts = steps([command])
+    ready, flip, state = (index_of(parts, "/health/ready"), parts.index(layout.route_proxy("blue")),
+                          index_of(parts, layout.STATE_FILE))
+    assert ready < flip < state
+    assert command == layout.in_one_round(*parts)
+
+
+def test_steps_in_one_round_run_in_order_each_in_its_own_directory_and_stop_at_the_first_failure(tmp_path):
+    command = layout.in_one_round(f"cd {tmp_path} && echo one > a", "pwd", "false", "echo never")
+    done = subprocess.run(["sh", "-c", command], cwd="/", capture_output=True, text=True, check=False)
+    assert (tmp_path / "a").read_text() == "one\n"
+    assert done.stdout == "/\n", "a cd in one step moved the next"
+    assert done.returncode == 1
 
 
 def test_a_standby_started_before_the_slots_had_sockets_is_recreated_not_routed_to(run):

@@ -10,7 +10,8 @@ import pytest
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, HostError
 from pyinfra import host
-from pyinfra.api import operation
+from pyinfra.api import FactBase, deploy, operation
+from pyinfra.api.exceptions import FactProcessError
 from pyinfra.operations import server
 
 
@@ -124,3 +125,85 @@ def test_unreachable_ssh_host_is_reported_not_raised(local_env):
     assert not host_result.success and host_result.error
     with pytest.raises(HostError, match="host 127.0.0.1: "):
         result.raise_for_failures()
+
+
+@operation()
+def counted(counter: str, then_raise: str | None = None):
+    """Appends a line to COUNTER each time pyinfra evaluates it (reads it), then optionally raises THEN_RAISE."""
+    from pyinfra.facts.server import Command
+
+    host.get_fact(Command, command=f"echo read >> {counter}")
+    if then_raise == "config":
+        raise ConfigError("inventory value x: expected a number, found 'y'")
+    if then_raise == "bug":
+        raise KeyError("slot")
+    yield f"echo ran >> {counter}"
+
+
+def test_a_single_operation_is_evaluated_once_as_pyinfra_y_does(local_env, tmp_path):
+    counter = tmp_path / "counter"
+    result = runner.run_operations("unit", [runner.OperationCall(counted, kwargs={"counter": str(counter)})])
+    assert result.hosts["@local"].success
+    assert counter.read_text().split() == ["read", "ran"]
+
+
+def test_several_operations_are_each_evaluated_before_any_runs(local_env, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    calls = [runner.OperationCall(counted, kwargs={"counter": str(first)}),
+             runner.OperationCall(counted, kwargs={"counter": str(second), "then_raise": "config"})]
+    with pytest.raises(ConfigError, match="inventory value x"):
+        runner.run_operations("unit", calls)
+    assert first.read_text().split() == ["read"], "the first operation must not run when the second cannot"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("config", "host @local: inventory value x: expected a number, found 'y'"),
+    ("bug", "host @local: evaluating the operation failed: KeyError: 'slot'"),
+])
+def test_an_error_while_a_single_operation_runs_fails_its_host_naming_it(local_env, tmp_path, kind, message):
+    counter = tmp_path / "counter"
+    call = runner.OperationCall(counted, kwargs={"counter": str(counter), "then_raise": kind})
+    result = runner.run_operations("unit", [call], raise_on_error=False)
+    local = result.hosts["@local"]
+    assert not local.success and local.reached
+    assert local.describe_failure() == message
+    assert counter.read_text().split() == ["read"]
+
+
+class Unreadable(FactBase):
+    """A host value not in the shape ingestctl writes (a forged state.json, say)."""
+
+    def command(self) -> str:
+        return "echo '{not json'"
+
+    def process(self, output):
+        raise FactProcessError("state.json: expected JSON, found unparsable text")
+
+
+@operation()
+def decided_from_a_fact(counter: str):
+    state = host.get_fact(Unreadable)  # pyinfra reports the error, fails the host and returns None
+    yield f"echo decided-from-{state} >> {counter}"
+
+
+def test_a_fact_that_fails_while_a_single_operation_runs_stops_it_before_its_commands(local_env, tmp_path):
+    counter = tmp_path / "counter"
+    result = runner.run_operations("unit", [runner.OperationCall(decided_from_a_fact,
+                                                                 kwargs={"counter": str(counter)})],
+                                   raise_on_error=False)
+    local = result.hosts["@local"]
+    assert not local.success
+    assert "state.json: expected JSON" in local.describe_failure()
+    assert not counter.exists(), "a command decided from a failed fact's default ran"
+
+
+@deploy("Count once")
+def one_counted_operation(counter: str):
+    counted(counter=counter)
+
+
+def test_a_deploy_of_one_operation_per_host_is_evaluated_once_too(local_env, tmp_path):
+    counter = tmp_path / "counter"
+    result = runner.run_deploy("unit", one_counted_operation, counter=str(counter))
+    assert result.hosts["@local"].success
+    assert counter.read_text().split() == ["read", "ran"]

@@ -25,6 +25,7 @@ from ingestctl.facts.release import (
     SchemaHead,
     SlotSockets,
 )
+from ingestctl.facts.together import HostFacts
 from ingestctl.operations import secretfiles
 from ingestctl.reconcile import Routing
 from ingestctl.secrets import APP_DB_ROLE, app_database_password
@@ -161,41 +162,56 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
 RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 
-def live_state() -> tuple[dict, bool, Routing | None]:
+def switch_facts(config_version: str | None) -> HostFacts:
+    """Every fact a switch or a canary reads before it yields its first command, read in one round trip."""
+    return HostFacts(host).read_together(
+        ProxyRouting, IngestState, (ConfigBodyLimit, {"version": body_limit_version(config_version)}),
+        (FileDigests, {"paths": [PROXY_CONF]}), RunningServices, SlotSockets,
+    )
+
+
+def live_state(facts: HostFacts | None = None) -> tuple[dict, bool, Routing | None]:
     """What the host really serves: state.json, unless the proxy's routes point elsewhere (see reconcile).
 
     Returns (state, stale, routing); when stale, the live slot's image ID is read from the engine by its image
     name.
     """
-    routing = host.get_fact(ProxyRouting)
-    state, stale = reconcile.effective_state(host.get_fact(IngestState) or {}, reconcile.routed_slot(routing),
+    facts = facts or HostFacts(host)
+    routing = facts.get(ProxyRouting)
+    state, stale = reconcile.effective_state(facts.get(IngestState) or {}, reconcile.routed_slot(routing),
                                              routing)
     if stale and state.get("image"):
-        state["image_id"] = host.get_fact(DockerImage, image=state["image"])
+        state["image_id"] = facts.get(DockerImage, image=state["image"])
     return state, stale, routing
 
 
 PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
 
 
+def body_limit_version(config_version: str | None) -> str:
+    return config_version or layout.EMPTY_CONFIG
+
+
 def proxy_conf(config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits,
-               canary_weight: int) -> str:
+               canary_weight: int, facts: HostFacts | None = None) -> str:
     """The proxy's config for CONFIG_VERSION's body limit, the inventory's CLIENTS limits and CANARY_WEIGHT."""
-    limit = host.get_fact(ConfigBodyLimit, version=config_version or layout.EMPTY_CONFIG)
+    limit = (facts or HostFacts(host)).get(ConfigBodyLimit, version=body_limit_version(config_version))
     return layout.render_proxy(ports, limit, clients, canary_weight)
 
 
-def proxy_conf_put(text: str) -> list[str]:
+def proxy_conf_put(text: str, facts: HostFacts | None = None) -> list[str]:
     """The commands that put the proxy's config when the file on the host differs from TEXT (reloading is the
     caller's): none when it is already in place."""
-    if host.get_fact(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) == sha256(text):
+    if (facts or HostFacts(host)).get(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) == sha256(text):
         return []
     return list(files.put._inner(src=StringIO(text), dest=PROXY_CONF, mode="644"))
 
 
 def proxy_applied(puts: list[str]) -> str:
     """After a config put (PUTS): reload the proxy gracefully. Without one: only start it if it is not running."""
-    return layout.reload_proxy(compose_binary()) if puts else layout.proxy_started(compose_binary())
+    # Without a put, Compose is needed only if the proxy is down, which is rare: the host decides, so the switch a
+    # rollback waits on does not ask which Compose there is (60 ms a host, and CPU on a busy host).
+    return layout.reload_proxy(compose_binary()) if puts else layout.proxy_started(layout.COMPOSE_ON_HOST)
 
 
 @operation()
@@ -231,8 +247,9 @@ def release_live(
     """
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version,
               "schema_head": schema_head}
-    state, stale, routing = live_state()
-    puts = proxy_conf_put(proxy_conf(config_version, ports, clients, canary_weight))
+    facts = switch_facts(config_version)
+    state, stale, routing = live_state(facts)
+    puts = proxy_conf_put(proxy_conf(config_version, ports, clients, canary_weight, facts), facts)
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
         live = state["slot"]
         yield from puts
@@ -254,7 +271,7 @@ def release_live(
         if clear_failed_idle:
             idle = layout.other_slot(live)
             standby = state.get("standby") or {}
-            running = host.get_fact(RunningServices).get(f"api_{idle}")
+            running = facts.get(RunningServices).get(f"api_{idle}")
             if state.get("canary"):
                 yield layout.write_state({k: v for k, v in state.items() if k != "canary"})
             if running and not (standby.get("slot") == idle and standby.get("image") == running):
@@ -266,35 +283,50 @@ def release_live(
             host.noop(f"ingest {release} with config {config_version} is already live in slot {live}")
         return
     live = state.get("slot")
-    new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
-    yield from puts
-    yield layout.route_proxy(new)
-    yield proxy_applied(puts)
+    new, slots, ready = yield from idle_slot_started(state, wanted, infra_images, ports, ready_timeout_s, facts)
     previous = {key: state[key] for key in RELEASE_KEYS if key in state}
-    if live and not keep_standby:
-        yield layout.stop_slot(compose_binary(), live, drain_grace_s)
-    yield layout.write_state(
-        {
-            **wanted,
-            "slot": new,
-            # Both slots, exactly as .env has them, so the layout's .env render matches and stays a noop.
-            "slots": slots,
-            "previous": previous or None,
-            "standby": {**previous, "slot": live} if (live and keep_standby) else None,
-        }
-    )
+    yield from after_ready(ready, puts, [
+        layout.route_proxy(new),
+        proxy_applied(puts),
+        *([layout.stop_slot(compose_binary(), live, drain_grace_s)] if live and not keep_standby else []),
+        layout.write_state(
+            {
+                **wanted,
+                "slot": new,
+                # Both slots, exactly as .env has them, so the layout's .env render matches and stays a noop.
+                "slots": slots,
+                "previous": previous or None,
+                "standby": {**previous, "slot": live} if (live and keep_standby) else None,
+            }
+        ),
+    ])
 
 
-def idle_slot_ready(state: Mapping, wanted: Mapping[str, str | None], infra_images: Mapping[str, str],
-                    ports: layout.Ports, ready_timeout_s: int) -> Generator[str, None, tuple[str, dict]]:
-    """The release WANTED running and ready in the slot the proxy does not route to; returns (that slot, both
-    slots' compose variables). A release already warm there (the standby, or this run's canary) is reused:
-    recreating it would drop the requests a canary is serving."""
-    binary = compose_binary()
+def after_ready(ready: str, puts: list, then: list[str]) -> Generator:
+    """READY (the new slot's readiness wait), the proxy config's PUTS, then THEN (the flip and its record).
+
+    Without puts, one command does it all (`hostlayout.in_one_round`): a switch to a warm slot costs two round
+    trips a host, its facts and this, whatever the latency; the first step that fails stops the rest, as it
+    would stop the operation. A put is a file upload, a step of its own.
+    """
+    if puts:
+        yield ready
+        yield from puts
+        yield layout.in_one_round(*then)
+    else:
+        yield layout.in_one_round(ready, *then)
+
+
+def idle_slot_started(state: Mapping, wanted: Mapping[str, str | None], infra_images: Mapping[str, str],
+                      ports: layout.Ports, ready_timeout_s: int,
+                      facts: HostFacts) -> Generator[str, None, tuple[str, dict, str]]:
+    """The release WANTED running in the slot the proxy does not route to; returns (that slot, both slots'
+    compose variables, the command that waits for it to answer ready). A release already warm there (the
+    standby, or this run's canary) is reused: recreating it would drop the requests a canary is serving."""
     new = layout.other_slot(state.get("slot"))
-    running = host.get_fact(RunningServices).get(f"api_{new}")
+    running = facts.get(RunningServices).get(f"api_{new}")
     # A slot with no socket was started before the layout had them: the proxy could not reach it.
-    warm = running == wanted["image"] and new in host.get_fact(SlotSockets) and any(
+    warm = running == wanted["image"] and new in facts.get(SlotSockets) and any(
         candidate.get("slot") == new
         and all(candidate.get(key) == wanted[key] for key in ("release", "image_id", "config_version"))
         for candidate in (state.get("standby") or {}, state.get("canary") or {})
@@ -307,9 +339,8 @@ def idle_slot_ready(state: Mapping, wanted: Mapping[str, str | None], infra_imag
         yield from files.put._inner(
             src=StringIO(dotenv(infra_images, slots)), dest=f"{layout.BASE}/.env", mode="644"
         )
-        yield layout.start_slot(binary, new)
-    yield layout.wait_slot_ready(new, ports[new], ready_timeout_s)
-    return new, slots
+        yield layout.start_slot(compose_binary(), new)
+    return new, slots, layout.wait_slot_ready(new, ports[new], ready_timeout_s)
 
 
 @operation()
@@ -333,7 +364,10 @@ def release_canary(
     switch reuses the canary's running slot instead of recreating it.
     """
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version}
-    state, _stale, _routing = live_state()
+    # The live config's body limit is what the canary's proxy config keeps: read with the rest, once state.json
+    # names it (a second round only when it differs from the config the canary brings).
+    facts = switch_facts(config_version)
+    state, _stale, _routing = live_state(facts)
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
         host.noop(f"ingest {release} with config {config_version} is already live: no canary")
         return
@@ -343,16 +377,17 @@ def release_canary(
         # that follows the gates moves the host whole, as without a canary.
         host.noop("no trusted live release to share the traffic with: the switch moves the host whole")
         return
-    new, slots = yield from idle_slot_ready(state, wanted, infra_images, ports, ready_timeout_s)
-    puts = proxy_conf_put(proxy_conf(state.get("config_version"), ports, clients, canary_weight))
-    yield from puts
-    yield layout.route_proxy(live, canary=new)
-    yield proxy_applied(puts)
+    new, slots, ready = yield from idle_slot_started(state, wanted, infra_images, ports, ready_timeout_s, facts)
+    puts = proxy_conf_put(proxy_conf(state.get("config_version"), ports, clients, canary_weight, facts), facts)
     standby = state.get("standby") or {}
     if standby.get("slot") == new and standby.get("image_id") != image_id:
         standby = {}  # the canary took the standby's slot: a rollback can no longer find it warm there
-    yield layout.write_state({**state, "slots": slots, "standby": standby or None,
-                              "canary": {**wanted, "slot": new, "weight": canary_weight}})
+    yield from after_ready(ready, puts, [
+        layout.route_proxy(live, canary=new),
+        proxy_applied(puts),
+        layout.write_state({**state, "slots": slots, "standby": standby or None,
+                            "canary": {**wanted, "slot": new, "weight": canary_weight}}),
+    ])
 
 
 @operation()

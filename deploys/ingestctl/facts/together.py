@@ -1,0 +1,104 @@
+"""Several facts in one command: one round trip to the host instead of one each.
+
+An operation that needs six facts before it yields anything (a switch) waits six round trips when it asks for
+them one by one: 60 ms on the sandbox, a third of a second at 50 ms of latency. `HostFacts.read_together`
+asks for them in one command; each fact's own `command()` runs there and its own `process()` reads its part.
+A fact it did not read, or one whose part failed or did not process, is read on its own as before, with the
+same errors.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyinfra.api import FactBase
+from pyinfra.api.exceptions import FactProcessError
+
+# (fact class, its keyword arguments as sorted pairs): hashable, so a read can be looked up by what was asked.
+FactKey = tuple[type[FactBase], tuple[tuple[str, Hashable], ...]]
+
+
+def fact_key(cls: type[FactBase], kwargs: Mapping[str, Any]) -> FactKey:
+    return cls, tuple(sorted((name, _hashable(value)) for name, value in kwargs.items()))
+
+
+def _hashable(value: Any) -> Hashable:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def together_command(keys: Sequence[FactKey], nonce: str) -> str:
+    """Each fact's own command in turn, its output fenced by markers with NONCE (drawn for this read, so no file
+    a host returns can pass for the end of a part) and its exit status."""
+    parts = []
+    for index, (cls, kwargs) in enumerate(keys):
+        parts.append(f"echo '{nonce} {index}'; ( {cls().command(**dict(kwargs))} ); echo \"{nonce} {index} $?\"")
+    return "; ".join(parts)
+
+
+def split_parts(output: Sequence[str], count: int, nonce: str) -> list[list[str]]:
+    """The output lines of each of COUNT parts, in order. FactProcessError when a part is missing, out of order
+    or exited non-zero."""
+    parts: list[list[str]] = []
+    current: list[str] | None = None
+    for line in output:
+        if not line.startswith(nonce):
+            if current is None:
+                raise FactProcessError(f"facts read together: output outside any part: {line[:80]!r}")
+            current.append(line)
+            continue
+        words = line[len(nonce):].split()
+        if len(words) == 1 and current is None and words[0] == str(len(parts)):
+            current = []
+        elif len(words) == 2 and current is not None and words[0] == str(len(parts)):
+            if words[1] != "0":
+                raise FactProcessError(f"facts read together: part {len(parts)} exited {words[1]}")
+            parts.append(current)
+            current = None
+        else:
+            raise FactProcessError(f"facts read together: unexpected marker {line[len(nonce):][:40]!r}")
+    if current is not None or len(parts) != count:
+        raise FactProcessError(f"facts read together: expected {count} parts, found {len(parts)}")
+    return parts
+
+
+@dataclass
+class HostFacts:
+    """One host's facts for one operation: those read together, then anything else read on its own."""
+
+    host: Any
+    values: dict[FactKey, Any] = field(default_factory=dict)
+
+    def read_together(self, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> HostFacts:
+        keys = tuple(fact_key(*(w if isinstance(w, tuple) else (w, {}))) for w in wanted)
+        nonce = f"--ingestctl-{secrets.token_hex(8)}--"
+        lines = self.host.get_fact(_RawLines, command=together_command(keys, nonce))
+        try:
+            parts = split_parts(lines or [], len(keys), nonce)
+        except FactProcessError:
+            return self  # a part failed: every fact is read on its own below, and fails with its own error
+        for key, part in zip(keys, parts, strict=True):
+            fact = key[0]()
+            try:
+                self.values[key] = fact.process(part) if part else fact.default()
+            except FactProcessError:
+                pass  # read on its own below: pyinfra reports it and fails only this host, as for any fact
+        return self
+
+    def get(self, cls: type[FactBase], **kwargs: Any) -> Any:
+        key = fact_key(cls, kwargs)
+        if key in self.values:
+            return self.values[key]
+        return self.host.get_fact(cls, **kwargs)
+
+
+class _RawLines(FactBase[list | None]):
+    """COMMAND's stdout lines as they are (None when it printed nothing or failed)."""
+
+    def command(self, command: str) -> str:
+        return command
+
+    def process(self, output: list[str]) -> list[str]:
+        return list(output)

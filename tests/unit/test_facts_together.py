@@ -1,0 +1,113 @@
+"""Several facts in one round trip (facts.together), run by a real shell: each fact's own command and process,
+the nonce fence against host output, and the fall back to reading a fact on its own when its part fails."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from ingestctl.facts.release import FileDigests, IngestState
+from ingestctl.facts.together import HostFacts, split_parts, together_command
+from pyinfra.api import FactBase
+from pyinfra.api.exceptions import FactProcessError
+
+
+class Printed(FactBase):
+    """Prints TEXT (to stand for a host's file) and keeps its lines."""
+
+    def command(self, text: str) -> str:
+        return f"printf '%s\\n' '{text}'"
+
+    def process(self, output):
+        return list(output)
+
+
+class Fails(FactBase):
+    def command(self) -> str:
+        return "echo partial; exit 3"
+
+    def process(self, output):
+        return output
+
+
+class ShellHost:
+    """Runs a raw command in a real `sh`, as the host's shell would; counts the round trips; a fact read on its
+    own comes from ALONE (what pyinfra would have read)."""
+
+    def __init__(self, alone=None):
+        self.rounds = 0
+        self.alone = alone or {}
+
+    def get_fact(self, cls, **kwargs):
+        self.rounds += 1
+        if cls.__name__ == "_RawLines":
+            out = subprocess.run(["sh", "-c", kwargs["command"]], capture_output=True, text=True, check=False).stdout
+            return out.splitlines() or None
+        return self.alone[cls.__name__]
+
+
+def test_facts_read_together_take_one_round_and_each_is_its_own_facts_processing(tmp_path):
+    present = tmp_path / "present"
+    present.write_text("x")
+    host = ShellHost()
+    facts = HostFacts(host).read_together((FileDigests, {"paths": [str(present), str(tmp_path / "absent")]}),
+                                          (Printed, {"text": "a b"}))
+    assert host.rounds == 1
+    digests = facts.get(FileDigests, paths=[str(present), str(tmp_path / "absent")])
+    assert digests[str(tmp_path / "absent")] is None
+    assert digests[str(present)] == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+    assert facts.get(Printed, text="a b") == ["a b"]
+    assert host.rounds == 1
+
+
+def test_an_empty_part_gives_the_facts_default():
+    facts = HostFacts(ShellHost()).read_together((Printed, {"text": ""}), IngestState)
+    # printf of '' prints one empty line; state.json absent prints nothing: IngestState's default, None.
+    assert facts.get(IngestState) is None
+
+
+def test_a_fact_not_read_together_is_read_on_its_own():
+    host = ShellHost(alone={"IngestState": {"release": "v1"}})
+    facts = HostFacts(host).read_together((Printed, {"text": "x"}))
+    assert facts.get(IngestState) == {"release": "v1"}
+    assert host.rounds == 2
+
+
+def test_a_failed_part_makes_every_fact_read_on_its_own_with_its_own_error():
+    host = ShellHost(alone={"Printed": ["alone"], "Fails": "its own error"})
+    facts = HostFacts(host).read_together((Printed, {"text": "x"}), Fails)
+    assert facts.get(Printed, text="x") == ["alone"]
+    assert facts.get(Fails) == "its own error"
+
+
+def test_a_host_file_that_prints_a_marker_cannot_end_a_part_early():
+    """A state.json (or any file a host returns) holding a line like the fence of another read: the nonce of
+    this read is new, so the line is only content."""
+    nonce = "--ingestctl-0123456789abcdef--"
+    forged = "--ingestctl-aaaaaaaaaaaaaaaa-- 0 0"
+    lines = subprocess.run(["sh", "-c", together_command([(Printed, (("text", forged),))], nonce)],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert split_parts(lines, 1, nonce) == [[forged]]
+
+
+@pytest.mark.parametrize("lines, why", [
+    (["stray"], "output outside any part"),
+    (["N 0", "a"], "expected 1 parts, found 0"),
+    (["N 0", "a", "N 0 1"], "part 0 exited 1"),
+    (["N 1", "a", "N 1 0"], "unexpected marker"),
+    (["N 0", "N 0 0", "N 0", "N 0 0"], "unexpected marker"),
+])
+def test_malformed_output_is_refused_naming_what_is_wrong(lines, why):
+    with pytest.raises(FactProcessError, match=why):
+        split_parts(lines, 1, "N")
+
+
+def test_a_part_that_does_not_process_is_read_on_its_own():
+    class Unprocessable(Printed):
+        def process(self, output):
+            raise FactProcessError("not in the shape ingestctl writes")
+
+    host = ShellHost(alone={"Unprocessable": "pyinfra's answer after reporting it"})
+    facts = HostFacts(host).read_together((Unprocessable, {"text": "x"}), (Printed, {"text": "y"}))
+    assert facts.get(Printed, text="y") == ["y"]
+    assert facts.get(Unprocessable, text="x") == "pyinfra's answer after reporting it"
