@@ -364,8 +364,8 @@ def release_canary(
     switch reuses the canary's running slot instead of recreating it.
     """
     wanted = {"release": release, "image": image, "image_id": image_id, "config_version": config_version}
-    # The live config's body limit is what the canary's proxy config keeps: read with the rest, once state.json
-    # names it (a second round only when it differs from the config the canary brings).
+    # The canary's proxy config keeps the live config's body limit. Read together here is the limit of the config
+    # the canary brings, usually the live one; when they differ, the live one is read on its own below.
     facts = switch_facts(config_version)
     state, _stale, _routing = live_state(facts)
     if all(state.get(key) == wanted[key] for key in ("release", "image_id", "config_version")):
