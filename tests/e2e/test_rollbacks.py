@@ -281,6 +281,21 @@ def test_a_rollback_reaches_each_host_over_one_ssh_connection(testbed, ssh, base
     assert_fleet_on(testbed, ssh, V2)
 
 
+def test_a_rollback_starts_the_proxy_again_where_it_was_removed(testbed, ssh, baseline):
+    """app2's proxy container is gone (removed by hand, its config unchanged): the switch to the warm standby
+    starts it again, with the Compose the host has (chosen on the host: the warm path does not ask for it)."""
+    assert_fleet_on(testbed, ssh, V2)
+    code, _out, err = ssh("app2", "docker rm -f $(docker ps -q --filter label=com.docker.compose.service=proxy)")
+    assert code == 0, err
+    assert version_of(app_urls(testbed)["app2"]) is None, "app2 still answers without its proxy"
+    result = ingestctl("rollback", "app", "local", "--to", V1, "--json")
+    assert result.code == 0, result.explain()
+    assert_fleet_on(testbed, ssh, V1)
+    back = ingestctl("rollback", "app", "local", "--to", V2, "--json")
+    assert back.code == 0, back.explain()
+    assert_fleet_on(testbed, ssh, V2)
+
+
 def test_rollback_app_to_an_unknown_release_is_refused_naming_the_known_ones(testbed, ssh, baseline):
     states, entries = fleet_states(ssh), ledger(ssh)
     result = ingestctl("rollback", "app", "local", "--to", "e2e8-never-built", "--json")
