@@ -343,12 +343,12 @@ def test_the_schema_record_reads_the_head_and_the_applied_migrations_from_one_qu
 
 
 def test_the_facts_read_the_record_and_the_image_files():
-    from ingestctl.facts.release import MIGRATION_FILE_MARK, AppliedMigrations, ImageMigrations
+    from ingestctl.facts.release import MIGRATION_FILE_MARK, ImageMigrations, applied_migrations
     from ingestctl.hostvalues import HostValueError
 
-    assert AppliedMigrations().process(["0001|t|f", "0002|t|t"]) == APPLIED[:2]
+    assert applied_migrations(["0001|t|f", "0002|t|t"]) == APPLIED[:2]
     with pytest.raises(HostValueError):
-        AppliedMigrations().process(["0002$(id)|t|t"])
+        applied_migrations(["0002$(id)|t|t"])
     files = ImageMigrations().process([f"{MIGRATION_FILE_MARK}0002_index.py", 'revision = "0002"', "x = 1"])
     assert files == {"0002_index": 'revision = "0002"\nx = 1\n'}
     with pytest.raises(HostValueError):

@@ -166,8 +166,6 @@ class ConfigVersions(FactBase[list[str]]):
 
 
 HEAD_QUERY = "SELECT version_num FROM alembic_version"
-APPLIED_QUERY = ("SELECT revision, backward_compatible, downgrade_data_safe FROM schema_migration_meta "
-                 "ORDER BY applied_at, revision")
 
 
 class SchemaHead(FactBase[str | None]):
@@ -185,38 +183,30 @@ class SchemaHead(FactBase[str | None]):
         return hostvalues.SCHEMA_HEAD.check(heads[0], "db host: alembic_version.version_num")
 
 
-class AppliedMigrations(FactBase[list]):
-    """What the database itself records of its migrations (schema_migration_meta), oldest applied first: each
-    revision with its declared backward_compatible and downgrade_data_safe. Emergency commands decide from this,
-    not from the checkout they happen to run in, which may not know the database's newest revisions."""
+def applied_migrations(rows: list[str]) -> list:
+    """What the database itself records of its migrations (schema_migration_meta rows `revision|t|f`), oldest
+    applied first: each revision with its declared backward_compatible and downgrade_data_safe. Emergency commands
+    decide from this, not from the checkout they happen to run in, which may not know the database's newest
+    revisions."""
+    from ingestctl.migrations import AppliedMigration
 
-    @staticmethod
-    def default() -> list:
-        return []
-
-    def command(self) -> str:
-        return psql(f"-tA -F '|' -c '{APPLIED_QUERY}'")
-
-    def process(self, output: list[str]) -> list:
-        from ingestctl.migrations import AppliedMigration
-
-        applied = []
-        for number, line in enumerate((line.strip() for line in output if line.strip()), start=1):
-            revision, _, rest = line.partition("|")
-            compatible, _, data_safe = rest.partition("|")
-            if compatible not in ("t", "f") or data_safe not in ("t", "f"):
-                raise hostvalues.HostValueError(f"db host: schema_migration_meta row {number}",
-                                                "revision|t or f|t or f", line)
-            applied.append(AppliedMigration(
-                hostvalues.SCHEMA_HEAD.check(revision, f"db host: schema_migration_meta row {number} revision"),
-                compatible == "t", data_safe == "t"))
-        return applied
+    applied = []
+    for number, line in enumerate((line.strip() for line in rows if line.strip()), start=1):
+        revision, _, rest = line.partition("|")
+        compatible, _, data_safe = rest.partition("|")
+        if compatible not in ("t", "f") or data_safe not in ("t", "f"):
+            raise hostvalues.HostValueError(f"db host: schema_migration_meta row {number}",
+                                            "revision|t or f|t or f", line)
+        applied.append(AppliedMigration(
+            hostvalues.SCHEMA_HEAD.check(revision, f"db host: schema_migration_meta row {number} revision"),
+            compatible == "t", data_safe == "t"))
+    return applied
 
 
 class SchemaRecord(FactBase[tuple]):
-    """(SchemaHead, AppliedMigrations) from one psql: an app rollback plans from both, and a second `docker exec`
-    beside the first cost the db host 70 ms more. Each row is tagged with its query; a row with any other tag is
-    not what the queries return, and is refused naming it."""
+    """(the SchemaHead, the `applied_migrations`) from one psql: an app rollback plans from both, and a second
+    `docker exec` beside the first cost the db host 70 ms more. Each row is tagged with its query; a row with any
+    other tag is not what the queries return, and is refused naming it."""
 
     @staticmethod
     def default() -> tuple:
@@ -224,7 +214,8 @@ class SchemaRecord(FactBase[tuple]):
 
     def command(self) -> str:
         head = HEAD_QUERY.replace("SELECT ", "SELECT 'head', ", 1)
-        applied = APPLIED_QUERY.replace("SELECT ", "SELECT 'applied', ", 1)
+        applied = ("SELECT 'applied', revision, backward_compatible, downgrade_data_safe FROM schema_migration_meta "
+                   "ORDER BY applied_at, revision")
         # One -c per query: psql runs the second when the first fails (no alembic_version yet), as two calls did.
         return psql(f'-tA -F \'|\' -c "{head}" -c "{applied}"')
 
@@ -236,7 +227,7 @@ class SchemaRecord(FactBase[tuple]):
                 raise hostvalues.HostValueError(f"db host: schema record row {number}", "head|... or applied|...",
                                                 line)
             rows[tag].append(row)
-        return SchemaHead().process(rows["head"]), AppliedMigrations().process(rows["applied"])
+        return SchemaHead().process(rows["head"]), applied_migrations(rows["applied"])
 
 
 MIGRATION_FILE_MARK = "### ingest-migration "

@@ -170,13 +170,12 @@ def switch_facts(config_version: str | None) -> HostFacts:
     )
 
 
-def live_state(facts: HostFacts | None = None) -> tuple[dict, bool, Routing | None]:
+def live_state(facts: HostFacts) -> tuple[dict, bool, Routing | None]:
     """What the host really serves: state.json, unless the proxy's routes point elsewhere (see reconcile).
 
     Returns (state, stale, routing); when stale, the live slot's image ID is read from the engine by its image
     name.
     """
-    facts = facts or HostFacts(host)
     routing = facts.get(ProxyRouting)
     state, stale = reconcile.effective_state(facts.get(IngestState) or {}, reconcile.routed_slot(routing),
                                              routing)
@@ -193,16 +192,16 @@ def body_limit_version(config_version: str | None) -> str:
 
 
 def proxy_conf(config_version: str | None, ports: layout.Ports, clients: layout.ClientLimits,
-               canary_weight: int, facts: HostFacts | None = None) -> str:
+               canary_weight: int, facts: HostFacts) -> str:
     """The proxy's config for CONFIG_VERSION's body limit, the inventory's CLIENTS limits and CANARY_WEIGHT."""
-    limit = (facts or HostFacts(host)).get(ConfigBodyLimit, version=body_limit_version(config_version))
+    limit = facts.get(ConfigBodyLimit, version=body_limit_version(config_version))
     return layout.render_proxy(ports, limit, clients, canary_weight)
 
 
-def proxy_conf_put(text: str, facts: HostFacts | None = None) -> list[str]:
+def proxy_conf_put(text: str, facts: HostFacts) -> list[str]:
     """The commands that put the proxy's config when the file on the host differs from TEXT (reloading is the
     caller's): none when it is already in place."""
-    if (facts or HostFacts(host)).get(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) == sha256(text):
+    if facts.get(FileDigests, paths=[PROXY_CONF]).get(PROXY_CONF) == sha256(text):
         return []
     return list(files.put._inner(src=StringIO(text), dest=PROXY_CONF, mode="644"))
 
