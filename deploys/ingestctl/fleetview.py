@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -102,13 +103,18 @@ def read_ledger(env_name: str, reporter: Reporter | None = None,
     env = inventory.load(env_name)
     io = io or fleet.SshFleet(env_name)
     outputs = io.run_commands(lambda _h: ledger.read_command(), hosts=env.all_hosts)
-    parsed = {host: ledger.parse(out.stdout + "\n", source=f"{host}:{ledger.LEDGER_PATH}")
-              for host, out in outputs.items()}
+    return merged_ledger({host: ledger.parse(out.stdout + "\n", source=ledger.LEDGER_PATH)
+                          for host, out in outputs.items()}, reporter)
+
+
+def merged_ledger(copies: Mapping[str, ledger.ParsedLedger], reporter: Reporter | None) -> list[ledger.LedgerEntry]:
+    """One history from every host's parsed copy (`read_ledger`, or `runlock.guarded` under the lock); with
+    REPORTER, each line a copy set aside is a warning naming its host."""
     if reporter is not None:
-        for host, copy in parsed.items():
+        for host, copy in copies.items():
             for skipped in copy.skipped:
-                reporter.event("warning", f"warning: {skipped}", host=host, line=skipped.line)
-    return ledger.merge({host: copy.entries for host, copy in parsed.items()})
+                reporter.event("warning", f"warning: {host}:{skipped}", host=host, line=skipped.line)
+    return ledger.merge({host: copy.entries for host, copy in copies.items()})
 
 
 def read_locks(env_name: str) -> dict[str, lock.LockStatus]:

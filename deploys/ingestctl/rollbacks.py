@@ -11,6 +11,7 @@ import shlex
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ingestctl import config as config_mod
 from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
@@ -104,15 +105,79 @@ def switch_all(ctx: Context, run: Run, guard, release: Release, config_version: 
 
 # ----- rollback app -----------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class AppRollback:
+    """An app rollback's plan: from what the app hosts run (CURRENT) to RELEASE, with the schema check, decided
+    from the ledger (ENTRIES), the hosts' STATES and the database's head and record of its migrations."""
+
+    current: dict
+    release: Release
+    check: migrations.AppliedRollbackCheck
+    db_head: str | None
+    schema_after: str | None
+    entries: list
+    states: Mapping[str, dict | None]
+
+
 def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_wait_s: float = 0.0,
                  with_schema: bool = False, dry: bool = False) -> Run:
     """The live app hosts back on the previous known-good release (or TO), judged from what the hosts and the
     database record, so it works from any checkout. WITH_SCHEMA also brings the schema down to the target's head
-    when the revisions in between are not backward-compatible but declare data-safe downgrades."""
+    when the revisions in between are not backward-compatible but declare data-safe downgrades.
+
+    Decided under the lock from the lock round's own reads (`guarded(decide=...)`); --dry decides the same plan
+    from the same reads, taken without the lock."""
     ctx, run = begin("rollback-app", env_name, reporter)
-    # Everything the plan needs, read at once: one round, not three.
-    entries, states, (db_head, applied) = fleet.at_once(lambda: fleetview.read_ledger(env_name, reporter, ctx.io),
-                                                        lambda: host_states(ctx), lambda: schema_record(ctx))
+    return execute_app_rollback(ctx, run, to, lock_wait_s, with_schema, dry)
+
+
+def execute_app_rollback(ctx: Context, run: Run, to: str | None, lock_wait_s: float, with_schema: bool,
+                         dry: bool) -> Run:
+    """`rollback_app` past its preflight: on CTX's hosts (over SSH, or the executor tests' in-memory fleet)."""
+    env_name, reporter = ctx.name, ctx.reporter
+
+    def decide(entries: list, states: Mapping[str, dict | None], db_head: str | None, applied: list) -> AppRollback:
+        return plan_app_rollback(ctx, run, entries, states, db_head, applied, to, with_schema)
+
+    if dry:
+        # Everything the plan needs, read at once: one round, not three.
+        entries, states, (db_head, applied) = fleet.at_once(
+            lambda: fleetview.read_ledger(env_name, reporter, ctx.io), lambda: host_states(ctx),
+            lambda: schema_record(ctx))
+        decide(entries, states, db_head, applied)
+        stopped_for_dry_run(dry, reporter)
+        return run
+    with guarded(ctx, run, lock_wait_s, f"rollback app {env_name}",
+                 decide=lambda g: decide(g.history, g.before, g.schema_head, g.applied)) as guard:
+        chosen = guard.plan
+        release, check = chosen.release, chosen.check
+        config_version = chosen.current["config_version"]
+        started = time.time()
+        if not warm_everywhere(ctx, guard.before, release):
+            ensure_image_available(ctx, release)
+        run.step("images", started)
+        if check.needs_downgrade:
+            started = time.time()
+            carrier = downgrade_image(ctx, chosen.entries, chosen.states, chosen.db_head)
+            downgrade_schema(ctx, run, carrier, config_version, chosen.db_head, chosen.schema_after)
+            run.step("downgrade", started)
+        started = time.time()
+        switch_all(ctx, run, guard, release, config_version, metrics=False)
+        run.facts.time_to_healthy_s = round(time.time() - run.started, 2)
+        run.step("switch", started)
+        if check.needs_downgrade:
+            unavailable = round(time.time() - started + run.steps[-2]["duration_s"], 2)
+            run.facts.unavailable_s = unavailable
+            reporter.event("step", f"schema and app back on {chosen.schema_after} / {release.version}; the api was "
+                           f"unavailable for at most {unavailable}s", step="switch", unavailable_s=unavailable)
+    return run
+
+
+def plan_app_rollback(ctx: Context, run: Run, entries: list, states: Mapping[str, dict | None],
+                      db_head: str | None, applied: list, to: str | None, with_schema: bool) -> AppRollback:
+    """The plan, its facts on RUN and its `plan` event; ConfigError (exit 2, nothing changed) when there is
+    nothing safe to roll back to."""
+    env_name = ctx.name
     _host, current = live_release(ctx, states)
     target = plan.rollback_target(entries, to, current=current["release"])
     if not target.image_id:
@@ -127,33 +192,11 @@ def rollback_app(env_name: str, reporter: Reporter, to: str | None = None, lock_
     facts.release_schema_head, facts.schema_before, facts.schema_after = release.schema_head, db_head, schema_after
     schema_note = (f"schema {db_head} -> {schema_after} first: the api is unavailable from the downgrade until the "
                    "switch is healthy" if check.needs_downgrade else f"schema {db_head} compatible")
-    reporter.event("plan", f"rollback app {env_name}: {current['release']} -> {release.version} "
-                   f"(config {current['config_version']} kept, {schema_note})",
-                   from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts,
-                   schema_before=db_head, schema_after=schema_after)
-    if stopped_for_dry_run(dry, reporter):
-        return run
-    with guarded(ctx, run, lock_wait_s, f"rollback app {env_name} -> {release.version}") as guard:
-        require_unmoved_schema(guard.schema_head, db_head, env_name)
-        started = time.time()
-        if not warm_everywhere(ctx, guard.before, release):
-            ensure_image_available(ctx, release)
-        run.step("images", started)
-        if check.needs_downgrade:
-            started = time.time()
-            carrier = downgrade_image(ctx, entries, states, db_head)
-            downgrade_schema(ctx, run, carrier, current["config_version"], db_head, schema_after)
-            run.step("downgrade", started)
-        started = time.time()
-        switch_all(ctx, run, guard, release, current["config_version"], metrics=False)
-        run.facts.time_to_healthy_s = round(time.time() - run.started, 2)
-        run.step("switch", started)
-        if check.needs_downgrade:
-            unavailable = round(time.time() - started + run.steps[-2]["duration_s"], 2)
-            run.facts.unavailable_s = unavailable
-            reporter.event("step", f"schema and app back on {schema_after} / {release.version}; the api was "
-                           f"unavailable for at most {unavailable}s", step="switch", unavailable_s=unavailable)
-    return run
+    ctx.reporter.event("plan", f"rollback app {env_name}: {current['release']} -> {release.version} "
+                       f"(config {current['config_version']} kept, {schema_note})",
+                       from_release=current["release"], to_release=release.version, hosts=ctx.env.app_hosts,
+                       schema_before=db_head, schema_after=schema_after)
+    return AppRollback(current, release, check, db_head, schema_after, entries, states)
 
 
 def schema_record(ctx: Context) -> tuple[str | None, list]:

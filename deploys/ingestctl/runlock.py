@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingestctl import fleet
+from ingestctl import fleet, fleetview
 from ingestctl.errors import ConfigError, GateFailed, HostError, IngestctlError, RollbackFailed
-from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl.facts.release import IngestState, LedgerCopy, SchemaHead, SchemaRecord
+from ingestctl.facts.together import HostFacts
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Aborted, Checkpoints, Context, Run
 from ingestctl.switching import rollback_hosts
@@ -75,15 +76,26 @@ class Guard:
     checkpoints: Checkpoints
     switched: list[str] = field(default_factory=list)
     schema_head: str | None = None
+    # With `guarded(decide=...)`: the rest of what the plan is decided from, read under the lock, and the plan.
+    applied: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    plan: Any = None
 
 
 @contextmanager
-def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setup: bool = False) -> Iterator[Guard]:
+def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setup: bool = False,
+            decide: Callable[[Guard], Any] | None = None) -> Iterator[Guard]:
     """The frame of every mutating action: lock, remember what each host ran, and on any failure after a
     host switched, put the switched hosts back (exit 3; exit 4 if that fails). Always: ledger, then unlock.
 
     CHECK_SETUP (deploy): every host must be set up (Docker, Compose, tools), read in the same connection as the
     lock; otherwise exit 2 naming each host and `ingestctl setup ENV`, with the lock released and nothing changed.
+
+    DECIDE (an app rollback): the plan is decided under the lock, from the guard's reads, which then also hold
+    the merged ledger (`history`) and the database's record of its migrations (`applied`): as `terraform apply`
+    plans under the state lock, so nothing can move between the decision and the change, and no round is spent
+    reading the same hosts twice. Its return value is `guard.plan`. A refusal (ConfigError) releases the lock,
+    writes no ledger line and changes nothing, as one before the lock would.
     """
     checkpoints = Checkpoints(ctx.name)
     checkpoints.install()
@@ -92,12 +104,11 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     with ctx.io.connected() as active:
         record = acquire_lock(ctx, run, lock_wait_s, command, active)
         try:
-            # Read at once: the setup check, what each host runs and the schema head are independent rounds.
-            _ready, guard.before, guard.schema_head = fleet.at_once(
-                lambda: require_set_up(ctx, active) if check_setup else None,
-                lambda: fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState)),
-                lambda: active[ctx.env.db_host].get_fact(SchemaHead),
-            )
+            # Read at once: the setup check and what each host runs (and the schema) are independent rounds.
+            fleet.at_once(lambda: require_set_up(ctx, active) if check_setup else None,
+                          lambda: read_under_lock(ctx, active, guard, for_plan=decide is not None))
+            if decide is not None:
+                guard.plan = decide(guard)
             journal_start(ctx, run, active)
         except Exception:  # e.g. a forged schema head: nothing changed yet, so the lock must not stay behind
             from ingestctl import lock as lock_mod
@@ -135,6 +146,27 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
         run.facts.outcome = outcome
         run.facts.switched = guard.switched
         finish(ctx, run)
+
+
+def read_under_lock(ctx: Context, active: Mapping[str, Any], guard: Guard, for_plan: bool) -> None:
+    """What each host runs and the database's schema head, into GUARD. FOR_PLAN: also every host's ledger and
+    the database's record of its migrations, each host's facts in one command (`facts.together`)."""
+    db = ctx.env.db_host
+    if not for_plan:
+        guard.before, guard.schema_head = fleet.at_once(
+            lambda: fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState)),
+            lambda: active[db].get_fact(SchemaHead),
+        )
+        return
+
+    def read(name: str, host: Any) -> HostFacts:
+        return HostFacts(host).read_together(IngestState, LedgerCopy, *([SchemaRecord] if name == db else []))
+
+    facts = fleet.on_every_host(active, read)
+    guard.before = {name: host_facts.get(IngestState) for name, host_facts in facts.items()}
+    guard.schema_head, guard.applied = facts[db].get(SchemaRecord)
+    guard.history = fleetview.merged_ledger({name: host_facts.get(LedgerCopy) for name, host_facts in facts.items()},
+                                            ctx.reporter)
 
 
 def require_set_up(ctx: Context, active: Mapping[str, Any]) -> None:

@@ -28,7 +28,7 @@ from ingestctl import fleet, ledger, lock, pipeline, runcontext
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import GateFailed, LockHeld, RollbackFailed
 from ingestctl.facts.host import READINESS_COMMAND
-from ingestctl.facts.release import IngestState, SchemaHead
+from ingestctl.facts.release import IngestState, LedgerCopy, SchemaHead, SchemaRecord
 from ingestctl.operations import release as release_ops
 
 ENV = "memfleet"
@@ -38,6 +38,7 @@ HOST_VAR = "/var/lib/ingest"
 READY = ("init=docker-init\nos=debian 13 trixie\ndocker_cli=yes\nengine=26.1.5\ncompose=docker compose\n"
          "missing_tools=\nsetup={\"env\": \"memfleet\"}\n")
 CHECKOUT_HEAD = "0002"  # the newest revision in service/alembic/versions
+REVISIONS = ["0001", CHECKOUT_HEAD]
 
 
 def image_id(release: str) -> str:
@@ -59,10 +60,20 @@ class MemoryHost:
     data: dict = field(default_factory=dict)  # pyinfra's host.data: no sudo, no command timeout
 
     def get_fact(self, fact_cls, **_kwargs):
+        self.fleet.reads.append((len(self.fleet.commands), self.name, fact_cls.__name__))
         if fact_cls is IngestState:
             return fact_cls().process(json.dumps(self.state).splitlines() if self.state else [])
         if fact_cls is SchemaHead:
             return fact_cls().process([self.fleet.schema_head or ""])
+        if fact_cls is SchemaRecord:  # every revision up to the head applied, each compatible and data-safe
+            head = self.fleet.schema_head
+            applied = REVISIONS[: REVISIONS.index(head) + 1] if head else []
+            return fact_cls().process([f"head|{head}"] * bool(head) + [f"applied|{r}|t|t" for r in applied])
+        if fact_cls is LedgerCopy:
+            path = self.root / Path(ledger.LEDGER_PATH).name
+            return fact_cls().process(path.read_text().splitlines() if path.exists() else [])
+        if fact_cls.__name__ == "_RawLines":  # facts read together: not here, so each is read on its own
+            return None
         raise AssertionError(f"{self.name}: the in-memory fleet has no fact {fact_cls.__name__}")
 
     def run_shell_command(self, command: str, **_kwargs):
@@ -101,6 +112,8 @@ class MemoryFleet(fleet.FleetIO):
         self.image_heads: dict[str, str] = {}
         self.fail_switch: set[tuple[str, str]] = set()
         self.commands: list[tuple[str, str]] = []
+        # (how many commands had run before it, host, fact class name), in order
+        self.reads: list[tuple[int, str, str]] = []
         self.operations: list[tuple[str, str]] = []  # (host, operation name), in order
 
     @contextmanager
@@ -139,7 +152,9 @@ class MemoryFleet(fleet.FleetIO):
             if host.state and all(host.state.get(k) == v for k, v in live.items()):
                 return runner.OperationResult(name, True, False)
             slot = "green" if (host.state or {}).get("slot") == "blue" else "blue"
-            host.state = {**live, "slot": slot}
+            # The slot it leaves stays up as the warm standby, as on a real host: a rollback to it is a flip.
+            standby = {"image": host.state["image"], "image_id": host.state["image_id"]} if host.state else None
+            host.state = {**live, "slot": slot, **({"standby": standby} if standby else {})}
             return runner.OperationResult(name, True, True)
         if call.func is release_ops.release_withdrawn:
             changed, host.state = host.state is not None, None

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from ingestctl import hostvalues
+from ingestctl import hostvalues, ledger
 from ingestctl.hostlayout import BASE, SLOTS, STATE_FILE, container_of
 
 
@@ -315,3 +315,19 @@ class FileDigests(FactBase[dict[str, str | None]]):
             digest, _, path = line.strip().partition(" ")
             digests[path.strip()] = None if digest == "-" else digest
         return digests
+
+
+class LedgerCopy(FactBase[ledger.ParsedLedger]):
+    """This host's copy of the ledger, parsed as `ledger.parse` does: unreadable or forged lines are set aside in
+    `skipped` (their source is the ledger's path; the reader names the host). Read beside the lock's other facts
+    when a plan is decided under the lock (`runlock.guarded(decide=...)`)."""
+
+    @staticmethod
+    def default() -> ledger.ParsedLedger:
+        return ledger.ParsedLedger([])
+
+    def command(self) -> str:
+        return ledger.read_command()
+
+    def process(self, output: list[str]) -> ledger.ParsedLedger:
+        return ledger.parse("\n".join(output) + "\n", source=ledger.LEDGER_PATH)

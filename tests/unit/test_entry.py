@@ -1,0 +1,71 @@
+"""The console script's start: gevent's monkey-patching, with its plugin lookups answered by one scan, and the
+modules every command imports but few use, loaded at their first use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# Counts the scans of the installed distributions (every `importlib.metadata.entry_points` call makes one) while
+# the entry point patches, and reports what it left behind. In a child: patching cannot be undone in this process.
+PROBE = """
+import importlib.metadata as metadata
+scans = []
+scan = metadata.distributions
+metadata.distributions = lambda **kw: (scans.append(1), scan(**kw))[1]
+lookup = metadata.entry_points
+import ingestctl.entry
+from gevent import monkey
+print(monkey.is_module_patched("socket"), monkey.is_module_patched("threading"), monkey.is_module_patched("ssl"),
+      len(scans), metadata.entry_points is lookup)
+"""
+
+
+def probe() -> list[str]:
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_entry_point_patches_sockets_threads_and_ssl_for_pyinfras_greenlets():
+    assert probe()[:3] == ["True", "True", "True"]
+
+
+def test_gevents_plugin_lookups_scan_the_installed_distributions_once():
+    assert probe()[3] == "1"  # 25 scans (one per patch event) cost 0.13 s of every command's start
+
+
+def test_the_lookup_is_the_standard_one_again_after_patching():
+    assert probe()[4] == "True"
+
+
+# What `rollback app` imports before its switch, then a first use of each module the entry point defers.
+LAZY_PROBE = """
+import sys
+import ingestctl.entry, ingestctl.cli, ingestctl.rollbacks
+print('httpx._client' in sys.modules, 'invoke.tasks' in sys.modules)
+import httpx
+print(httpx.Client.__name__, 'httpx._client' in sys.modules, type(sys.modules['httpx']).__name__)
+import paramiko.config
+print(paramiko.config.invoke.__name__)
+"""
+
+
+def lazy_probe() -> list[str]:
+    done = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_emergency_path_does_not_load_httpx_or_invoke_before_its_switch():
+    assert lazy_probe()[:2] == ["False", "False"]
+
+
+def test_a_deferred_module_loads_at_its_first_use_and_replaces_its_stand_in():
+    assert lazy_probe()[2:5] == ["Client", "True", "module"]
+
+
+def test_paramiko_still_sees_pyinfras_stand_in_for_invoke():
+    # pyinfra replaces paramiko.config.invoke (its `Match exec` runner) with its own: invoke itself is never run.
+    assert lazy_probe()[5] == "FakeInvoke"
