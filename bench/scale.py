@@ -9,7 +9,10 @@ accepted (its own log), which must not grow with the fleet, and the CPU-seconds 
 of the machine: here every sandbox host shares the machine's cores, so their work adds up where real hosts'
 would overlap.
 
-    python -m bench.scale [--sizes 3,8] [--keep] [--json]
+The no-op and the rollback are run REPEAT times a size (a flip back to scale-v2 between rounds, not measured), and
+the median run is reported, with every run's time.
+
+    python -m bench.scale [--sizes 3,8] [--repeat 3] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -84,7 +87,13 @@ def measured(hosts, *args: str) -> dict:
     }
 
 
-def one_size(size: int, keep: bool) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle of an even count): one command on 2 shared cores varies by
+    a fifth from run to run, more than the ratio's margin."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
+def one_size(size: int, keep: bool, repeat: int) -> dict:
     from ingestctl.testbed import state as testbed_state
 
     run("testbed", "down")
@@ -100,8 +109,14 @@ def one_size(size: int, keep: bool) -> dict:
         time.sleep(IDLE_S)
         result["idle_cpu_per_s"] = idle = round((machine_busy_s() - busy) / IDLE_S, 3)
         result["deploy"] = measured(hosts, "deploy", "local", "--version", "scale-v2", "--skip-bench")
-        result["noop"] = measured(hosts, "deploy", "local", "--version", "scale-v2", "--skip-bench")
-        result["rollback"] = measured(hosts, "rollback", "app", "local")
+        samples: dict[str, list[dict]] = {case: [] for case in BOUNDED}
+        for number in range(repeat):
+            if number:  # back on scale-v2 (a flip to its warm slot), scale-v1 the standby again: not measured
+                run("deploy", "local", "--version", "scale-v2", "--skip-bench")
+            samples["noop"].append(measured(hosts, "deploy", "local", "--version", "scale-v2", "--skip-bench"))
+            samples["rollback"].append(measured(hosts, "rollback", "app", "local"))
+        for case, runs in samples.items():
+            result[case] = {**median_run(runs), "samples_s": [r["seconds"] for r in runs]}
         for case in ("deploy", "noop", "rollback"):
             result[case]["hosts_cpu_net_s"] = round(result[case]["hosts_cpu_s"] - idle * result[case]["seconds"], 2)
     finally:
@@ -112,7 +127,9 @@ def one_size(size: int, keep: bool) -> dict:
               f"{result[case]['controller_cpu_s']} s, peak {result[case]['controller_peak_mb']} MB; sandbox hosts "
               f"{result[case]['hosts_cpu_s']} s, {result[case].get('hosts_cpu_net_s', '-')} s net of idle), at most "
               f"{max(result[case]['ssh_connections'].values())} SSH connection(s) a host, at most "
-              f"{max(result[case]['mb_received'].values())} MB received a host", file=sys.stderr)
+              f"{max(result[case]['mb_received'].values())} MB received a host"
+              + (f"; the median of {result[case]['samples_s']}" if "samples_s" in result[case] else ""),
+              file=sys.stderr)
     return result
 
 
@@ -120,10 +137,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="3,8", help="two fleet sizes, smaller first (default 3,8)")
     parser.add_argument("--keep", action="store_true", help="leave the last sandbox up")
+    parser.add_argument("--repeat", type=int, default=3, help="no-op and rollback runs a size, median taken (3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     small, large = (int(n) for n in args.sizes.split(","))
-    results = {size: one_size(size, args.keep and size == large) for size in (small, large)}
+    results = {size: one_size(size, args.keep and size == large, max(1, args.repeat)) for size in (small, large)}
     cases = ("first_deploy", "deploy", "noop", "rollback")
     ratios = {case: round(results[large][case]["seconds"] / results[small][case]["seconds"], 2) for case in cases}
     connections = {case: max(max(results[s][case]["ssh_connections"].values()) for s in (small, large))

@@ -458,7 +458,7 @@ def readiness_problems(found: Mapping[str, Any]) -> list[str]:
     if not found.get("docker_cli"):
         problems.append("Docker is not installed (no `docker` command)")
     elif not found.get("engine"):
-        problems.append("the Docker engine is not running (`docker info` does not answer)")
+        problems.append("the Docker engine is not running (`docker version` does not reach it)")
     if not found.get("compose"):
         problems.append("Docker Compose is missing (neither `docker compose` nor `docker-compose`)")
     if found.get("missing_tools"):

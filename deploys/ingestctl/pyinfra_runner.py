@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import runpy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,10 +320,23 @@ def _raise_local_error(errors: list[IngestctlError | None]) -> None:
 
 def _evaluate_before_running(state: State, host) -> None:
     """pyinfra's change check: each of HOST's operations evaluated up to its first command (reading its facts),
-    in order, before any runs. Nothing is executed."""
+    in order, before any runs. Nothing is executed.
+
+    An operation that yields no command here, with none before it on HOST yielding one, was decided from the
+    host as it will be when it runs (nothing of ours runs there before it): it is a no-op, and is not evaluated
+    again, its facts read a second time, when it runs. That is most of a no-op deploy's reads."""
+    settled = True
     with ctx_host.use(host):  # the operations' `host`, as pyinfra sets it while adding them
         for op_data in list(state.ops[host].values()):
-            next(iter(op_data.command_generator()), None)
+            first = next(iter(op_data.command_generator()), None)
+            if settled and first is None:
+                op_data.command_generator = _no_commands
+            else:
+                settled = False
+
+
+def _no_commands() -> Iterator[Any]:
+    return iter(())
 
 
 def _prepare_every_host(state: State, add, prepare_errors: dict[str, str]) -> list[IngestctlError | None]:

@@ -178,7 +178,7 @@ def test_readiness_parsing_and_problems():
     ]
     stopped = {**ready, "engine": None}
     assert hostsetup.readiness_problems(stopped) == [
-        "the Docker engine is not running (`docker info` does not answer)"]
+        "the Docker engine is not running (`docker version` does not reach it)"]
 
 
 def test_account_conflicts_are_named():
@@ -331,3 +331,54 @@ def test_setup_command_reports_no_change_and_failures(monkeypatch):
     result = CliRunner().invoke(setup_cli.setup, ["local"])
     assert result.exit_code == 2
     assert "1 host(s) not set up: host app2: apt-get failed" in result.output
+
+
+# A `docker` that answers as an engine and a Compose plugin would, and notes every call in $CALLS.
+FAKE_DOCKER = """#!/bin/sh
+echo "$*" >> "$CALLS"
+case "$1 $2" in
+  "version --format") echo 27.5.1 ;;
+  "compose version") [ -n "$HAS_COMPOSE" ] && echo "Docker Compose version v2.32.4" || exit 1 ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+def readiness_on_a_fake_host(tmp_path, plugin_dir: str | None, has_compose: bool) -> tuple[dict, list[str]]:
+    import shutil
+    import subprocess
+
+    bin_dir, home, calls = tmp_path / "bin", tmp_path / "home", tmp_path / "calls"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    if plugin_dir is not None:
+        (home / plugin_dir).mkdir(parents=True)
+        (home / plugin_dir / "docker-compose").write_text("#!/bin/sh\n")
+        (home / plugin_dir / "docker-compose").chmod(0o755)
+    for tool in ("timeout", "cat"):  # what the command runs besides docker; no docker-compose v1 from this machine
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(home), "CALLS": str(calls),
+           "HAS_COMPOSE": "yes" if has_compose else ""}
+    done = subprocess.run(["/bin/sh", "-c", facts.READINESS_COMMAND], capture_output=True, text=True, env=env,
+                          timeout=30, check=True)
+    return facts.parse_readiness(done.stdout), calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_readiness_finds_the_compose_plugin_where_docker_looks_without_running_it(tmp_path):
+    found, calls = readiness_on_a_fake_host(tmp_path, ".docker/cli-plugins", has_compose=False)
+    assert (found["engine"], found["compose"]) == ("27.5.1", "docker compose")
+    assert calls == ["version --format {{.Server.Version}}"]  # the engine asked; neither `info` nor `compose`
+
+
+def test_readiness_asks_compose_itself_when_its_plugin_is_elsewhere(tmp_path):
+    found, calls = readiness_on_a_fake_host(tmp_path, None, has_compose=True)
+    assert found["compose"] == "docker compose"
+    assert "compose version" in calls
+
+
+def test_readiness_without_compose_anywhere_names_it_missing(tmp_path):
+    found, _calls = readiness_on_a_fake_host(tmp_path, None, has_compose=False)
+    assert found["compose"] is None
+    assert "Docker Compose is missing" in " ".join(hostsetup.readiness_problems(found))

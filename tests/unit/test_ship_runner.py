@@ -207,3 +207,32 @@ def test_a_deploy_of_one_operation_per_host_is_evaluated_once_too(local_env, tmp
     result = runner.run_deploy("unit", one_counted_operation, counter=str(counter))
     assert result.hosts["@local"].success
     assert counter.read_text().split() == ["read", "ran"]
+
+
+@operation()
+def counted_noop(counter: str):
+    """Reads like `counted`, then finds nothing to change."""
+    from pyinfra.facts.server import Command
+
+    host.get_fact(Command, command=f"echo read >> {counter}")
+    host.noop(f"{counter} already as wanted")
+    yield from ()
+
+
+def test_operations_that_change_nothing_are_read_once_not_again_when_they_run(local_env, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    calls = [runner.OperationCall(counted_noop, kwargs={"counter": str(first)}),
+             runner.OperationCall(counted_noop, kwargs={"counter": str(second)})]
+    local = runner.run_operations("unit", calls).hosts["@local"]
+    assert local.success and not local.changed
+    assert (first.read_text().split(), second.read_text().split()) == (["read"], ["read"])
+    assert local.noops == (f"{first} already as wanted", f"{second} already as wanted")
+
+
+def test_an_operation_after_one_that_changes_the_host_is_read_again_when_it_runs(local_env, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    calls = [runner.OperationCall(counted, kwargs={"counter": str(first)}),
+             runner.OperationCall(counted_noop, kwargs={"counter": str(second)})]
+    assert runner.run_operations("unit", calls).hosts["@local"].success
+    assert first.read_text().split() == ["read", "read", "ran"]
+    assert second.read_text().split() == ["read", "read"], "decided before the first changed the host, and after"
