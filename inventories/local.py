@@ -23,7 +23,7 @@ _env = environment(
         # Sized for a 2-core machine running three sandbox hosts: short windows, local benchmark profile.
         "bench_profile": "local",
         "metric_window_s": 5,
-        # A release that never turns ready fails after this long; a good one is ready in about 2 s here.
+        # A release that never turns ready fails after this long; a good one is ready in about 1.5 s here.
         "health_timeout_s": 30,
         "drain_grace_s": 15,
         # One machine drives every sandbox client from one address: allow it the load tests' rate.
