@@ -1,7 +1,7 @@
 """Shared end-to-end fixtures: a real sandbox testbed (3 hosts with sshd and Docker) for the session.
 
-The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`; under pytest-xdist, with the
-worker's id appended: one testbed per worker), never the developer's own `ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
+The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`; with `--e2e-sandboxes per-file`,
+with the pytest-xdist worker's id appended: one testbed per worker), never the developer's own `ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
 `ingestctl ... local` and subprocesses all target it. It is taken down after the session unless
 INGESTCTL_KEEP_TESTBED=1 (handy when iterating: the next session's `up` is then a quick no-op).
 
@@ -27,9 +27,6 @@ import pytest
 import releases
 
 E2E_TESTBED = os.environ.get("INGESTCTL_E2E_TESTBED", "ingest-e2e")
-# Under pytest-xdist every worker has a sandbox of its own (`ingest-e2e-gw0`, ...): modules run side by side.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    E2E_TESTBED = f"{E2E_TESTBED}-{os.environ['PYTEST_XDIST_WORKER']}"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HOW_TO_GET_DOCKER = (
     "install Docker (`apt-get install docker.io debootstrap`) and run as root; `.ci/run` does this in CI"
@@ -76,10 +73,15 @@ def docker_engine():
 
 
 @pytest.fixture(scope="session")
-def testbed_name() -> Iterator[str]:
+def testbed_name(pytestconfig) -> Iterator[str]:
+    name = E2E_TESTBED
+    # With `--e2e-sandboxes per-file` every pytest-xdist worker has a sandbox of its own (`ingest-e2e-gw0`, ...):
+    # files run side by side. By default one worker runs them all (tests/suite_streams.py), on the plain name.
+    if os.environ.get("PYTEST_XDIST_WORKER") and pytestconfig.getoption("e2e_sandboxes") == "per-file":
+        name = f"{name}-{os.environ['PYTEST_XDIST_WORKER']}"
     previous = os.environ.get("INGESTCTL_TESTBED")
-    os.environ["INGESTCTL_TESTBED"] = E2E_TESTBED
-    yield E2E_TESTBED
+    os.environ["INGESTCTL_TESTBED"] = name
+    yield name
     if previous is None:
         os.environ.pop("INGESTCTL_TESTBED", None)
     else:
@@ -96,13 +98,22 @@ def testbed(testbed_name: str):
     result = lifecycle.up(messages.append, name=testbed_name)
     yield result.state
     try:
-        # The session ends with a scan for every secret value across what ingestctl printed and what the hosts
-        # keep readable (ledger, docker inspect, logs, image history): it must find none.
-        leaks = releases.secret_leaks(result.state, session_secrets())
+        # The session ends with a scan for every secret value across what the hosts keep readable (ledger,
+        # docker inspect, logs, image history): it must find none. What ingestctl printed: below.
+        leaks = releases.host_leaks(result.state, session_secrets())
         assert not leaks, "secret values leaked: " + "; ".join(leaks)
     finally:
         if os.environ.get("INGESTCTL_KEEP_TESTBED") != "1":
             lifecycle.down(messages.append, name=testbed_name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_output() -> Iterator[None]:
+    """Every end-to-end session, on every worker (the bare-host module runs beside the sandbox stream), ends with
+    a scan of everything ingestctl printed in it for every secret value: it must find none."""
+    yield
+    leaks = releases.output_leaks(session_secrets())
+    assert not leaks, "secret values leaked: " + "; ".join(leaks)
 
 
 def session_secrets() -> dict[str, str]:

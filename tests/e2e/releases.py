@@ -88,15 +88,29 @@ HOST_TRACES = (
 
 def secret_leaks(testbed, secret_values: Mapping[str, str]) -> list[str]:
     """Where any of SECRET_VALUES ({name: value}) shows: this session's output, or a sandbox host's traces."""
+    return output_leaks(secret_values) + host_leaks(testbed, secret_values)
+
+
+def output_leaks(secret_values: Mapping[str, str]) -> list[str]:
+    """Which of SECRET_VALUES shows in what `ingestctl` printed in this process."""
+    return leaks_in({f"ingestctl output #{n}": text for n, text in enumerate(OUTPUTS, 1)}, secret_values)
+
+
+def host_leaks(testbed, secret_values: Mapping[str, str]) -> list[str]:
+    """Which of SECRET_VALUES shows in a sandbox host's ledger, docker inspect, logs or image history."""
     from ingestctl.testbed.probe import run_ssh
 
-    places = {f"ingestctl output #{n}": text for n, text in enumerate(OUTPUTS, 1)}
+    places = {}
     for host in testbed.hosts:
         code, out, err = run_ssh(host.address, host.ssh_port, testbed.ssh_user, testbed.ssh_key,
                                  f"sudo -n sh -c {shlex.quote(HOST_TRACES)}" if testbed.sudo else HOST_TRACES,
                                  timeout=300)
         assert code == 0, f"{host.name}: reading the ledger, docker inspect/logs/history failed: {err[-500:]}"
         places[f"{host.name} (ledger, docker inspect, docker logs, docker history)"] = out + err
+    return leaks_in(places, secret_values)
+
+
+def leaks_in(places: Mapping[str, str], secret_values: Mapping[str, str]) -> list[str]:
     return [f"{name} in {place}" for place, text in places.items()
             for name, value in secret_values.items() if value and value in text]
 

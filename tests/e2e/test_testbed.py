@@ -191,6 +191,8 @@ def test_infra_suite_passes_against_the_testbed(testbed):
         "no:cacheprovider",
         "-m",
         "not after_deploy",
+        "-n",
+        "0",  # a few seconds of tests: not worth the checkout's two pytest-xdist workers
     ]
     result = subprocess.run(
         command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, check=False
