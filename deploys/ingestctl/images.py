@@ -263,8 +263,15 @@ def build_app_image(
         return _build_locked(root, service, version, image, say, no_cache, started)
 
 
-def _build_locked(root: Path, service: Path, version: str, image: str, say: Progress, no_cache: bool,
-                  started: float) -> BuiltImage:
+def fill_wheelhouse(root: Path, say: Progress) -> str:
+    """ROOT's service/wheelhouse filled for the base image (a no-op when its stamp matches), under the build
+    lock; returns the stamp. A copy of ROOT that takes the filled wheelhouse along downloads nothing."""
+    with paths.file_lock(paths.state_dir() / "locks" / "app-build.lock"):
+        return _wheelhouse_for_base(root, say)[0]
+
+
+def _wheelhouse_for_base(root: Path, say: Progress) -> tuple[str, str, dict]:
+    """(wheelhouse stamp, base image, its inspect record), the wheelhouse filled for that base."""
     base_image = resolve_base_image(say)
     base = _inspect(base_image)
     if base is None:
@@ -272,6 +279,12 @@ def _build_locked(root: Path, service: Path, version: str, image: str, say: Prog
             f"base image {base_image} is not in the local engine; unset {BASE_IMAGE_ENV} or build it"
         )
     stamp = wheelhouse.ensure_wheelhouse(root, base_image, base["Id"], say, wheelhouse.wheelhouse_target(base))
+    return stamp, base_image, base
+
+
+def _build_locked(root: Path, service: Path, version: str, image: str, say: Progress, no_cache: bool,
+                  started: float) -> BuiltImage:
+    stamp, base_image, base = _wheelhouse_for_base(root, say)
     digest = compute_source_hash(root, stamp, base["Id"])
 
     if not no_cache:

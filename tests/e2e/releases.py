@@ -135,10 +135,13 @@ def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -
     for name in SHARED:
         (PROJECT_ROOT / name).mkdir(exist_ok=True)
         (root / name).symlink_to(PROJECT_ROOT / name)
-    # The wheelhouse is big and identical: hard links where they can be (a symlink would leave the build context).
-    wheelhouse = PROJECT_ROOT / "service" / "wheelhouse"
-    if wheelhouse.exists():
-        shutil.copytree(wheelhouse, root / "service" / "wheelhouse", copy_function=link_or_copy)
+    # The wheelhouse is big and identical: filled once, here (a copy without it would download the lock's wheels
+    # from PyPI again), and hard-linked where it can be (a symlink would leave the build context).
+    from ingestctl.images import fill_wheelhouse
+
+    fill_wheelhouse(PROJECT_ROOT, lambda _message: None)
+    shutil.copytree(PROJECT_ROOT / "service" / "wheelhouse", root / "service" / "wheelhouse",
+                    copy_function=link_or_copy)
     for relative, change in changes.items():
         path = root / relative
         old = path.read_text() if path.exists() else ""
