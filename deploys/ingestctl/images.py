@@ -259,15 +259,20 @@ def build_app_image(
     # One build at a time on this machine: two at once (parallel test workers, two terminals) would race on the
     # wheelhouse, and the second of two builds of one source would get another ID (the created label) where
     # it should re-tag the first.
-    with paths.file_lock(paths.state_dir() / "locks" / "app-build.lock"):
+    with build_lock():
         return _build_locked(root, service, version, image, say, no_cache, started)
 
 
 def fill_wheelhouse(root: Path, say: Progress) -> str:
     """ROOT's service/wheelhouse filled for the base image (a no-op when its stamp matches), under the build
     lock; returns the stamp. A copy of ROOT that takes the filled wheelhouse along downloads nothing."""
-    with paths.file_lock(paths.state_dir() / "locks" / "app-build.lock"):
+    with build_lock():
         return _wheelhouse_for_base(root, say)[0]
+
+
+def build_lock():
+    """One build or wheelhouse fill at a time per state directory (a variant of a checkout shares its `.testbed`)."""
+    return paths.file_lock(paths.state_dir() / "locks" / "app-build.lock")
 
 
 def _wheelhouse_for_base(root: Path, say: Progress) -> tuple[str, str, dict]:

@@ -1,8 +1,9 @@
 """Shared end-to-end fixtures: a real sandbox testbed (3 hosts with sshd and Docker) for the session.
 
 The session testbed is named by INGESTCTL_E2E_TESTBED (default `ingest-e2e`; with `--e2e-sandboxes per-file`,
-with the pytest-xdist worker's id appended: one testbed per worker), never the developer's own `ingest-tb`, and INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`,
-`ingestctl ... local` and subprocesses all target it. It is taken down after the session unless
+with the pytest-xdist worker's id appended: one testbed per worker), never the developer's own `ingest-tb`, and
+INGESTCTL_TESTBED is set to it for the whole session, so `inventories/local.py`, `ingestctl ... local` and
+subprocesses all target it. It is taken down after the session unless
 INGESTCTL_KEEP_TESTBED=1 (handy when iterating: the next session's `up` is then a quick no-op).
 
 Usage in a test module:
