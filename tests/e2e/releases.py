@@ -9,6 +9,7 @@ the changes, and points `ingestctl` at the copy with INGESTCTL_ROOT. The copy sh
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -124,6 +125,16 @@ def link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
+@functools.cache
+def filled_wheelhouse() -> Path:
+    """The checkout's wheelhouse, filled for the base image once a process: a variant copied without it would
+    download the lock's wheels from PyPI again, each."""
+    from ingestctl.images import fill_wheelhouse
+
+    fill_wheelhouse(PROJECT_ROOT, lambda _message: None)
+    return PROJECT_ROOT / "service" / "wheelhouse"
+
+
 def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -> Path:
     """A copy of the checkout with CHANGES applied: {relative path: new text, or a function of the old text}."""
     root = tmp_path / "checkout"
@@ -135,13 +146,8 @@ def variant(tmp_path: Path, changes: Mapping[str, Callable[[str], str] | str]) -
     for name in SHARED:
         (PROJECT_ROOT / name).mkdir(exist_ok=True)
         (root / name).symlink_to(PROJECT_ROOT / name)
-    # The wheelhouse is big and identical: filled once, here (a copy without it would download the lock's wheels
-    # from PyPI again), and hard-linked where it can be (a symlink would leave the build context).
-    from ingestctl.images import fill_wheelhouse
-
-    fill_wheelhouse(PROJECT_ROOT, lambda _message: None)
-    shutil.copytree(PROJECT_ROOT / "service" / "wheelhouse", root / "service" / "wheelhouse",
-                    copy_function=link_or_copy)
+    # The wheelhouse is big and identical: hard links where they can be (a symlink would leave the build context).
+    shutil.copytree(filled_wheelhouse(), root / "service" / "wheelhouse", copy_function=link_or_copy)
     for relative, change in changes.items():
         path = root / relative
         old = path.read_text() if path.exists() else ""
