@@ -241,6 +241,20 @@ def test_dry_runs_print_the_plan_the_real_run_would_follow_and_change_nothing(te
     assert lock_holders(ssh) == []
 
 
+def test_the_schema_record_reads_the_same_inside_the_container_and_through_docker_exec(testbed, ssh, baseline):
+    """The schema read an app rollback plans from enters the postgres container's namespaces (nsenter); where it
+    cannot (here a shell function makes nsenter fail), it falls back to `docker exec`, with the same rows."""
+    from ingestctl.facts.release import SchemaRecord
+
+    read = SchemaRecord().command()
+    code, entered, err = ssh("db1", read)
+    assert code == 0, err
+    code, executed, err = ssh("db1", f"nsenter() {{ return 1; }}; {read}")
+    assert code == 0, err
+    assert SchemaRecord().process(entered.splitlines())[0] == "0002", entered
+    assert entered == executed
+
+
 def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named_one(testbed, ssh, baseline):
     before = ledger(ssh)
     result = ingestctl("rollback", "app", "local", "--json")

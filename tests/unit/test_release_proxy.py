@@ -106,6 +106,18 @@ def test_a_switch_to_the_warm_standby_is_one_command_after_its_facts(monkeypatch
     assert command == layout.in_one_round(*parts)
 
 
+@pytest.mark.parametrize("proxy_running", [True, False])
+def test_a_switch_starts_the_proxy_only_where_its_facts_found_it_stopped(run, proxy_running):
+    """The proxy's container state comes from the switch's facts (RunningServices), not from a `docker ps` of
+    its own after the flip: a stopped proxy is started, a running one is left alone."""
+    running = {"api_blue": "ingest:v0", **({"proxy": "ingest-proxy:1"} if proxy_running else {})}
+    fake = FakeHost(live_state(OLD), proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS), running=running)
+    fake.state["release"], fake.state["image_id"] = "v0", "sha256:" + "0" * 64
+    commands = run(fake, OLD)
+    checked = any("com.docker.compose.service=proxy" in c for c in commands)
+    assert checked is not proxy_running, commands
+
+
 def test_steps_in_one_round_run_in_order_each_in_its_own_directory_and_stop_at_the_first_failure(tmp_path):
     command = layout.in_one_round(f"cd {tmp_path} && echo one > a", "pwd", "false", "echo never")
     done = subprocess.run(["sh", "-c", command], cwd="/", capture_output=True, text=True, check=False)

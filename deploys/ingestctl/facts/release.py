@@ -12,12 +12,28 @@ from pyinfra.api.exceptions import FactProcessError
 from ingestctl import hostvalues, ledger
 from ingestctl.hostlayout import BASE, SLOTS, STATE_FILE, container_of
 
+# The postgres container's main process and its PATH, in one `docker inspect`; the engine's PATH when it has none.
+_PID_AND_PATH = '{{.State.Pid}} {{range .Config.Env}}{{if eq (index (split . "=") 0) "PATH"}}{{.}}{{end}}{{end}}'
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 
 def psql(arguments: str) -> str:
     """psql in the db host's running postgres container, found by compose's labels; no output without one.
-    `docker exec` rather than `compose exec`, which first loads the project: 105 ms a query instead of 176."""
-    return (f'c={container_of("postgres")}; '
-            f'[ -z "$c" ] || docker exec "$c" psql -U ingest -d ingest {arguments} 2>/dev/null || true')
+
+    Run in the container's mount namespace, as the user its server runs as, with the container's PATH and
+    nothing else of the SSH session's environment: what `docker exec` does, without asking the engine to start a
+    process in the container (60 ms a query instead of 120 on the db host, which an app rollback waits on under
+    the lock). `docker exec` when nsenter cannot enter it (util-linux is Essential in Debian, but a host may
+    forbid setns). Never `compose exec`, which first loads the project (176 ms)."""
+    query = f"psql -X -U ingest -d ingest {arguments}"
+    return (
+        f'c={container_of("postgres")}; [ -z "$c" ] || {{ '
+        f"set -- $(docker inspect -f {shlex.quote(_PID_AND_PATH)} \"$c\"); "
+        'if [ "${1:-0}" -gt 0 ] 2>/dev/null && nsenter -t "$1" -m true 2>/dev/null; then '
+        f'nsenter -t "$1" -m -S "$(stat -c %u /proc/$1)" -G "$(stat -c %g /proc/$1)" -- '
+        f'env -i "${{2:-PATH={DEFAULT_PATH}}}" {query}; '
+        f'else docker exec "$c" {query}; fi; }} 2>/dev/null || true'
+    )
 
 
 class ComposeBinary(FactBase[str | None]):
