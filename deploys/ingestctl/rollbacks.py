@@ -17,6 +17,7 @@ from ingestctl import config as config_mod
 from ingestctl import fleet, fleetview, gates, hostlayout, migrations, plan
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import ConfigError, GateFailed, RollbackFailed
+from ingestctl.facts import together
 from ingestctl.facts.release import REJECTED, ImageMigrations, SchemaHead, SchemaRecord
 from ingestctl.gatekeeper import report_gate
 from ingestctl.liveconfig import read_live_config
@@ -153,7 +154,8 @@ def execute_app_rollback(ctx: Context, run: Run, to: str | None, lock_wait_s: fl
         release, check = chosen.release, chosen.check
         config_version = chosen.current["config_version"]
         started = time.time()
-        if not warm_everywhere(ctx, guard.before, release):
+        warm = warm_everywhere(ctx, guard.before, release)
+        if not warm:
             ensure_image_available(ctx, release)
         run.step("images", started)
         if check.needs_downgrade:
@@ -161,6 +163,12 @@ def execute_app_rollback(ctx: Context, run: Run, to: str | None, lock_wait_s: fl
             carrier = downgrade_image(ctx, chosen.entries, chosen.states, chosen.db_head)
             downgrade_schema(ctx, run, carrier, config_version, chosen.db_head, chosen.schema_after)
             run.step("downgrade", started)
+        elif warm:
+            # Nothing has changed on any host since the lock's round read the switch's facts: the switch takes
+            # them rather than spend a round (and a `docker ps` a host) reading them again.
+            for name in ctx.env.app_hosts:
+                if name in guard.facts:
+                    together.hand_over(name, release_ops.handed_switch(guard.facts[name], config_version))
         started = time.time()
         switch_all(ctx, run, guard, release, config_version, metrics=False)
         run.facts.time_to_healthy_s = round(time.time() - run.started, 2)

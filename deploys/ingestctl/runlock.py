@@ -13,8 +13,10 @@ from typing import Any
 
 from ingestctl import fleet, fleetview
 from ingestctl.errors import ConfigError, GateFailed, HostError, IngestctlError, RollbackFailed
+from ingestctl.facts import together
+from ingestctl.facts.host import Readiness
 from ingestctl.facts.release import IngestState, LedgerCopy, SchemaHead, SchemaRecord
-from ingestctl.facts.together import HostFacts
+from ingestctl.facts.together import HostFacts, TogetherRead
 from ingestctl.output import Reporter
 from ingestctl.runcontext import Aborted, Checkpoints, Context, Run
 from ingestctl.switching import rollback_hosts
@@ -80,6 +82,8 @@ class Guard:
     applied: list = field(default_factory=list)
     history: list = field(default_factory=list)
     plan: Any = None
+    # Each host's facts as the lock's round read them (`facts_under_lock`).
+    facts: dict[str, HostFacts] = field(default_factory=dict)
 
 
 @contextmanager
@@ -100,13 +104,18 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     checkpoints = Checkpoints(ctx.name)
     checkpoints.install()
     guard = Guard(before={}, checkpoints=checkpoints)
-    # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback.
+    # One SSH round for the lock and the state it protects: every round trip counts in a 3 a.m. rollback. The reads
+    # run in the lock's own command, after it is taken, so nothing is read that could move before the lock.
     with ctx.io.connected() as active:
-        record = acquire_lock(ctx, run, lock_wait_s, command, active)
+        reads = {name: TogetherRead.of(*facts_under_lock(ctx, name, check_setup, for_plan=decide is not None))
+                 for name in active}
+        record, lines = acquire_lock(ctx, run, lock_wait_s, command, active, reads)
         try:
-            # Read at once: the setup check and what each host runs (and the schema) are independent rounds.
-            fleet.at_once(lambda: require_set_up(ctx, active) if check_setup else None,
-                          lambda: read_under_lock(ctx, active, guard, for_plan=decide is not None))
+            guard.facts = fleet.on_every_host(active, lambda name, host: HostFacts(host).take(reads[name],
+                                                                                               lines.get(name)))
+            if check_setup:
+                require_set_up(ctx, fleet.on_every_host(active, lambda name, _h: guard.facts[name].get(Readiness)))
+            read_under_lock(ctx, active, guard, for_plan=decide is not None)
             if decide is not None:
                 guard.plan = decide(guard)
             journal_start(ctx, run, active)
@@ -141,6 +150,7 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
             raise GateFailed(f"{exc}; no host was switched: every host still runs what it ran before") from exc
         raise
     finally:
+        together.forget_handed()  # facts handed to a switch that never ran must not reach a later one
         checkpoints.uninstall()
         checkpoints.lease.stop()
         run.facts.outcome = outcome
@@ -148,33 +158,41 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
         finish(ctx, run)
 
 
-def read_under_lock(ctx: Context, active: Mapping[str, Any], guard: Guard, for_plan: bool) -> None:
-    """What each host runs and the database's schema head, into GUARD. FOR_PLAN: also every host's ledger and
-    the database's record of its migrations, each host's facts in one command (`facts.together`)."""
-    db = ctx.env.db_host
+def facts_under_lock(ctx: Context, name: str, check_setup: bool, for_plan: bool) -> list:
+    """What host NAME's lock command reads once the lock is taken: what it runs, the schema head (the db host),
+    with CHECK_SETUP whether it can take a deploy, and FOR_PLAN its ledger, the database's record of its
+    migrations and the switch's own facts (`SWITCH_AHEAD`), which a warm rollback hands to its switch."""
+    from ingestctl.operations.release import SWITCH_AHEAD
+
+    db = name == ctx.env.db_host
     if not for_plan:
-        guard.before, guard.schema_head = fleet.at_once(
-            lambda: fleet.on_every_host(active, lambda _name, host: host.get_fact(IngestState)),
-            lambda: active[db].get_fact(SchemaHead),
-        )
+        return [IngestState, *([SchemaHead] if db else []), *([Readiness] if check_setup else [])]
+    return [IngestState, LedgerCopy, *([SchemaRecord] if db else []), *([Readiness] if check_setup else []),
+            *SWITCH_AHEAD]
+
+
+def read_under_lock(ctx: Context, active: Mapping[str, Any], guard: Guard, for_plan: bool) -> None:
+    """What each host runs and the database's schema head, into GUARD, from what the lock's round read
+    (`guard.facts`; a fact it could not read is read on its own here, every host at once). FOR_PLAN: also every
+    host's ledger and the database's record of its migrations."""
+    db = ctx.env.db_host
+    facts = guard.facts
+    guard.before = fleet.on_every_host(active, lambda name, _h: facts[name].get(IngestState))
+    if not for_plan:
+        guard.schema_head = facts[db].get(SchemaHead)
         return
-
-    def read(name: str, host: Any) -> HostFacts:
-        return HostFacts(host).read_together(IngestState, LedgerCopy, *([SchemaRecord] if name == db else []))
-
-    facts = fleet.on_every_host(active, read)
-    guard.before = {name: host_facts.get(IngestState) for name, host_facts in facts.items()}
     guard.schema_head, guard.applied = facts[db].get(SchemaRecord)
-    guard.history = fleetview.merged_ledger({name: host_facts.get(LedgerCopy) for name, host_facts in facts.items()},
-                                            ctx.reporter)
+    ledgers = fleet.on_every_host(active, lambda name, _h: facts[name].get(LedgerCopy))
+    guard.history = fleetview.merged_ledger(ledgers, ctx.reporter)
 
 
-def require_set_up(ctx: Context, active: Mapping[str, Any]) -> None:
-    """ConfigError naming every connected host that cannot take a deploy yet, and the command that fixes it."""
+def require_set_up(ctx: Context, readiness: Mapping[str, dict]) -> None:
+    """ConfigError naming every connected host that cannot take a deploy yet (its `Readiness`), and the command
+    that fixes it."""
     from ingestctl import hostsetup
-    from ingestctl.facts.host import READINESS_COMMAND
 
-    problems = hostsetup.problems_in(fleet.run_on(active, lambda _h: READINESS_COMMAND))
+    problems = {name: found for name, found in ((name, hostsetup.readiness_problems(values))
+                                                for name, values in readiness.items()) if found}
     if problems:
         raise ConfigError(hostsetup.describe_problems(ctx.name, problems))
 
@@ -188,10 +206,12 @@ def journal_start(ctx: Context, run: Run, active: Mapping[str, Any]) -> None:
     fleet.run_on(active, lambda _h: ledger_mod.append_command(line))
 
 
-def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Mapping[str, Any]) -> Any:
+def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Mapping[str, Any],
+                 reads: Mapping[str, TogetherRead] | None = None) -> tuple[Any, dict[str, list[str]]]:
     """Take the deploy lock on every (connected) host, or on none: whatever a host answers or raises, a partial
     take is released before waiting or failing. A holder whose lease ran out (or whose pid is gone on this
-    machine) is taken over and named in the run's ledger entry. Returns our lock record."""
+    machine) is taken over and named in the run's ledger entry. READS run in each host's lock command, once the
+    lock is taken there. Returns our lock record and the lines each host's READS printed."""
     from datetime import UTC, datetime, timedelta
 
     from ingestctl import lock as lock_mod
@@ -204,12 +224,12 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
     commands: dict[str, str] = {}
     takeovers = 0
     while True:
-        statuses = take_lock_everywhere(active, record, commands)
+        statuses, read_lines = take_lock_everywhere(active, record, commands, reads or {})
         held = {h: s for h, s in statuses.items() if s.state != "acquired"}
         if not held:
             ctx.reporter.event("step", f"deploy lock taken on {len(statuses)} host(s) (lease {ttl.seconds}s)",
                                step="lock")
-            return record
+            return record, read_lines
         commands = {}
         now = datetime.now(UTC)
         for host, status in held.items():
@@ -236,27 +256,42 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
-def take_lock_everywhere(active: Mapping[str, Any], record, commands: Mapping[str, str]) -> dict[str, Any]:
-    """One acquire (or the given takeover) per host. All or nothing: unless every host answered `acquired`, the
-    lock is released wherever we got it, even when a host's command failed or the transport raised."""
+# Joins a host's lock command and the reads that follow it once the lock is taken there (`:` names them in `ps`).
+READS_AFTER_LOCK = " && { : reads under the deploy lock; "
+
+
+def take_lock_everywhere(active: Mapping[str, Any], record, commands: Mapping[str, str],
+                         reads: Mapping[str, TogetherRead]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """One acquire (or the given takeover) per host, then that host's READS if it took the lock. All or nothing:
+    unless every host answered `acquired`, the lock is released wherever we got it, even when a host's command
+    failed or the transport raised. Returns each host's lock status and the lines its reads printed."""
     from ingestctl import lock as lock_mod
 
+    def command_for(host: str) -> str:
+        taking = commands.get(host) or lock_mod.acquire_command(record)
+        return f"{taking}{READS_AFTER_LOCK}{reads[host].command}; }}" if host in reads else taking
+
     try:
-        results = fleet.run_on(active, lambda h: commands.get(h) or lock_mod.acquire_command(record))
+        results = fleet.run_on(active, command_for)
     except Exception:
         fleet.run_on(active, lambda _h: lock_mod.release_command(record.token))  # removes only ours
         raise
-    statuses = {}
+    statuses, read_lines = {}, {}
     for host, result in results.items():
+        lines = result.stdout.splitlines()
+        # The reads' output starts at their first fence; the lock's is what comes before it.
+        fence = reads[host].nonce if host in reads else None
+        start = next((i for i, line in enumerate(lines) if fence and line.startswith(fence)), len(lines))
+        read_lines[host] = lines[start:]
         try:
-            statuses[host] = lock_mod.parse_output(result.stdout, host)
+            statuses[host] = lock_mod.parse_output(lines[:start], host)
         except IngestctlError as exc:  # the lock command failed there (disk full, no mkdir): not acquired
             statuses[host] = lock_mod.LockStatus("failed", None, f"{host}: {exc} {result.stderr.strip()[:200]}")
     if any(status.state != "acquired" for status in statuses.values()):
         taken = {h: active[h] for h, status in statuses.items() if status.state == "acquired"}
         if taken:
             fleet.run_on(taken, lambda _h: lock_mod.release_command(record.token))
-    return statuses
+    return statuses, read_lines
 
 
 OUTCOMES = {"noop": "success", "rollback-failed": "failed"}

@@ -24,10 +24,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from ingestctl import fleet, ledger, lock, pipeline, runcontext
+from ingestctl import fleet, ledger, lock, pipeline, runcontext, runlock
 from ingestctl import pyinfra_runner as runner
 from ingestctl.errors import GateFailed, LockHeld, RollbackFailed
-from ingestctl.facts.host import READINESS_COMMAND
+from ingestctl.facts.host import READINESS_COMMAND, Readiness, parse_readiness
 from ingestctl.facts.release import IngestState, LedgerCopy, SchemaHead, SchemaRecord
 from ingestctl.operations import release as release_ops
 
@@ -69,6 +69,8 @@ class MemoryHost:
             head = self.fleet.schema_head
             applied = REVISIONS[: REVISIONS.index(head) + 1] if head else []
             return fact_cls().process([f"head|{head}"] * bool(head) + [f"applied|{r}|t|t" for r in applied])
+        if fact_cls is Readiness:
+            return parse_readiness(READY)
         if fact_cls is LedgerCopy:
             path = self.root / Path(ledger.LEDGER_PATH).name
             return fact_cls().process(path.read_text().splitlines() if path.exists() else [])
@@ -77,6 +79,8 @@ class MemoryHost:
         raise AssertionError(f"{self.name}: the in-memory fleet has no fact {fact_cls.__name__}")
 
     def run_shell_command(self, command: str, **_kwargs):
+        # The facts a lock command reads once it holds the lock are not answered here: each is read on its own.
+        command = command.partition(runlock.READS_AFTER_LOCK)[0]
         self.fleet.commands.append((self.name, command))
         if command == READINESS_COMMAND:
             return True, output(READY)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from ingestctl.facts import together
 from ingestctl.facts.release import FileDigests, IngestState
-from ingestctl.facts.together import HostFacts, split_parts, together_command
+from ingestctl.facts.together import HostFacts, fact_key, split_parts, together_command
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
@@ -34,9 +35,10 @@ class ShellHost:
     """Runs a raw command in a real `sh`, as the host's shell would; counts the round trips; a fact read on its
     own comes from ALONE (what pyinfra would have read)."""
 
-    def __init__(self, alone=None):
+    def __init__(self, alone=None, name="app2"):
         self.rounds = 0
         self.alone = alone or {}
+        self.name = name
 
     def get_fact(self, cls, **kwargs):
         self.rounds += 1
@@ -111,3 +113,32 @@ def test_a_part_that_does_not_process_is_read_on_its_own():
     facts = HostFacts(host).read_together((Unprocessable, {"text": "x"}), (Printed, {"text": "y"}))
     assert facts.get(Printed, text="y") == ["y"]
     assert facts.get(Unprocessable, text="x") == "pyinfra's answer after reporting it"
+
+
+def test_facts_handed_over_are_taken_once_instead_of_read_and_the_rest_read_together():
+    """A warm rollback hands its switch the facts the lock's round read: the switch's read takes them (no round
+    when it wants nothing else), once; the next read on that host reads afresh."""
+    host = ShellHost()
+    together.hand_over("app2", {fact_key(Printed, {"text": "a"}): ["handed"]})
+    try:
+        facts = HostFacts(host).read_together((Printed, {"text": "a"}), (Printed, {"text": "b"}))
+        assert facts.get(Printed, text="a") == ["handed"] and facts.get(Printed, text="b") == ["b"]
+        assert host.rounds == 1
+        again = HostFacts(host).read_together((Printed, {"text": "a"}))
+        assert again.get(Printed, text="a") == ["a"], "taken once: the next read reads the host"
+        together.hand_over("app2", {fact_key(Printed, {"text": "a"}): ["handed"]})
+        HostFacts(host).read_together((Printed, {"text": "a"}))
+        assert host.rounds == 2, "every fact wanted was handed over: no round trip"
+        together.hand_over("app2", {fact_key(Printed, {"text": "a"}): ["handed"]})
+        together.forget_handed()
+        assert HostFacts(host).read_together((Printed, {"text": "a"})).get(Printed, text="a") == ["a"]
+    finally:
+        together.forget_handed()
+
+
+def test_facts_handed_to_one_host_are_not_taken_by_another():
+    together.hand_over("db1", {fact_key(Printed, {"text": "a"}): ["handed"]})
+    try:
+        assert HostFacts(ShellHost(name="app3")).read_together((Printed, {"text": "a"})).get(Printed, text="a") == ["a"]
+    finally:
+        together.forget_handed()

@@ -108,7 +108,7 @@ def test_the_next_command_takes_over_a_dead_runners_lock_and_records_whose(tmp_p
     for host in active.values():
         sh(lock.acquire_command(dead, f"{host.root}/lock"))
     ctx, run = ctx_for(), runcontext.Run("20261201T120000Z-123456", "deploy", "local", "ci@runner")
-    ours = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active)
+    ours, _reads = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active)
     for host in active.values():
         assert lock.parse_output(sh(lock.read_command(f"{host.root}/lock")).stdout).record.token == ours.token
     assert "took over the expired deploy lock of ana@laptop" in run.facts.lock_takeover
@@ -130,3 +130,28 @@ def test_acquisition_is_all_or_nothing_when_one_host_cannot_take_it(tmp_path):
                               "deploy local", active)
     for name in ("db1", "app2"):  # taken there first, then released
         assert lock.parse_output(sh(lock.read_command(f"{active[name].root}/lock")).stdout).state == "free"
+
+
+def test_reads_under_the_lock_run_in_its_own_command_only_once_it_is_taken(tmp_path):
+    """The lock's round also reads what it protects (one SSH round, not two), in the same shell command, after
+    the lock is taken; where the lock is held by another run, nothing is read there."""
+    from ingestctl.facts.release import FileDigests
+    from ingestctl.facts.together import HostFacts, TogetherRead
+
+    active = fleet_of(tmp_path, ["db1", "app2"])
+    marker = tmp_path / "db1" / "lock" / lock.RECORD_FILE
+    reads = {name: TogetherRead.of((FileDigests, {"paths": [str(marker)]})) for name in active}
+    ctx, run = ctx_for(), runcontext.Run("20261201T120000Z-123456", "deploy", "local", "ci@runner")
+    ours, lines = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active, reads)
+    digest = HostFacts(active["db1"]).take(reads["db1"], lines["db1"]).get(FileDigests, paths=[str(marker)])
+    assert digest[str(marker)], "the lock record existed when the read ran: it ran after the take"
+    assert lock.parse_output(sh(lock.read_command(f"{tmp_path}/db1/lock")).stdout).record.token == ours.token
+
+    later = runcontext.Run("20261201T120001Z-654321", "deploy", "local", "x@y")
+    with pytest.raises(LockHeld):
+        runlock.acquire_lock(ctx_for(), later, 0.0, "deploy local", active,
+                             {name: TogetherRead.of((FileDigests, {"paths": ["/"]})) for name in active})
+    _statuses, held_lines = runlock.take_lock_everywhere(
+        active, lock.new_record(who="x@y", command="deploy local", release=None, now=datetime.now(UTC),
+                                ttl=timedelta(seconds=60)), {}, reads)
+    assert held_lines == {"db1": [], "app2": []}, "a host whose lock is held reads nothing"

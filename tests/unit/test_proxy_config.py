@@ -101,6 +101,30 @@ def test_the_body_limit_is_read_from_the_config_versions_app_env(tmp_path):
     assert output == [], "a version not on the host reads as nothing (pyinfra then gives the fact's default)"
 
 
+def test_every_versions_body_limit_is_read_in_one_command_and_judged_as_one_version_would_be(tmp_path):
+    """ConfigBodyLimits' real command over several config versions: each version's limit, through `limit_of`, is
+    what ConfigBodyLimit of that version gives, and a value out of the tunable's rule fails the same way."""
+    from ingestctl.facts.proxy import ConfigBodyLimits, limit_of
+
+    versions = {}
+    for limit in (4096, None):
+        cfg = config_mod.ServiceConfig.build({"MAX_REQUEST_BODY_BYTES": limit} if limit else {})
+        folder = tmp_path / "config" / cfg.version
+        folder.mkdir(parents=True)
+        (folder / "app.env").write_text(config_mod.render_env_file(cfg, secrets_dir="/run/secrets"))
+        versions[cfg.version] = limit or 1048576
+    forged = tmp_path / "config" / "cccccccccccc"
+    forged.mkdir()
+    (forged / "app.env").write_text("MAX_REQUEST_BODY_BYTES=-1\n")
+    command = ConfigBodyLimits().command().replace(layout.BASE, str(tmp_path))
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout.splitlines()
+    limits = ConfigBodyLimits().process(output)
+    assert {version: limit_of(limits, version) for version in versions} == versions
+    assert limit_of(limits, "0123456789ab") == 1048576, "a version not on the host: the default, as ConfigBodyLimit"
+    with pytest.raises(FactProcessError, match="MAX_REQUEST_BODY_BYTES"):
+        limit_of(limits, "cccccccccccc")
+
+
 def test_a_version_without_the_key_gets_the_service_default():
     assert default_body_limit() == 1048576 == int(config_mod.TUNABLES["MAX_REQUEST_BODY_BYTES"].default)
     assert body_limit([]) == 1048576

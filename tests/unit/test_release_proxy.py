@@ -118,6 +118,43 @@ def test_a_switch_starts_the_proxy_only_where_its_facts_found_it_stopped(run, pr
     assert checked is not proxy_running, commands
 
 
+def test_a_warm_switch_handed_the_lock_rounds_facts_reads_nothing_and_does_the_same(monkeypatch):
+    """A warm rollback's switch takes the facts the lock's round read (`handed_switch` of `SWITCH_AHEAD`, every
+    config version's body limit among them): no fact is read, and the command is the one a read would give."""
+    from ingestctl.facts import together
+    from ingestctl.facts.proxy import ConfigBodyLimits
+    from ingestctl.facts.together import HostFacts, fact_key
+
+    standby = {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": OLD,
+               "schema_head": "0001", "slot": "blue"}
+    fake = FakeHost(live_state(NEW, slot="green", standby=standby),
+                    proxy_conf=layout.render_proxy(PORTS, LIMITS[OLD], CLIENTS),
+                    running={"api_blue": "ingest:v1", "api_green": "ingest:v2", "proxy": "ingest-proxy:1"})
+    monkeypatch.setattr(ops, "host", fake)
+
+    def switch() -> list[str]:
+        return list(ops.release_live._inner(release="v1", image="ingest:v1", image_id=IMAGE_ID, config_version=OLD,
+                                            infra_images={}, ports=PORTS, clients=CLIENTS))
+
+    read_itself = switch()
+    lock_round = HostFacts(fake)
+    for wanted in ops.SWITCH_AHEAD:
+        cls, kwargs = wanted if isinstance(wanted, tuple) else (wanted, {})
+        if cls is not ConfigBodyLimits:
+            lock_round.values[fact_key(cls, kwargs)] = fake.get_fact(cls, **kwargs)
+    lock_round.values[fact_key(ConfigBodyLimits, {})] = ConfigBodyLimits().process(
+        [f"{OLD} MAX_REQUEST_BODY_BYTES={LIMITS[OLD]}", f"{NEW} MAX_REQUEST_BODY_BYTES={LIMITS[NEW]}"])
+    lock_round.values[fact_key(ops.IngestState, {})] = fake.state
+    together.hand_over("app2", ops.handed_switch(lock_round, OLD))
+    reads = []
+    monkeypatch.setattr(fake, "get_fact", lambda fact, **kwargs: reads.append(fact.__name__))
+    try:
+        assert switch() == read_itself
+    finally:
+        together.forget_handed()
+    assert reads == []
+
+
 def test_steps_in_one_round_run_in_order_each_in_its_own_directory_and_stop_at_the_first_failure(tmp_path):
     command = layout.in_one_round(f"cd {tmp_path} && echo one > a", "pwd", "false", "echo never")
     done = subprocess.run(["sh", "-c", command], cwd="/", capture_output=True, text=True, check=False)

@@ -3,26 +3,24 @@
 from types import SimpleNamespace
 
 import pytest
-from ingestctl import fleet, runlock
+from ingestctl import runlock
 from ingestctl.errors import ConfigError
+from ingestctl.facts.host import Readiness
 
 READY = "init=systemd\nos=debian 12 bookworm\ndocker_cli=yes\nengine=24.0.7\ncompose=docker-compose\nmissing_tools=\n"
 BARE = "init=systemd\nos=debian 13 trixie\ndocker_cli=no\nengine=\ncompose=\nmissing_tools=\n"
 
 
-def test_hosts_not_set_up_are_named_with_the_fix(monkeypatch):
+def test_hosts_not_set_up_are_named_with_the_fix():
     outputs = {"db1": READY, "app2": BARE, "app3": BARE}
-    monkeypatch.setattr(fleet, "run_on", lambda active, _command: {
-        h: fleet.CommandResult(h, True, outputs[h], "") for h in active})
     ctx = SimpleNamespace(name="staging")
     with pytest.raises(ConfigError) as refused:
-        runlock.require_set_up(ctx, dict.fromkeys(outputs))
+        runlock.require_set_up(ctx, {h: Readiness().process(out.splitlines()) for h, out in outputs.items()})
     message = str(refused.value)
     assert "app2: Docker is not installed" in message and "app3:" in message and "db1" not in message
     assert "ingestctl setup staging" in message
 
 
-def test_set_up_hosts_pass(monkeypatch):
-    monkeypatch.setattr(fleet, "run_on", lambda active, _command: {
-        h: fleet.CommandResult(h, True, READY, "") for h in active})
-    runlock.require_set_up(SimpleNamespace(name="staging"), {"db1": None, "app2": None})
+def test_set_up_hosts_pass():
+    ready = Readiness().process(READY.splitlines())
+    runlock.require_set_up(SimpleNamespace(name="staging"), {"db1": ready, "app2": ready})

@@ -70,3 +70,28 @@ class ConfigBodyLimit(FactBase[int]):
             # pyinfra fails only this host on a FactProcessError and logs the message; anything else would stop
             # the whole run for one host's bad file.
             raise FactProcessError(str(exc)) from None
+
+
+class ConfigBodyLimits(FactBase[dict]):
+    """Every config version's MAX_REQUEST_BODY_BYTES line on the host, unprocessed: {version: its lines}. Read
+    under the deploy lock, before the run has decided which version goes live; `ConfigBodyLimit` of that version
+    is then processed from its lines (`limit_of`), with the same rule and the same errors."""
+
+    def command(self) -> str:
+        return (
+            f"for f in {BASE}/config/*/app.env; do [ -f \"$f\" ] || continue; d=${{f%/app.env}}; "
+            f"printf '%s ' \"${{d##*/}}\"; grep -m1 '^{BODY_LIMIT_KEY}=' \"$f\" || echo; done"
+        )
+
+    def process(self, output: list[str]) -> dict[str, list[str]]:
+        versions: dict[str, list[str]] = {}
+        for line in output:
+            version, _, found = line.partition(" ")
+            versions[version] = [found] if found.strip() else []
+        return versions
+
+
+def limit_of(limits: dict[str, list[str]], version: str) -> int:
+    """`ConfigBodyLimit(version)` from `ConfigBodyLimits`' LIMITS; FactProcessError as that fact would raise."""
+    lines = limits.get(version, [])
+    return ConfigBodyLimit().process(lines) if lines else ConfigBodyLimit.default()

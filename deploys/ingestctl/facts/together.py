@@ -64,6 +64,40 @@ def split_parts(output: Sequence[str], count: int, nonce: str) -> list[list[str]
     return parts
 
 
+@dataclass(frozen=True)
+class TogetherRead:
+    """Facts to read in one command: KEYS, fenced with NONCE. `command` can also run inside another command of
+    the same round (the deploy lock's), when its output lines come back to `HostFacts.take`."""
+
+    keys: tuple[FactKey, ...]
+    nonce: str
+
+    @classmethod
+    def of(cls, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> TogetherRead:
+        keys = tuple(fact_key(*(w if isinstance(w, tuple) else (w, {}))) for w in wanted)
+        return cls(keys, f"--ingestctl-{secrets.token_hex(8)}--")
+
+    @property
+    def command(self) -> str:
+        return together_command(self.keys, self.nonce)
+
+
+# Facts read in an earlier round of this run, under the deploy lock, handed to the next `read_together` on that
+# host (by name), which takes them instead of reading them again, once: see `hand_over`.
+_HANDED: dict[str, dict[FactKey, Any]] = {}
+
+
+def hand_over(host_name: str, values: Mapping[FactKey, Any]) -> None:
+    """VALUES (processed facts) for the next `read_together` on HOST_NAME. Only for facts nothing can change
+    before that read: the caller holds the deploy lock and changes nothing on the host in between."""
+    _HANDED[host_name] = dict(values)
+
+
+def forget_handed() -> None:
+    """Drop whatever was handed over and not taken (the run ended before the operation that was to take it)."""
+    _HANDED.clear()
+
+
 @dataclass
 class HostFacts:
     """One host's facts for one operation: those read together, then anything else read on its own."""
@@ -72,14 +106,21 @@ class HostFacts:
     values: dict[FactKey, Any] = field(default_factory=dict)
 
     def read_together(self, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> HostFacts:
-        keys = tuple(fact_key(*(w if isinstance(w, tuple) else (w, {}))) for w in wanted)
-        nonce = f"--ingestctl-{secrets.token_hex(8)}--"
-        lines = self.host.get_fact(_RawLines, command=together_command(keys, nonce))
+        read = TogetherRead.of(*wanted)
+        handed = _HANDED.pop(getattr(self.host, "name", None), {})
+        self.values.update({key: handed[key] for key in read.keys if key in handed})
+        missing = TogetherRead(tuple(key for key in read.keys if key not in self.values), read.nonce)
+        if not missing.keys:
+            return self
+        return self.take(missing, self.host.get_fact(_RawLines, command=missing.command))
+
+    def take(self, read: TogetherRead, lines: Sequence[str] | None) -> HostFacts:
+        """READ's facts from the LINES its command printed."""
         try:
-            parts = split_parts(lines or [], len(keys), nonce)
+            parts = split_parts(lines or [], len(read.keys), read.nonce)
         except FactProcessError:
             return self  # a part failed: every fact is read on its own below, and fails with its own error
-        for key, part in zip(keys, parts, strict=True):
+        for key, part in zip(read.keys, parts, strict=True):
             fact = key[0]()
             try:
                 self.values[key] = fact.process(part) if part else fact.default()
@@ -92,6 +133,10 @@ class HostFacts:
         if key in self.values:
             return self.values[key]
         return self.host.get_fact(cls, **kwargs)
+
+    def known(self, cls: type[FactBase], **kwargs: Any) -> bool:
+        """Whether the fact was read together (`get` would not read it on its own)."""
+        return fact_key(cls, kwargs) in self.values
 
 
 class _RawLines(FactBase[list | None]):

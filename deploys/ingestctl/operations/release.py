@@ -14,7 +14,7 @@ from ingestctl import hostlayout as layout
 from ingestctl import reconcile, sshpool
 from ingestctl.errors import HostError
 from ingestctl.facts.docker import DockerImage
-from ingestctl.facts.proxy import ConfigBodyLimit, ProxyRouting
+from ingestctl.facts.proxy import ConfigBodyLimit, ConfigBodyLimits, ProxyRouting, limit_of
 from ingestctl.facts.release import (
     REJECTED,
     ComposeBinary,
@@ -25,12 +25,13 @@ from ingestctl.facts.release import (
     SchemaHead,
     SlotSockets,
 )
-from ingestctl.facts.together import HostFacts
+from ingestctl.facts.together import FactKey, HostFacts, fact_key
 from ingestctl.operations import secretfiles
 from ingestctl.reconcile import Routing
 from ingestctl.secrets import APP_DB_ROLE, app_database_password
 from pyinfra import host
 from pyinfra.api import deploy, operation
+from pyinfra.api.exceptions import FactProcessError
 from pyinfra.operations import files
 
 
@@ -162,12 +163,40 @@ def database_running(password: str, redis_password: str, postgres_uid: int, redi
 RELEASE_KEYS = ("release", "image", "image_id", "config_version", "schema_head")
 
 
+PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
+
+
+def switch_fact_list(config_version: str | None) -> list:
+    """Every fact a switch or a canary reads before it yields its first command."""
+    return [ProxyRouting, IngestState, (ConfigBodyLimit, {"version": body_limit_version(config_version)}),
+            (FileDigests, {"paths": [PROXY_CONF]}), RunningServices, SlotSockets]
+
+
 def switch_facts(config_version: str | None) -> HostFacts:
-    """Every fact a switch or a canary reads before it yields its first command, read in one round trip."""
-    return HostFacts(host).read_together(
-        ProxyRouting, IngestState, (ConfigBodyLimit, {"version": body_limit_version(config_version)}),
-        (FileDigests, {"paths": [PROXY_CONF]}), RunningServices, SlotSockets,
-    )
+    """`switch_fact_list`, read in one round trip, less those handed over from the lock's round (`handed_switch`)."""
+    return HostFacts(host).read_together(*switch_fact_list(config_version))
+
+
+# The switch's facts as the deploy lock's round reads them for an app rollback, before the version is decided:
+# every config version's body limit, instead of one.
+SWITCH_AHEAD = (ProxyRouting, (FileDigests, {"paths": [PROXY_CONF]}), RunningServices, SlotSockets, ConfigBodyLimits)
+
+
+def handed_switch(facts: HostFacts, config_version: str | None) -> dict[FactKey, object]:
+    """From FACTS, read with `SWITCH_AHEAD` under the lock: the switch's facts for CONFIG_VERSION, as
+    `switch_facts` keys them; only those the lock's round did read (the rest the switch reads itself)."""
+    values: dict[FactKey, object] = {}
+    for wanted in switch_fact_list(config_version):
+        cls, kwargs = wanted if isinstance(wanted, tuple) else (wanted, {})
+        if cls is ConfigBodyLimit:
+            if facts.known(ConfigBodyLimits):
+                try:
+                    values[fact_key(cls, kwargs)] = limit_of(facts.get(ConfigBodyLimits), kwargs["version"])
+                except FactProcessError:
+                    pass  # the switch reads it on its own, and fails this host naming the value
+        elif facts.known(cls, **kwargs):
+            values[fact_key(cls, kwargs)] = facts.get(cls, **kwargs)
+    return values
 
 
 def live_state(facts: HostFacts) -> tuple[dict, bool, Routing | None]:
@@ -182,9 +211,6 @@ def live_state(facts: HostFacts) -> tuple[dict, bool, Routing | None]:
     if stale and state.get("image"):
         state["image_id"] = facts.get(DockerImage, image=state["image"])
     return state, stale, routing
-
-
-PROXY_CONF = f"{layout.BASE}/proxy/nginx.conf"
 
 
 def body_limit_version(config_version: str | None) -> str:
