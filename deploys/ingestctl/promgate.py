@@ -106,7 +106,7 @@ def prometheus_metric_gate(
 ) -> GateResult:
     """Probe the window, wait for Prometheus to have scraped its end, then judge the release by PromQL."""
     started = time.time()
-    with httpx.Client(timeout=5.0, verify=tls()) as client:
+    with httpx.Client(timeout=5.0, verify=tls(urls.values())) as client:
         probes = probe_window(client, urls, window_s, probe, probe_requests)
     ended = time.time()
     try:

@@ -1,7 +1,7 @@
 """The gates' arithmetic on Prometheus samples: error ratio and p95 over a window, per host."""
 
 import pytest
-from ingestctl.gates import MetricSnapshot, bench_command, judge_window, quantile
+from ingestctl.gates import MetricSnapshot, bench_command, judge_window, quantile, tls
 
 SCRAPE = """\
 # TYPE ingest_http_requests_total counter
@@ -226,3 +226,11 @@ def test_metric_gate_probes_over_http_and_judges_their_answers(status, passes):
         server.close()
     assert gate.passed is passes, gate.message
     assert gate.numbers["app2"]["probes"] == 10
+
+
+def test_the_ca_bundle_is_loaded_only_for_a_gate_that_speaks_https():
+    import ssl
+
+    assert tls(["http://10.0.0.2:8000", "http://10.0.0.3:8000"]) is False, "no TLS request, nothing to verify"
+    context = tls(["http://10.0.0.2:8000", "https://app.example:443"])
+    assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
