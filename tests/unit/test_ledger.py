@@ -333,3 +333,16 @@ def test_a_forged_rotated_secret_name_skips_the_line():
     record["rotated_secrets"] = ["API_KEY; touch /tmp/pwned"]
     parsed = ledger.parse(json.dumps(record) + "\n", source=SOURCE)
     assert parsed.entries == [] and len(parsed.skipped) == 1
+
+
+def test_the_same_line_on_every_host_is_validated_once_and_a_forged_one_is_still_set_aside_everywhere():
+    from ingestctl.ledger import read_line
+
+    line = ledger.serialise(entry(41, release="v1"), {})
+    forged = forged_line("release", "v1; rm -rf /", n=42)
+    before = read_line.cache_info()
+    parsed = [ledger.parse(f"{line}\n{forged}\n", source=f"app{n}") for n in range(3)]
+    after = read_line.cache_info()
+    assert [p.entries[0].release for p in parsed] == ["v1"] * 3
+    assert after.misses - before.misses <= 2 and after.hits - before.hits >= 4, (before, after)
+    assert [[s.reason.startswith("rejected") for s in p.skipped] for p in parsed] == [[True]] * 3
