@@ -6,6 +6,7 @@ Without this, every host step would run one host after another.
 """
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -15,8 +16,9 @@ from gevent import monkey
 
 # Imported by what every command imports, used by few: loaded at their first use instead of at every start.
 # invoke: paramiko's for `Match exec` in an ssh config (42 ms); httpx: the gates' and status's client (31 ms),
-# needed after a rollback's switch, not before it.
-LAZY_MODULES = ("invoke", "httpx")
+# needed after a rollback's switch, not before it; pyinfra's file operations (with the server facts they import,
+# 32 ms): `files.put` of a proxy config that changed, which a rollback to the warm standby never needs.
+LAZY_MODULES = ("invoke", "httpx", "pyinfra.operations.files")
 
 
 def patch_all() -> None:
@@ -48,11 +50,25 @@ class LoadedOnFirstUse(types.ModuleType):
         return getattr(real, attribute)
 
 
+def spec_unloaded(name: str) -> importlib.machinery.ModuleSpec | None:
+    """NAME's spec, found without importing its parent packages (`importlib.util.find_spec` of a submodule imports
+    them: here all of pyinfra, before gevent has patched)."""
+    if "." not in name:
+        return importlib.util.find_spec(name)
+    spec, path = None, None
+    for depth in range(1, name.count(".") + 2):
+        spec = importlib.machinery.PathFinder.find_spec(".".join(name.split(".")[:depth]), path)
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+    return spec
+
+
 def load_lazily(name: str) -> None:
     """NAME's stand-in (LoadedOnFirstUse) in sys.modules, unless NAME is loaded already or not installed."""
     if name in sys.modules:
         return
-    spec = importlib.util.find_spec(name)
+    spec = spec_unloaded(name)
     if spec is None:
         return  # not installed: an `import NAME` raises as it would have
     module = LoadedOnFirstUse(name)

@@ -43,11 +43,13 @@ def test_the_lookup_is_the_standard_one_again_after_patching():
 LAZY_PROBE = """
 import sys
 import ingestctl.entry, ingestctl.cli, ingestctl.rollbacks
-print('httpx._client' in sys.modules, 'invoke.tasks' in sys.modules)
+print('httpx._client' in sys.modules, 'invoke.tasks' in sys.modules, 'pyinfra.facts.server' in sys.modules)
 import httpx
 print(httpx.Client.__name__, 'httpx._client' in sys.modules, type(sys.modules['httpx']).__name__)
 import paramiko.config
 print(paramiko.config.invoke.__name__)
+from ingestctl.operations import release
+print(release.files.put.__name__, type(sys.modules['pyinfra.operations.files']).__name__)
 """
 
 
@@ -58,14 +60,19 @@ def lazy_probe() -> list[str]:
     return done.stdout.split()
 
 
-def test_the_emergency_path_does_not_load_httpx_or_invoke_before_its_switch():
-    assert lazy_probe()[:2] == ["False", "False"]
+def test_the_emergency_path_does_not_load_httpx_invoke_or_pyinfras_file_operations_before_its_switch():
+    assert lazy_probe()[:3] == ["False", "False", "False"]
 
 
 def test_a_deferred_module_loads_at_its_first_use_and_replaces_its_stand_in():
-    assert lazy_probe()[2:5] == ["Client", "True", "module"]
+    assert lazy_probe()[3:6] == ["Client", "True", "module"]
 
 
 def test_paramiko_still_sees_pyinfras_stand_in_for_invoke():
     # pyinfra replaces paramiko.config.invoke (its `Match exec` runner) with its own: invoke itself is never run.
-    assert lazy_probe()[5] == "FakeInvoke"
+    assert lazy_probe()[6] == "FakeInvoke"
+
+
+def test_a_deferred_submodule_imported_from_its_package_loads_at_its_first_use():
+    # `from pyinfra.operations import files` binds the stand-in; `files.put` loads pyinfra's real module.
+    assert lazy_probe()[7:9] == ["put", "module"]
