@@ -142,3 +142,38 @@ def test_facts_handed_to_one_host_are_not_taken_by_another():
         assert HostFacts(ShellHost(name="app3")).read_together((Printed, {"text": "a"})).get(Printed, text="a") == ["a"]
     finally:
         together.forget_handed()
+
+
+class Meets(FactBase):
+    """Runs long: leaves its own mark in DIR, then waits up to 2 s for OTHER's; prints whether it saw it."""
+
+    runs_long = True
+
+    def command(self, folder: str, mine: str, other: str) -> str:
+        return (f"touch {folder}/{mine}; for i in $(seq 1 100); do [ -e {folder}/{other} ] && echo met && exit 0; "
+                "sleep 0.02; done; echo alone")
+
+    def process(self, output):
+        return output[0]
+
+
+def test_long_parts_run_in_the_background_beside_each_other_and_the_rest(tmp_path):
+    """Two parts that run long can see each other's mark only if they run at once; the others print in between,
+    every part in its own fence, whatever order they were asked in."""
+    host = ShellHost()
+    a = (Meets, {"folder": str(tmp_path), "mine": "a", "other": "b"})
+    b = (Meets, {"folder": str(tmp_path), "mine": "b", "other": "a"})
+    facts = HostFacts(host).read_together(a, (Printed, {"text": "quick"}), b)
+    assert host.rounds == 1
+    assert facts.get(Meets, **a[1]) == facts.get(Meets, **b[1]) == "met"
+    assert facts.get(Printed, text="quick") == ["quick"]
+
+
+def test_a_long_part_that_fails_is_read_on_its_own_like_any_other():
+    class FailsLong(Fails):
+        runs_long = True
+
+    host = ShellHost(alone={"FailsLong": "read alone"})
+    facts = HostFacts(host).read_together(FailsLong, (Printed, {"text": "x"}))
+    assert facts.get(FailsLong) == "read alone"
+    assert host.rounds == 2

@@ -158,6 +158,8 @@ def parse_readiness(output: str | list[str]) -> dict:
 class Readiness(FactBase[dict]):
     """Whether the host can take a deploy: `parse_readiness` of READINESS_COMMAND."""
 
+    runs_long = True  # read together, it runs in the background beside the other parts
+
     def command(self) -> str:
         return READINESS_COMMAND
 

@@ -187,6 +187,8 @@ HEAD_QUERY = "SELECT version_num FROM alembic_version"
 class SchemaHead(FactBase[str | None]):
     """The database's alembic head on the db host, or None (no database container, or an empty schema)."""
 
+    runs_long = True  # read together, it runs in the background beside the other parts
+
     def command(self) -> str:
         return psql(f"-tAc '{HEAD_QUERY}'")
 
@@ -223,6 +225,8 @@ class SchemaRecord(FactBase[tuple]):
     """(the SchemaHead, the `applied_migrations`) from one psql: an app rollback plans from both, and a second
     `docker exec` beside the first cost the db host 70 ms more. Each row is tagged with its query; a row with any
     other tag is not what the queries return, and is refused naming it."""
+
+    runs_long = True  # read together, it runs in the background beside the other parts
 
     @staticmethod
     def default() -> tuple:
@@ -277,6 +281,8 @@ class ImageMigrations(FactBase[dict]):
 
 class RunningServices(FactBase[dict[str, str]]):
     """Running containers of the ingest compose project: {service: image}."""
+
+    runs_long = True  # read together, it runs in the background beside the other parts
 
     @staticmethod
     def default() -> dict[str, str]:

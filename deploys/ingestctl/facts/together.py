@@ -31,10 +31,30 @@ def _hashable(value: Any) -> Hashable:
 
 def together_command(keys: Sequence[FactKey], nonce: str) -> str:
     """Each fact's own command in turn, its output fenced by markers with NONCE (drawn for this read, so no file
-    a host returns can pass for the end of a part) and its exit status."""
-    parts = []
-    for index, (cls, kwargs) in enumerate(keys):
-        parts.append(f"echo '{nonce} {index}'; ( {cls().command(**dict(kwargs))} ); echo \"{nonce} {index} $?\"")
+    a host returns can pass for the end of a part) and its exit status.
+
+    The trailing parts whose fact is marked `runs_long` (a `docker` or `psql` call: 25-110 ms of a host's time)
+    start first, in the background, each into a file of a private temporary directory, and are printed after
+    the others: a read costs the host its longest part, not the sum of them.
+    """
+    commands = [f"( {cls().command(**dict(kwargs))} )" for cls, kwargs in keys]
+    first_long = len(keys)
+    while first_long > 0 and getattr(keys[first_long - 1][0], "runs_long", False):
+        first_long -= 1
+    # Worth it only with something to overlap: another part, long or not.
+    background = set(range(first_long, len(keys))) if len(keys) > 1 and first_long < len(keys) else set()
+
+    def fenced(index: int, output: str, status: str) -> str:
+        return f"echo '{nonce} {index}'; {output}; echo \"{nonce} {index} {status}\""
+
+    def saved(index: int) -> str:
+        return f'"$t/{index}"'
+
+    parts = [f"{commands[i]} > {saved(i)} & p{i}=$!" for i in sorted(background)]
+    parts += [fenced(i, commands[i], "$?") for i in range(len(keys)) if i not in background]
+    parts += [f'wait "$p{i}"; r=$?; ' + fenced(i, f"cat {saved(i)}", "$r") for i in sorted(background)]
+    if background:
+        return "; ".join(["t=$(mktemp -d) || exit 1", *parts, 'rm -rf "$t"'])
     return "; ".join(parts)
 
 
@@ -75,6 +95,8 @@ class TogetherRead:
     @classmethod
     def of(cls, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> TogetherRead:
         keys = tuple(fact_key(*(w if isinstance(w, tuple) else (w, {}))) for w in wanted)
+        # The long parts last, so that `together_command` runs them in the background beside the others.
+        keys = tuple(sorted(keys, key=lambda key: bool(getattr(key[0], "runs_long", False))))
         return cls(keys, f"--ingestctl-{secrets.token_hex(8)}--")
 
     @property
