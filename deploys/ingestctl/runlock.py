@@ -186,13 +186,18 @@ def read_under_lock(ctx: Context, active: Mapping[str, Any], guard: Guard, for_p
     guard.history = fleetview.merged_ledger(ledgers, ctx.reporter)
 
 
-def require_set_up(ctx: Context, readiness: Mapping[str, dict]) -> None:
-    """ConfigError naming every connected host that cannot take a deploy yet (its `Readiness`), and the command
-    that fixes it."""
+def require_set_up(ctx: Context, readiness: Mapping[str, dict | None]) -> None:
+    """ConfigError naming every connected host that cannot take a deploy yet (its `Readiness`; None when the
+    check itself failed there), and the command that fixes it."""
     from ingestctl import hostsetup
 
-    problems = {name: found for name, found in ((name, hostsetup.readiness_problems(values))
-                                                for name, values in readiness.items()) if found}
+    def problems_of(values: dict | None) -> list[str]:
+        if values is None:
+            return ["the readiness check failed on the host (its shell could not run it)"]
+        return hostsetup.readiness_problems(values)
+
+    problems = {name: found for name, found in ((name, problems_of(values)) for name, values in readiness.items())
+                if found}
     if problems:
         raise ConfigError(hostsetup.describe_problems(ctx.name, problems))
 

@@ -24,3 +24,10 @@ def test_hosts_not_set_up_are_named_with_the_fix():
 def test_set_up_hosts_pass():
     ready = Readiness().process(READY.splitlines())
     runlock.require_set_up(SimpleNamespace(name="staging"), {"db1": ready, "app2": ready})
+
+
+def test_a_host_whose_readiness_check_failed_is_named_not_taken_for_bare():
+    with pytest.raises(ConfigError, match=r"app2: the readiness check failed on the host") as refused:
+        runlock.require_set_up(SimpleNamespace(name="staging"), {"db1": Readiness().process(READY.splitlines()),
+                                                                 "app2": None})
+    assert "Docker is not installed" not in str(refused.value)
