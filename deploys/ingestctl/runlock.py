@@ -161,14 +161,14 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
 def facts_under_lock(ctx: Context, name: str, check_setup: bool, for_plan: bool) -> list:
     """What host NAME's lock command reads once the lock is taken: what it runs, the schema head (the db host),
     with CHECK_SETUP whether it can take a deploy, and FOR_PLAN its ledger, the database's record of its
-    migrations and the switch's own facts (`SWITCH_AHEAD`), which a warm rollback hands to its switch."""
-    from ingestctl.operations.release import SWITCH_AHEAD
+    migrations and the switch's own facts (`switch_ahead()`), which a warm rollback hands to its switch."""
+    from ingestctl.operations.release import switch_ahead
 
     db = name == ctx.env.db_host
     if not for_plan:
         return [IngestState, *([SchemaHead] if db else []), *([Readiness] if check_setup else [])]
     return [IngestState, LedgerCopy, *([SchemaRecord] if db else []), *([Readiness] if check_setup else []),
-            *SWITCH_AHEAD]
+            *switch_ahead()]
 
 
 def read_under_lock(ctx: Context, active: Mapping[str, Any], guard: Guard, for_plan: bool) -> None:

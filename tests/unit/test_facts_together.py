@@ -177,3 +177,12 @@ def test_a_long_part_that_fails_is_read_on_its_own_like_any_other():
     facts = HostFacts(host).read_together(FailsLong, (Printed, {"text": "x"}))
     assert facts.get(FailsLong) == "read alone"
     assert host.rounds == 2
+
+
+def test_a_fact_wanted_twice_is_read_once():
+    host = ShellHost()
+    read = together.TogetherRead.of((Printed, {"text": "a"}), IngestState, (Printed, {"text": "a"}))
+    assert read.keys == (fact_key(Printed, {"text": "a"}), fact_key(IngestState, {}))
+    facts = HostFacts(host).read_together((Printed, {"text": "a"}), (Printed, {"text": "a"}))
+    assert facts.get(Printed, text="a") == ["a"]
+    assert host.rounds == 1

@@ -119,11 +119,11 @@ def test_a_switch_starts_the_proxy_only_where_its_facts_found_it_stopped(run, pr
 
 
 def test_a_warm_switch_handed_the_lock_rounds_facts_reads_nothing_and_does_the_same(monkeypatch):
-    """A warm rollback's switch takes the facts the lock's round read (`handed_switch` of `SWITCH_AHEAD`, every
+    """A warm rollback's switch takes the facts the lock's round read (`handed_switch` of `switch_ahead()`, every
     config version's body limit among them): no fact is read, and the command is the one a read would give."""
     from ingestctl.facts import together
     from ingestctl.facts.proxy import ConfigBodyLimits
-    from ingestctl.facts.together import HostFacts, fact_key
+    from ingestctl.facts.together import HostFacts, fact_key, wanted_key
 
     standby = {"release": "v1", "image": "ingest:v1", "image_id": IMAGE_ID, "config_version": OLD,
                "schema_head": "0001", "slot": "blue"}
@@ -138,13 +138,12 @@ def test_a_warm_switch_handed_the_lock_rounds_facts_reads_nothing_and_does_the_s
 
     read_itself = switch()
     lock_round = HostFacts(fake)
-    for wanted in ops.SWITCH_AHEAD:
-        cls, kwargs = wanted if isinstance(wanted, tuple) else (wanted, {})
+    for wanted in ops.switch_ahead():
+        cls, kwargs = wanted_key(wanted)
         if cls is not ConfigBodyLimits:
-            lock_round.values[fact_key(cls, kwargs)] = fake.get_fact(cls, **kwargs)
+            lock_round.values[(cls, kwargs)] = fake.get_fact(cls, **dict(kwargs))
     lock_round.values[fact_key(ConfigBodyLimits, {})] = ConfigBodyLimits().process(
         [f"{OLD} MAX_REQUEST_BODY_BYTES={LIMITS[OLD]}", f"{NEW} MAX_REQUEST_BODY_BYTES={LIMITS[NEW]}"])
-    lock_round.values[fact_key(ops.IngestState, {})] = fake.state
     together.hand_over("app2", ops.handed_switch(lock_round, OLD))
     reads = []
     monkeypatch.setattr(fake, "get_fact", lambda fact, **kwargs: reads.append(fact.__name__))
@@ -222,3 +221,16 @@ def test_routes_are_symlinks_replaced_by_rename_canary_first():
                        "ln -sfn /run/ingest-slots/green.sock .live.sock.new && mv -Tf .live.sock.new live.sock")
     with pytest.raises(ValueError, match="slot: expected one of"):
         layout.route_proxy("green; rm -rf /")
+
+
+def test_the_lock_rounds_read_for_a_rollback_holds_every_fact_the_switch_reads_for_any_version():
+    """`switch_ahead()` is derived from `switch_fact_list`: every switch fact, with every config version's body
+    limit in place of one version's, so a fact added to the switch cannot be missed by the lock's round."""
+    from ingestctl.facts.proxy import ConfigBodyLimit, ConfigBodyLimits
+    from ingestctl.facts.together import wanted_key
+
+    ahead = {wanted_key(w) for w in ops.switch_ahead()}
+    for wanted in ops.switch_fact_list(OLD):
+        cls, kwargs = wanted_key(wanted)
+        assert (ConfigBodyLimits, ()) in ahead if cls is ConfigBodyLimit else (cls, kwargs) in ahead
+    assert not any(cls is ConfigBodyLimit for cls, _ in ahead)

@@ -21,8 +21,18 @@ from pyinfra.api.exceptions import FactProcessError
 FactKey = tuple[type[FactBase], tuple[tuple[str, Hashable], ...]]
 
 
+# A fact as a read names it: its class, or (its class, its arguments).
+Wanted = type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]
+
+
 def fact_key(cls: type[FactBase], kwargs: Mapping[str, Any]) -> FactKey:
     return cls, tuple(sorted((name, _hashable(value)) for name, value in kwargs.items()))
+
+
+def wanted_key(wanted: Wanted) -> FactKey:
+    """WANTED's key: the class with no arguments, or the class with its arguments."""
+    cls, kwargs = wanted if isinstance(wanted, tuple) else (wanted, {})
+    return fact_key(cls, kwargs)
 
 
 def _hashable(value: Any) -> Hashable:
@@ -93,8 +103,8 @@ class TogetherRead:
     nonce: str
 
     @classmethod
-    def of(cls, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> TogetherRead:
-        keys = tuple(fact_key(*(w if isinstance(w, tuple) else (w, {}))) for w in wanted)
+    def of(cls, *wanted: Wanted) -> TogetherRead:
+        keys = tuple(dict.fromkeys(wanted_key(w) for w in wanted))  # a fact wanted twice is read once
         # The long parts last, so that `together_command` runs them in the background beside the others.
         keys = tuple(sorted(keys, key=lambda key: bool(getattr(key[0], "runs_long", False))))
         return cls(keys, f"--ingestctl-{secrets.token_hex(8)}--")
@@ -127,7 +137,7 @@ class HostFacts:
     host: Any
     values: dict[FactKey, Any] = field(default_factory=dict)
 
-    def read_together(self, *wanted: type[FactBase] | tuple[type[FactBase], Mapping[str, Any]]) -> HostFacts:
+    def read_together(self, *wanted: Wanted) -> HostFacts:
         read = TogetherRead.of(*wanted)
         handed = _HANDED.pop(getattr(self.host, "name", None), {})
         self.values.update({key: handed[key] for key in read.keys if key in handed})

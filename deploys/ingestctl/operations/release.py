@@ -25,7 +25,7 @@ from ingestctl.facts.release import (
     SchemaHead,
     SlotSockets,
 )
-from ingestctl.facts.together import FactKey, HostFacts, fact_key
+from ingestctl.facts.together import FactKey, HostFacts, wanted_key
 from ingestctl.operations import secretfiles
 from ingestctl.reconcile import Routing
 from ingestctl.secrets import APP_DB_ROLE, app_database_password
@@ -177,25 +177,29 @@ def switch_facts(config_version: str | None) -> HostFacts:
     return HostFacts(host).read_together(*switch_fact_list(config_version))
 
 
-# The switch's facts as the deploy lock's round reads them for an app rollback, before the version is decided:
-# every config version's body limit, instead of one.
-SWITCH_AHEAD = (ProxyRouting, (FileDigests, {"paths": [PROXY_CONF]}), RunningServices, SlotSockets, ConfigBodyLimits)
+def switch_ahead() -> list:
+    """`switch_fact_list` as the deploy lock's round reads it for an app rollback, before the version is decided:
+    every config version's body limit in place of one version's. Derived, so a fact added to the switch is read
+    ahead too."""
+    return [ConfigBodyLimits if wanted_key(wanted)[0] is ConfigBodyLimit else wanted
+            for wanted in switch_fact_list(None)]
 
 
 def handed_switch(facts: HostFacts, config_version: str | None) -> dict[FactKey, object]:
-    """From FACTS, read with `SWITCH_AHEAD` under the lock: the switch's facts for CONFIG_VERSION, as
+    """From FACTS, read with `switch_ahead()` under the lock: the switch's facts for CONFIG_VERSION, as
     `switch_facts` keys them; only those the lock's round did read (the rest the switch reads itself)."""
     values: dict[FactKey, object] = {}
     for wanted in switch_fact_list(config_version):
-        cls, kwargs = wanted if isinstance(wanted, tuple) else (wanted, {})
+        key = wanted_key(wanted)
+        cls, kwargs = key[0], dict(key[1])
         if cls is ConfigBodyLimit:
             if facts.known(ConfigBodyLimits):
                 try:
-                    values[fact_key(cls, kwargs)] = limit_of(facts.get(ConfigBodyLimits), kwargs["version"])
+                    values[key] = limit_of(facts.get(ConfigBodyLimits), kwargs["version"])
                 except FactProcessError:
                     pass  # the switch reads it on its own, and fails this host naming the value
         elif facts.known(cls, **kwargs):
-            values[fact_key(cls, kwargs)] = facts.get(cls, **kwargs)
+            values[key] = facts.get(cls, **kwargs)
     return values
 
 
