@@ -84,17 +84,18 @@ def run_on(
     active: Mapping[str, Any], command_for: Mapping[str, str] | Callable[[str], str]
 ) -> dict[str, CommandResult]:
     """Run one shell command per already-connected host, every host at once. Never raises on exit codes."""
+    return on_every_host(active, lambda name, host: run_command(
+        name, host, command_for[name] if isinstance(command_for, Mapping) else command_for(name)))
 
-    def run(name: str, host: Any) -> CommandResult:
-        command = command_for[name] if isinstance(command_for, Mapping) else command_for(name)
-        # The inventory's `sudo: True` (pyinfra's `_sudo` data) applies here as it does to operations.
-        ok, output = host.run_shell_command(
-            command, print_output=False, print_input=False, _sudo=bool(host.data.get("_sudo")),
-            **runner.command_timeout(host),
-        )
-        return CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
 
-    return on_every_host(active, run)
+def run_command(name: str, host: Any, command: str) -> CommandResult:
+    """COMMAND on one connected HOST (named NAME), its output. Never raises on the exit code."""
+    # The inventory's `sudo: True` (pyinfra's `_sudo` data) applies here as it does to operations.
+    ok, output = host.run_shell_command(
+        command, print_output=False, print_input=False, _sudo=bool(host.data.get("_sudo")),
+        **runner.command_timeout(host),
+    )
+    return CommandResult(name, ok, "\n".join(output.stdout_lines), "\n".join(output.stderr_lines))
 
 
 def run_commands(

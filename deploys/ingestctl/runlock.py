@@ -109,10 +109,8 @@ def guarded(ctx: Context, run: Run, lock_wait_s: float, command: str, check_setu
     with ctx.io.connected() as active:
         reads = {name: TogetherRead.of(*facts_under_lock(ctx, name, check_setup, for_plan=decide is not None))
                  for name in active}
-        record, lines = acquire_lock(ctx, run, lock_wait_s, command, active, reads)
+        record, guard.facts = acquire_lock(ctx, run, lock_wait_s, command, active, reads)
         try:
-            guard.facts = fleet.on_every_host(active, lambda name, host: HostFacts(host).take(reads[name],
-                                                                                               lines.get(name)))
             if check_setup:
                 require_set_up(ctx, fleet.on_every_host(active, lambda name, _h: guard.facts[name].get(Readiness)))
             read_under_lock(ctx, active, guard, for_plan=decide is not None)
@@ -212,11 +210,11 @@ def journal_start(ctx: Context, run: Run, active: Mapping[str, Any]) -> None:
 
 
 def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Mapping[str, Any],
-                 reads: Mapping[str, TogetherRead] | None = None) -> tuple[Any, dict[str, list[str]]]:
+                 reads: Mapping[str, TogetherRead] | None = None) -> tuple[Any, dict[str, HostFacts]]:
     """Take the deploy lock on every (connected) host, or on none: whatever a host answers or raises, a partial
     take is released before waiting or failing. A holder whose lease ran out (or whose pid is gone on this
     machine) is taken over and named in the run's ledger entry. READS run in each host's lock command, once the
-    lock is taken there. Returns our lock record and the lines each host's READS printed."""
+    lock is taken there. Returns our lock record and each host's facts, as its READS gave them."""
     from datetime import UTC, datetime, timedelta
 
     from ingestctl import lock as lock_mod
@@ -229,12 +227,13 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
     commands: dict[str, str] = {}
     takeovers = 0
     while True:
-        statuses, read_lines = take_lock_everywhere(active, record, commands, reads or {})
+        answers = take_lock_everywhere(active, record, commands, reads or {})
+        statuses = {h: answer.status for h, answer in answers.items()}
         held = {h: s for h, s in statuses.items() if s.state != "acquired"}
         if not held:
             ctx.reporter.event("step", f"deploy lock taken on {len(statuses)} host(s) (lease {ttl.seconds}s)",
                                step="lock")
-            return record, read_lines
+            return record, {h: answer.facts for h, answer in answers.items() if answer.facts is not None}
         commands = {}
         now = datetime.now(UTC)
         for host, status in held.items():
@@ -265,38 +264,51 @@ def acquire_lock(ctx: Context, run: Run, wait_s: float, command: str, active: Ma
 READS_AFTER_LOCK = " && { : reads under the deploy lock; "
 
 
+@dataclass(frozen=True)
+class LockAnswer:
+    """One host's answer to the lock's round: its lock status, the lines its reads printed (none where it did not
+    take the lock), and those lines taken as facts (None without reads)."""
+
+    status: Any  # lock.LockStatus
+    read_lines: list[str]
+    facts: HostFacts | None
+
+
 def take_lock_everywhere(active: Mapping[str, Any], record, commands: Mapping[str, str],
-                         reads: Mapping[str, TogetherRead]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+                         reads: Mapping[str, TogetherRead]) -> dict[str, LockAnswer]:
     """One acquire (or the given takeover) per host, then that host's READS if it took the lock. All or nothing:
     unless every host answered `acquired`, the lock is released wherever we got it, even when a host's command
-    failed or the transport raised. Returns each host's lock status and the lines its reads printed."""
+    failed or the transport raised."""
     from ingestctl import lock as lock_mod
 
     def command_for(host: str) -> str:
         taking = commands.get(host) or lock_mod.acquire_command(record)
         return f"{taking}{READS_AFTER_LOCK}{reads[host].command}; }}" if host in reads else taking
 
+    def answer_of(name: str, host: Any) -> LockAnswer:
+        result = fleet.run_command(name, host, command_for(name))
+        lines = result.stdout.splitlines()
+        # The reads' output starts at their first fence; the lock's is what comes before it.
+        fence = reads[name].nonce if name in reads else None
+        start = next((i for i, line in enumerate(lines) if fence and line.startswith(fence)), len(lines))
+        try:
+            status = lock_mod.parse_output(lines[:start], name)
+        except IngestctlError as exc:  # the lock command failed there (disk full, no mkdir): not acquired
+            status = lock_mod.LockStatus("failed", None, f"{name}: {exc} {result.stderr.strip()[:200]}")
+        # Taken here, in this host's own greenlet, while slower hosts still answer: a long ledger's parse (20 us a
+        # line) then costs the round no time of its own.
+        facts = HostFacts(host).take(reads[name], lines[start:]) if name in reads else None
+        return LockAnswer(status, lines[start:], facts)
+
     try:
-        results = fleet.run_on(active, command_for)
+        answers = fleet.on_every_host(active, answer_of)
     except Exception:
         fleet.run_on(active, lambda _h: lock_mod.release_command(record.token))  # removes only ours
         raise
-    statuses, read_lines = {}, {}
-    for host, result in results.items():
-        lines = result.stdout.splitlines()
-        # The reads' output starts at their first fence; the lock's is what comes before it.
-        fence = reads[host].nonce if host in reads else None
-        start = next((i for i, line in enumerate(lines) if fence and line.startswith(fence)), len(lines))
-        read_lines[host] = lines[start:]
-        try:
-            statuses[host] = lock_mod.parse_output(lines[:start], host)
-        except IngestctlError as exc:  # the lock command failed there (disk full, no mkdir): not acquired
-            statuses[host] = lock_mod.LockStatus("failed", None, f"{host}: {exc} {result.stderr.strip()[:200]}")
-    if any(status.state != "acquired" for status in statuses.values()):
-        taken = {h: active[h] for h, status in statuses.items() if status.state == "acquired"}
-        if taken:
-            fleet.run_on(taken, lambda _h: lock_mod.release_command(record.token))
-    return statuses, read_lines
+    taken = {h: active[h] for h, answer in answers.items() if answer.status.state == "acquired"}
+    if len(taken) < len(answers) and taken:
+        fleet.run_on(taken, lambda _h: lock_mod.release_command(record.token))
+    return answers
 
 
 OUTCOMES = {"noop": "success", "rollback-failed": "failed"}

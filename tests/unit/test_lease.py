@@ -136,14 +136,15 @@ def test_reads_under_the_lock_run_in_its_own_command_only_once_it_is_taken(tmp_p
     """The lock's round also reads what it protects (one SSH round, not two), in the same shell command, after
     the lock is taken; where the lock is held by another run, nothing is read there."""
     from ingestctl.facts.release import FileDigests
-    from ingestctl.facts.together import HostFacts, TogetherRead
+    from ingestctl.facts.together import TogetherRead
 
     active = fleet_of(tmp_path, ["db1", "app2"])
     marker = tmp_path / "db1" / "lock" / lock.RECORD_FILE
     reads = {name: TogetherRead.of((FileDigests, {"paths": [str(marker)]})) for name in active}
     ctx, run = ctx_for(), runcontext.Run("20261201T120000Z-123456", "deploy", "local", "ci@runner")
-    ours, lines = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active, reads)
-    digest = HostFacts(active["db1"]).take(reads["db1"], lines["db1"]).get(FileDigests, paths=[str(marker)])
+    ours, facts = runlock.acquire_lock(ctx, run, 0.0, "deploy local", active, reads)
+    assert facts["db1"].known(FileDigests, paths=[str(marker)])
+    digest = facts["db1"].get(FileDigests, paths=[str(marker)])
     assert digest[str(marker)], "the lock record existed when the read ran: it ran after the take"
     assert lock.parse_output(sh(lock.read_command(f"{tmp_path}/db1/lock")).stdout).record.token == ours.token
 
@@ -151,7 +152,9 @@ def test_reads_under_the_lock_run_in_its_own_command_only_once_it_is_taken(tmp_p
     with pytest.raises(LockHeld):
         runlock.acquire_lock(ctx_for(), later, 0.0, "deploy local", active,
                              {name: TogetherRead.of((FileDigests, {"paths": ["/"]})) for name in active})
-    _statuses, held_lines = runlock.take_lock_everywhere(
+    answers = runlock.take_lock_everywhere(
         active, lock.new_record(who="x@y", command="deploy local", release=None, now=datetime.now(UTC),
                                 ttl=timedelta(seconds=60)), {}, reads)
-    assert held_lines == {"db1": [], "app2": []}, "a host whose lock is held reads nothing"
+    assert {name: answer.read_lines for name, answer in answers.items()} == {"db1": [], "app2": []}, (
+        "a host whose lock is held reads nothing")
+    assert all(answer.status.state == "held" for answer in answers.values())
