@@ -255,6 +255,29 @@ def test_the_schema_record_reads_the_same_inside_the_container_and_through_docke
     assert entered == executed
 
 
+def test_the_schema_record_skips_a_stranger_with_composes_name_and_finds_the_container_by_its_labels(testbed, ssh,
+                                                                                                      baseline):
+    """The postgres container is inspected by compose's name for it (one engine call), and used only if compose's
+    labels say it is this project's running postgres. Here the real one's v2 name is hidden and a stranger holds
+    the v1 name: the stranger is not entered, and the label search finds the real one, with the same rows."""
+    from ingestctl.facts.release import SchemaRecord
+
+    read = SchemaRecord().command()
+    code, expected, err = ssh("db1", read)
+    assert code == 0 and expected.startswith("head|"), (expected, err)
+    code, out, err = ssh("db1", "docker run -d --name ingest_postgres_1 --label com.docker.compose.project=other "
+                                "--label com.docker.compose.service=postgres --entrypoint sleep "
+                                "\"$(docker inspect -f '{{.Config.Image}}' ingest-postgres-1)\" 120")
+    assert code == 0, err
+    try:
+        hide_v2_name = 'docker() { case "$*" in *ingest-postgres-1*) return 1;; esac; command docker "$@"; }'
+        code, found, err = ssh("db1", f"{hide_v2_name}; {read}")
+        assert code == 0, err
+        assert found == expected
+    finally:
+        ssh("db1", "docker rm -f ingest_postgres_1")
+
+
 def test_rollback_app_returns_every_host_to_the_previous_release_then_to_a_named_one(testbed, ssh, baseline):
     before = ledger(ssh)
     result = ingestctl("rollback", "app", "local", "--json")
