@@ -8,7 +8,8 @@ from typing import Any
 import httpx
 
 from ingestctl import fleet, hostvalues, inventory, ledger, lock
-from ingestctl.facts.release import REJECTED, IngestState, SchemaHead
+from ingestctl.facts.release import REJECTED, DeployLockLines, IngestState, SchemaHead
+from ingestctl.facts.together import HostFacts
 from ingestctl.output import Reporter
 
 STATUS_COLUMNS = ["host", "roles", "release", "image", "config", "schema", "health", "standby", "lock"]
@@ -30,33 +31,46 @@ def readiness(base_url: str) -> str:
 
 
 def status_rows(env_name: str) -> list[dict[str, Any]]:
-    """One row per host, in one SSH round. An unreachable host is a row saying so, never an error: status is
-    what on-call runs when something is down."""
+    """One row per host, from one SSH round (every host at once, each host's reads in one command) and the app
+    hosts' readiness, all asked at once. An unreachable host is a row saying so, never an error: status is what
+    on-call runs when something is down."""
     env = inventory.load(env_name)
-    states: dict[str, dict | None] = {}
     locks: dict[str, lock.LockStatus] = {}
     head, head_warning = None, None
+
+    def read(name: str, host: Any) -> HostFacts:
+        facts = HostFacts(host)
+        try:
+            facts.read_together(IngestState, DeployLockLines, *([SchemaHead] if name == env.db_host else []))
+        except hostvalues.HostValueError:
+            pass  # a forged value: what it left unread is read on its own below, where it is named
+        return facts
+
+    def app_readiness() -> dict[str, str]:
+        urls = {h: f"http://{env.hosts[h].ssh_hostname}:{env.data.app_port}"
+                for h in env.all_hosts if "app" in env.hosts[h].roles}
+        found = fleet.at_once(*[lambda url=url: readiness(url) for url in urls.values()]) if urls else []
+        return dict(zip(urls, found, strict=True))
+
     with fleet.connected(env_name, env.all_hosts, require_all=False) as active:
-        for name, host in active.items():
-            states[name] = host.get_fact(IngestState)
-        for name, result in fleet.run_on(active, lambda _h: lock.read_command()).items():
+        facts, health = fleet.at_once(lambda: fleet.on_every_host(active, read), app_readiness)
+        states = {name: facts[name].get(IngestState) for name in active}
+        for name in active:
             try:
-                locks[name] = lock.parse_output(result.stdout, name)
+                locks[name] = lock.parse_output(facts[name].get(DeployLockLines), name)
             except hostvalues.HostValueError as exc:
                 locks[name] = lock.LockStatus("held", None, f"{name}: {exc}")
         if env.db_host in active:
             try:
-                head = active[env.db_host].get_fact(SchemaHead)
+                head = facts[env.db_host].get(SchemaHead)
             except hostvalues.HostValueError as exc:  # show the rest of the table
                 head_warning = f"{env.db_host}: {exc}; not used"
     rows = []
     for host in env.all_hosts:
-        app = "app" in env.hosts[host].roles
-        url = f"http://{env.hosts[host].ssh_hostname}:{env.data.app_port}"
         if host not in active:
             rows.append({"host": host, "roles": ",".join(env.hosts[host].roles), "release": "unreachable",
                          "image": None, "config": None, "schema": None,
-                         "health": readiness(url) if app else "n/a", "standby": None, "lock": "unknown",
+                         "health": health.get(host, "n/a"), "standby": None, "lock": "unknown",
                          "warnings": [f"{host}: unreachable over SSH; its row shows only what HTTP says"]})
             continue
         state = states.get(host) or {}
@@ -74,7 +88,7 @@ def status_rows(env_name: str) -> list[dict[str, Any]]:
             "image": state.get("image_id"),
             "config": state.get("config_version"),
             "schema": head,
-            "health": readiness(url) if app else "n/a",
+            "health": health.get(host, "n/a"),
             "standby": (state.get("standby") or {}).get("release"),
             "lock": "free" if lock_status.state == "free" else f"held by {holder.who if holder else '?'}",
             "warnings": warnings,  # values read from the host that failed their check (see hostvalues)

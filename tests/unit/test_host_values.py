@@ -19,7 +19,7 @@ from ingestctl import fleet, fleetview, hostlayout, hostvalues, images, ledger, 
 from ingestctl.config import ServiceConfig
 from ingestctl.errors import ConfigError
 from ingestctl.facts.docker import DockerImage
-from ingestctl.facts.release import REJECTED, ConfigVersions, IngestState, SchemaHead, checked_state
+from ingestctl.facts.release import REJECTED, ConfigVersions, DeployLockLines, IngestState, SchemaHead, checked_state
 from ingestctl.hostvalues import HostValueError
 from ingestctl.inventory import EnvData
 from ingestctl.local_images import registry_reference
@@ -357,10 +357,13 @@ class FakeHost:
     def __init__(self, state, head_output, lock_output):
         self.state, self.head_output, self.lock_output = state, head_output, lock_output
 
-    def get_fact(self, fact_cls):
+    def get_fact(self, fact_cls, **_kwargs):
+        # Facts read together come back as nothing here: each is then read on its own, as after a failed part.
         if fact_cls is SchemaHead:
             return SchemaHead().process([self.head_output] if self.head_output else [])
-        return self.state
+        if fact_cls is DeployLockLines:
+            return self.lock_output.splitlines()
+        return self.state if fact_cls is IngestState else None
 
 
 def fake_fleet(monkeypatch, env, hosts):
@@ -372,8 +375,6 @@ def fake_fleet(monkeypatch, env, hosts):
 
     monkeypatch.setattr(fleetview.inventory, "load", lambda _env: env)
     monkeypatch.setattr(fleet, "connected", connected)
-    monkeypatch.setattr(fleet, "run_on", lambda active, _command: {
-        h: fleet.CommandResult(h, True, host.lock_output, "") for h, host in active.items()})
     monkeypatch.setattr(fleetview, "readiness", lambda _url: "ready")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from ingestctl import hostvalues, ledger
+from ingestctl import hostvalues, ledger, lock
 from ingestctl.hostlayout import BASE, PROJECT, SLOTS, STATE_FILE, container_of
 
 # The postgres container's ID, main process and PATH, in one `docker container inspect` (`docker inspect` of a
@@ -349,6 +349,21 @@ class FileDigests(FactBase[dict[str, str | None]]):
             digest, _, path = line.strip().partition(" ")
             digests[path.strip()] = None if digest == "-" else digest
         return digests
+
+
+class DeployLockLines(FactBase[list[str]]):
+    """What `lock.read_command` prints on the host, as it is: the caller parses it with `lock.parse_output`,
+    which names the host in what it rejects."""
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    def command(self) -> str:
+        return lock.read_command()
+
+    def process(self, output: list[str]) -> list[str]:
+        return list(output)
 
 
 class LedgerCopy(FactBase[ledger.ParsedLedger]):
