@@ -28,7 +28,8 @@ def look_up_entry_points_once() -> None:
     plugins at each of its 25 patch events (0.13 s of every command's start), pyinfra for its connectors twice in
     every Inventory it builds (three in a rollback, one a step in a deploy). This process installs nothing into
     its own environment, so the installed distributions cannot change while it runs: one scan answers them all.
-    Installed before gevent and pyinfra are imported, which bind the function when they load.
+    Installed before pyinfra is imported, which binds the function when it loads (gevent looks it up at each
+    call).
     """
     installed = metadata.entry_points()
     metadata.entry_points = lambda **selection: installed.select(**selection) if selection else installed
