@@ -20,6 +20,7 @@ from pyinfra.api.connect import connect_all, disconnect_all
 from pyinfra.api.exceptions import PyinfraError
 
 from ingestctl import pyinfra_runner as runner
+from ingestctl import sshpool
 from ingestctl.errors import HostError
 
 
@@ -34,17 +35,20 @@ class CommandResult:
 @contextmanager
 def connected(env: str, hosts: Iterable[str] | None = None, require_all: bool = True) -> Iterator[dict[str, Any]]:
     """Connected pyinfra Host objects by name. An unreachable host is a HostError naming it, unless
-    `require_all=False`: then only the reachable hosts are yielded (for clean-up that must reach what it can)."""
+    `require_all=False`: then only the reachable hosts are yielded (for clean-up that must reach what it can),
+    and a host this process already failed to connect to is not tried again (sshpool)."""
     inventory = runner.load_inventory(env)
     limit = runner.select_hosts(inventory, hosts)
-    parallel = runner.pool_size(limit if limit is not None else list(inventory))
+    wanted = limit if limit is not None else list(inventory)
+    parallel = runner.pool_size(wanted)
     state = State(inventory, Config(CONNECT_TIMEOUT=10, FAIL_PERCENT=None, PARALLEL=parallel), initial_limit=limit)
+    if not require_all:
+        state.limit_hosts = [host for host in wanted if not sshpool.found_unreachable(host)]
     try:
         try:
             connect_all(state)
         except PyinfraError:
             pass  # reported below, host by host
-        wanted = limit if limit is not None else list(inventory)
         active = {host.name: host for host in state.inventory.get_active_hosts()}
         missing = [host.name for host in wanted if host.name not in active]
         if missing and require_all:

@@ -5,15 +5,21 @@ so runs never share facts or operations). pyinfra's SSH connector makes a new co
 SSH handshake and a key exchange per host per step, most of an emergency rollback's time on a LAN. This
 connector keeps the first connection and lends it to later States, with Nagle's algorithm off.
 
-A kept connection is lent only after it answers: a channel opened and closed within the connect timeout. A
-host that stopped answering (paused, cut off) is then connected afresh, and fails as a new connection would,
-so "could not reach the host" still means what it meant. A command that fails on the transport evicts it.
+A kept connection is lent only after it answers: a channel opened and closed within a few seconds. A host that
+stopped answering (paused, cut off) is then connected afresh, and fails as a new connection would, so "could not
+reach the host" still means what it meant. A command that fails on the transport evicts it.
+
+A host whose fresh connect failed is remembered as unreachable until a connect to it succeeds. The best-effort
+steps at the end of a run (its ledger line, the lock's release, the incident record) then leave it out at once,
+as Ansible drops an unreachable host from the rest of a play, instead of each waiting out the connect timeout
+again (`fleet.connected(require_all=False)`). Steps that need the host still try it.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -21,6 +27,11 @@ from paramiko import SSHClient
 from pyinfra.connectors.ssh import SSHConnector
 
 T = TypeVar("T")
+
+# A live sshd opens a channel in milliseconds (under 0.1 s on a loaded sandbox host). A kept connection that has
+# not done so by then is replaced by a fresh connect, which has the whole connect timeout: a slow answer taken
+# for none costs one handshake, not a failure, while a paused host no longer costs two full timeouts.
+PROBE_TIMEOUT_S = 3.0
 
 
 def no_delay(client: SSHClient) -> None:
@@ -50,6 +61,8 @@ class PooledSSHConnector(SSHConnector):
     _connecting: ClassVar[dict[tuple, threading.Lock]] = {}
     # What a host's commands cannot change during a run (which Compose it has), read once per connection.
     _remembered: ClassVar[dict[tuple, Any]] = {}
+    # Hosts whose last fresh connect in this process failed: when it ended (monotonic) and what it raised.
+    _unreachable: ClassVar[dict[tuple, tuple[float, BaseException]]] = {}
     _guard: ClassVar[threading.Lock] = threading.Lock()
 
     def _pool_key(self) -> tuple:
@@ -59,21 +72,33 @@ class PooledSSHConnector(SSHConnector):
 
     def _connect(self) -> None:
         key = self._pool_key()
+        asked = time.monotonic()
         with self._guard:
             connecting = self._connecting.setdefault(key, threading.Lock())
-        # One connect per host at a time: reads made at once (fleet.at_once) then share one connection.
+        # One connect per host at a time: reads made at once (fleet.at_once) then share one connection, or the
+        # failure of the connect they waited on (a second try right after it would wait out the timeout again).
         with connecting:
+            with self._guard:
+                failed_at, failure = self._unreachable.get(key, (None, None))
+            if failed_at is not None and failed_at > asked:
+                raise failure
             kept = self._pool.get(key)
-            if kept is not None and _answers(kept, self.state.config.CONNECT_TIMEOUT):
+            if kept is not None and _answers(kept, min(PROBE_TIMEOUT_S, self.state.config.CONNECT_TIMEOUT)):
                 self.client = kept
                 return
             if kept is not None:
                 self._drop(key, kept)  # what was remembered over it goes with it
                 kept.close()
-            super()._connect()
+            try:
+                super()._connect()
+            except Exception as exc:
+                with self._guard:
+                    self._unreachable[key] = (time.monotonic(), exc)
+                raise
             no_delay(self.client)
             with self._guard:
                 self._pool[key] = self.client
+                self._unreachable.pop(key, None)
 
     def run_shell_command(self, *args: Any, **kwargs: Any):
         try:
@@ -109,6 +134,15 @@ class PooledSSHConnector(SSHConnector):
         return value
 
 
+def found_unreachable(host: Any) -> bool:
+    """Whether this process's last fresh connect to HOST (a pyinfra Host of a State) failed."""
+    connector = getattr(host, "connector", None)
+    if not isinstance(connector, PooledSSHConnector):
+        return False
+    with PooledSSHConnector._guard:
+        return connector._pool_key() in PooledSSHConnector._unreachable
+
+
 def remembered(host: Any, name: str, read: Callable[[], T]) -> T:
     """READ() once for HOST while its connection is kept; every time for hosts not reached through the pool."""
     connector = getattr(host, "connector", None)
@@ -123,6 +157,7 @@ def close_all() -> None:
         clients = list(PooledSSHConnector._pool.values())
         PooledSSHConnector._pool.clear()
         PooledSSHConnector._remembered.clear()
+        PooledSSHConnector._unreachable.clear()
     for client in clients:
         client.close()
 

@@ -3,6 +3,8 @@ is lent again. The real connections are counted by sshd in tests/e2e/test_rollba
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +38,7 @@ class FakeTransport:
 
     def open_session(self, timeout: float):
         self.opened += 1
+        self.timeout = timeout
         if not self.opens:
             raise TimeoutError(f"no channel within {timeout}s")
         return SimpleNamespace(close=lambda: None)
@@ -95,6 +98,69 @@ def test_a_kept_connection_that_does_not_answer_is_closed_and_replaced(fresh) ->
     assert len(fresh) == 2 and second.client is fresh[1]
     assert fresh[0].closed
     assert second.remember("compose", lambda: "docker-compose") == "docker-compose"  # read again over the new one
+
+
+def test_a_kept_connection_is_given_seconds_to_answer_not_the_whole_connect_timeout(fresh) -> None:
+    first = pooled()
+    first._connect()
+    second = pooled()
+    second._connect()
+    assert first.client.transport.timeout == sshpool.PROBE_TIMEOUT_S < first.state.config.CONNECT_TIMEOUT
+
+
+def test_a_failed_fresh_connect_marks_the_host_unreachable_until_one_succeeds(monkeypatch) -> None:
+    outcomes = [ConnectionRefusedError("no sshd"), None]
+
+    def connect(self) -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        self.client = FakeClient(FakeTransport())
+
+    monkeypatch.setattr(SSHConnector, "_connect", connect)
+    monkeypatch.setattr(sshpool, "no_delay", lambda client: None)
+    failing, other = pooled("10.0.0.2"), pooled("10.0.0.3")
+    with pytest.raises(ConnectionRefusedError):
+        failing._connect()
+    assert sshpool.found_unreachable(SimpleNamespace(connector=pooled("10.0.0.2")))
+    assert not sshpool.found_unreachable(SimpleNamespace(connector=other))
+    pooled("10.0.0.2")._connect()
+    assert not sshpool.found_unreachable(SimpleNamespace(connector=failing))
+
+
+def test_connects_that_waited_on_a_failed_one_share_its_failure_and_later_ones_try_afresh(monkeypatch) -> None:
+    tried: list[float] = []
+    started = threading.Event()
+
+    def connect(self) -> None:
+        tried.append(time.monotonic())
+        started.set()
+        time.sleep(0.2)  # a host that does not answer: the connect timeout, shortened
+        raise TimeoutError("app2: no SSH banner")
+
+    monkeypatch.setattr(SSHConnector, "_connect", connect)
+    errors: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            pooled()._connect()
+        except TimeoutError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=attempt)
+    first.start()
+    started.wait(5)
+    waiting = threading.Thread(target=attempt)  # asks while the first is still connecting
+    waiting.start()
+    first.join(5)
+    waiting.join(5)
+    assert len(tried) == 1 and len(errors) == 2
+    attempt()  # asked after that failure: a retry tries the host again
+    assert len(tried) == 2
+
+
+def test_hosts_outside_the_pool_are_never_found_unreachable() -> None:
+    assert not sshpool.found_unreachable(SimpleNamespace(connector=object()))
 
 
 def test_another_host_gets_its_own_connection(fresh) -> None:
