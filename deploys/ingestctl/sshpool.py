@@ -28,8 +28,8 @@ from pyinfra.connectors.ssh import SSHConnector
 
 T = TypeVar("T")
 
-# A live sshd opens a channel in milliseconds (under 0.1 s on a loaded sandbox host). A kept connection that has
-# not done so by then is replaced by a fresh connect, which has the whole connect timeout: a slow answer taken
+# A live sshd opens a channel in milliseconds (under 10 ms on the quiet sandbox). A kept connection that has not
+# done so by then is replaced by a fresh connect, which has the whole connect timeout: a slow answer taken
 # for none costs one handshake, not a failure, while a paused host no longer costs two full timeouts.
 PROBE_TIMEOUT_S = 3.0
 
