@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,24 +207,36 @@ def probe_window(client: httpx.Client, urls: Mapping[str, str], window_s: float,
                  probe: Callable[[httpx.Client, str], httpx.Response] | None, probe_requests: int,
                  ) -> dict[str, ProbeTally]:
     """Watch the window, sending real requests to every host. Bounded in count and in time: the probe stops at
-    the window's end or after probe_requests per host."""
-    tallies = {host: [0, 0] for host in urls}
+    the window's end or after probe_requests per host.
+
+    The probes are paced evenly over the whole window, each host in its own thread: Prometheus counts a new
+    release's requests by extrapolating its first scrape back to zero, which holds for a steady rate and not
+    for a burst at the window's start. Threads keep one slow host from starving the others of their probes."""
     deadline = time.monotonic() + window_s
-    sent = 0
-    while time.monotonic() < deadline:
-        if probe and sent < probe_requests:
-            for host, base in urls.items():
-                tallies[host][0] += 1
-                try:
-                    ok = probe(client, base).is_success
-                except httpx.HTTPError:
-                    ok = False
-                tallies[host][1] += 0 if ok else 1
-            sent += 1
-            time.sleep(window_s / max(probe_requests, 1) / 2)
-        else:
-            time.sleep(0.1)
-    return {host: ProbeTally(sent_, failed) for host, (sent_, failed) in tallies.items()}
+    if not probe:
+        time.sleep(window_s)
+        return {host: ProbeTally() for host in urls}
+    with ThreadPoolExecutor(max_workers=len(urls) or 1, thread_name_prefix="probe") as pool:
+        tallies = pool.map(lambda base: _probe_host(client, base, probe, deadline, window_s, probe_requests),
+                           urls.values())
+        return dict(zip(urls, tallies, strict=True))
+
+
+def _probe_host(client: httpx.Client, base: str, probe: Callable[[httpx.Client, str], httpx.Response],
+                deadline: float, window_s: float, probe_requests: int) -> ProbeTally:
+    start = deadline - window_s
+    sent = failed = 0
+    while sent < probe_requests and time.monotonic() < deadline:
+        try:
+            ok = probe(client, base).is_success
+        except httpx.HTTPError:
+            ok = False
+        sent += 1
+        failed += 0 if ok else 1
+        due = start + sent * window_s / probe_requests
+        time.sleep(max(0.0, min(due, deadline) - time.monotonic()))
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    return ProbeTally(sent, failed)
 
 
 def metric_gate(

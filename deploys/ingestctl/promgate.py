@@ -89,7 +89,7 @@ def wait_for_scrape(prom: Prometheus, version: str, after: float, timeout_s: flo
             seen = "never" if scraped is None else f"last at {scraped:.1f}, window ended at {after:.1f}"
             raise PrometheusError(f"Prometheus at {prom.url} has not scraped release {version} after the window "
                                   f"within {timeout_s:g}s ({seen}); does it scrape every app host's /metrics?")
-        time.sleep(0.25)
+        time.sleep(0.1)
 
 
 def prometheus_metric_gate(

@@ -1,5 +1,7 @@
 """The gates' arithmetic on Prometheus samples: error ratio and p95 over a window, per host."""
 
+import time
+
 import pytest
 from ingestctl.gates import MetricSnapshot, bench_command, judge_window, quantile, tls
 
@@ -234,3 +236,39 @@ def test_the_ca_bundle_is_loaded_only_for_a_gate_that_speaks_https():
     assert tls(["http://10.0.0.2:8000", "http://10.0.0.3:8000"]) is False, "no TLS request, nothing to verify"
     context = tls(["http://10.0.0.2:8000", "https://app.example:443"])
     assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
+
+
+class _Answer:
+    def __init__(self, ok: bool) -> None:
+        self.is_success = ok
+
+
+def _timed_probe(delays: dict[str, float], sent: dict[str, list[float]]):
+    def probe(client, base: str):
+        sent.setdefault(base, []).append(time.monotonic())
+        time.sleep(delays.get(base, 0.0))
+        return _Answer(True)
+
+    return probe
+
+
+def test_probes_are_paced_over_the_whole_window_not_sent_in_a_burst_at_its_start():
+    from ingestctl.gates import probe_window
+
+    sent: dict[str, list[float]] = {}
+    started = time.monotonic()
+    tallies = probe_window(None, {"app2": "a"}, window_s=1.0, probe=_timed_probe({}, sent), probe_requests=5)
+    assert tallies["app2"].sent == 5
+    # Due at 0, 0.2, 0.4, 0.6 and 0.8 s: the last one lands in the window's second half.
+    assert sent["a"][-1] - started >= 0.75, [round(t - started, 3) for t in sent["a"]]
+    assert time.monotonic() - started >= 1.0, "the window is watched to its end"
+
+
+def test_a_slow_host_does_not_starve_the_other_hosts_of_their_probes():
+    from ingestctl.gates import probe_window
+
+    sent: dict[str, list[float]] = {}
+    tallies = probe_window(None, {"slow": "s", "fast": "f"}, window_s=1.0,
+                           probe=_timed_probe({"s": 0.4}, sent), probe_requests=5)
+    assert tallies["fast"].sent == 5, tallies
+    assert 1 <= tallies["slow"].sent <= 3, tallies

@@ -345,10 +345,10 @@ def test_read_window_asks_for_the_release_over_the_window(fake):
 
 # ----- the sandbox's Prometheus ---------------------------------------------------------------------------------
 
-def test_sandbox_prometheus_scrapes_every_app_host_through_its_proxy_every_second():
+def test_sandbox_prometheus_scrapes_every_app_host_through_its_proxy_twice_a_second():
     hosts = [HostState("db1", "172.30.0.2", 22, ["db", "app"]), HostState("app2", "172.30.0.3", 22, ["app"])]
     config = json.loads(tb_prometheus.config_text(hosts))
-    assert config["global"] == {"scrape_interval": "1s", "scrape_timeout": "1s"}
+    assert config["global"] == {"scrape_interval": "500ms", "scrape_timeout": "500ms"}
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"] == [{"targets": ["172.30.0.2:8000"], "labels": {"host": "db1"}},
@@ -357,6 +357,39 @@ def test_sandbox_prometheus_scrapes_every_app_host_through_its_proxy_every_secon
     assert kwargs["network"] == "tb-net" and kwargs["name"] == "tb-prometheus"
     assert kwargs["labels"]["io.ingest.testbed"] == "tb"  # `testbed down` removes it with the hosts
     assert kwargs["environment"] == {"PROMETHEUS_CONFIG": "CONFIG"}
+
+
+class _Container:
+    def __init__(self, env: str, image: str = "ingest-prometheus:2", status: str = "running") -> None:
+        self.status = status
+        self.attrs = {"Config": {"Env": [f"PROMETHEUS_CONFIG={env}"], "Image": image},
+                      "NetworkSettings": {"Networks": {"tb-net": {"IPAddress": "172.30.0.9"}}}}
+
+
+class _Containers:
+    def __init__(self, container: _Container) -> None:
+        self.container = container
+
+    def get(self, name: str) -> _Container:
+        assert name == "tb-prometheus"
+        return self.container
+
+
+class _Client:
+    def __init__(self, container: _Container) -> None:
+        self.containers = _Containers(container)
+
+
+@pytest.mark.parametrize("stale", ["config", "image", "status"])
+def test_a_sandbox_prometheus_with_another_config_image_or_state_is_not_taken_as_running(stale):
+    hosts = [HostState("app2", "172.30.0.3", 22, ["app"])]
+    current = tb_prometheus.config_text(hosts)
+    container = _Container(current if stale != "config" else current.replace("500ms", "1s"),
+                           image="ingest-prometheus:1" if stale == "image" else "ingest-prometheus:2",
+                           status="exited" if stale == "status" else "running")
+    assert tb_prometheus.running_url(_Client(container), "tb", "ingest-prometheus:2", hosts) is None
+    assert tb_prometheus.running_url(_Client(_Container(current)), "tb", "ingest-prometheus:2",
+                                     hosts) == "http://172.30.0.9:9090"
 
 
 # ----- `ingestctl slo ENV` ------------------------------------------------------------------------------------

@@ -227,8 +227,9 @@ def _already_up(
         if container is None or _address(container, testbed.network) != host.address:
             return nothing
     if not testbed.bare:
-        # A missing or re-addressed Prometheus sends `up` the full way, which keeps the hosts and starts it.
-        url = prometheus_mod.running_url(client, name)
+        # A missing, re-addressed or reconfigured Prometheus sends `up` the full way, which keeps the hosts and
+        # starts it again.
+        url = prometheus_mod.running_url(client, name, images.PROMETHEUS_IMAGE, testbed.hosts_with_role("app"))
         if url is None or url != testbed.prometheus_url:
             return nothing  # `up` starts (or re-addresses) Prometheus; the hosts themselves are kept
     stale = []

@@ -1,6 +1,6 @@
 """The sandbox's Prometheus: its own small container on the sandbox network (no SSH, no inner engine), scraping
-every app host's /metrics through the host's proxy port every second, so gates and SLO windows in the sandbox
-stay short. `inventories/local.py` reads its URL from the testbed's state.
+every app host's /metrics through the host's proxy port twice a second, so gates and SLO windows in the
+sandbox stay short. `inventories/local.py` reads its URL from the testbed's state.
 
 The config and the container's settings are pure (unit-tested); `ensure` talks to the local engine.
 """
@@ -21,7 +21,8 @@ from ingestctl.testbed.state import HostState
 PORT = 9090
 # inventories/local.py leaves app_port at its default: the proxy listens here on every app host.
 APP_PORT = 8000
-SCRAPE_INTERVAL = "1s"
+# Half a second: a metric gate waits up to one interval for the scrape that follows its window.
+SCRAPE_INTERVAL = "500ms"
 READY_DEADLINE_S = 60.0
 
 
@@ -71,10 +72,7 @@ def ensure(client, testbed: str, image: str, app_hosts: Sequence[HostState], pro
         container = client.containers.get(container_name(testbed))
     except docker.errors.NotFound:
         container = None
-    if container is not None and (container.status != "running"
-                                  or (container.attrs["Config"].get("Env") or []).count(
-                                      f"PROMETHEUS_CONFIG={config}") != 1
-                                  or container.attrs["Config"].get("Image") != image):
+    if container is not None and not _current(container, config, image):
         container.remove(force=True)
         container = None
     if container is None:
@@ -89,6 +87,13 @@ def ensure(client, testbed: str, image: str, app_hosts: Sequence[HostState], pro
     url = url_of(address)
     wait_ready(url, container.name)
     return url
+
+
+def _current(container, config: str, image: str) -> bool:
+    """Running with this config (the scrape interval and the hosts' addresses) and this image."""
+    return (container.status == "running"
+            and (container.attrs["Config"].get("Env") or []).count(f"PROMETHEUS_CONFIG={config}") == 1
+            and container.attrs["Config"].get("Image") == image)
 
 
 def wait_ready(url: str, name: str, deadline_s: float = READY_DEADLINE_S) -> None:
@@ -106,15 +111,15 @@ def wait_ready(url: str, name: str, deadline_s: float = READY_DEADLINE_S) -> Non
     raise HostError(f"Prometheus at {url} not ready within {deadline_s:g}s ({last}); see `docker logs {name}`")
 
 
-def running_url(client, testbed: str) -> str | None:
-    """The URL of the testbed's running Prometheus, None when it is not running."""
+def running_url(client, testbed: str, image: str, app_hosts: Sequence[HostState]) -> str | None:
+    """The URL of the testbed's Prometheus when it runs IMAGE with the config for APP_HOSTS, else None."""
     import docker.errors
 
     try:
         container = client.containers.get(container_name(testbed))
     except docker.errors.NotFound:
         return None
-    if container.status != "running":
+    if not _current(container, config_text(app_hosts), image):
         return None
     address = container.attrs["NetworkSettings"]["Networks"].get(hostspec.network_name(testbed), {}).get("IPAddress")
     return url_of(address) if address else None
