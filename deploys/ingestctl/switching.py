@@ -84,13 +84,21 @@ def is_transient(failure: str) -> bool:
     return SLOT_NOT_READY not in failure and any(marker in failure for marker in TRANSIENT_ERRORS)
 
 
+# The forward switch tries a host SSH cannot reach this many times in all. Each attempt has already waited out
+# the connect timeout: one retry rides out a blip, more only hold the run before it fails the same way.
+UNREACHED_ATTEMPTS = 2
+
+
 def converge(ctx: Context, calls: list[runner.OperationCall], hosts: list[str], deadline: float,
-             retryable: Callable[[str], bool]) -> tuple[runner.RunResult, set[str]]:
+             retryable: Callable[[str], bool],
+             unreached_attempts: int | None = None) -> tuple[runner.RunResult, set[str]]:
     """Run CALLS on HOSTS, then again on the hosts whose failure is RETRYABLE, with backoff, until DEADLINE
-    (monotonic). Every switch step is idempotent and reads the host afresh, so a retry picks up where the
-    failed attempt stopped. Returns the last result per host and the hosts any attempt changed or failed on."""
+    (monotonic), and at most UNREACHED_ATTEMPTS times on a host SSH never reached (None: until the deadline,
+    as a rollback does). Every switch step is idempotent and reads the host afresh, so a retry picks up where
+    the failed attempt stopped. Returns the last result per host and the hosts any attempt changed or failed on."""
     results: dict[str, runner.HostResult] = {}
     touched: set[str] = set()
+    unreached: dict[str, int] = {}
     pending, delay, attempt = list(hosts), 1.0, 1
     while True:
         result = ctx.io.run_operations(calls, hosts=pending, raise_on_error=False)
@@ -98,7 +106,10 @@ def converge(ctx: Context, calls: list[runner.OperationCall], hosts: list[str], 
         touched.update(result.changed_hosts)
         # A host SSH never reached was not changed by this attempt: it has nothing to roll back.
         touched.update(r.host for r in result.failed if r.reached)
-        again = [r for r in result.failed if retryable(r.describe_failure())]
+        for r in result.failed:
+            unreached[r.host] = unreached.get(r.host, 0) + (0 if r.reached else 1)
+        again = [r for r in result.failed if retryable(r.describe_failure())
+                 and (r.reached or unreached_attempts is None or unreached[r.host] < unreached_attempts)]
         if not again or time.monotonic() + delay > deadline:
             return runner.RunResult(results), touched
         for failed in again:
@@ -225,7 +236,8 @@ def rollout(ctx: Context, run: Run, batches: list[list[str]], release: Release, 
                     and canary_step(ctx, run, number, hosts, release, config_version, canary_weight, switched))
         # Transient errors are retried briefly; a release that never gets ready is not (that is the health gate).
         result, touched = converge(ctx, switch_calls(ctx, release, config_version), hosts,
-                                   time.monotonic() + min(30.0, ctx.env.data.rollback_deadline_s), is_transient)
+                                   time.monotonic() + min(30.0, ctx.env.data.rollback_deadline_s), is_transient,
+                                   unreached_attempts=UNREACHED_ATTEMPTS)
         changed = [h for h in hosts if h in touched]
         switched += [h for h in changed if h not in switched]  # a canary host may be in it already
         if result.failed:

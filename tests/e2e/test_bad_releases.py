@@ -180,10 +180,13 @@ def bad_release(tmp_path, name: str, changes: dict) -> tuple[str, Result]:
 # ----- the bad releases ---------------------------------------------------------------------------------------
 
 def test_release_that_fails_readiness_is_rolled_back(testbed, ssh, baseline, tmp_path):
-    release, result = bad_release(tmp_path, "unready", {OPERATIONS_API: replacing(
-        'status_code=200 if status == "ok" else 503', "status_code=503")})
+    # The gate waits out the whole health timeout for a release that never turns ready: 8 s here, not the
+    # inventory's 30 s (sized for good releases on a loaded machine), the rest of this module keeps 30 s.
+    release, result = bad_release(tmp_path, "unready", {
+        OPERATIONS_API: replacing('status_code=200 if status == "ok" else 503', "status_code=503"),
+        "inventories/local.py": replacing('"health_timeout_s": 30,', '"health_timeout_s": 8,')})
     gate = assert_rolled_back(result, release, "health", testbed, ssh)
-    assert gate["numbers"].get("timeout_s") and gate["numbers"].get("not_ready"), gate
+    assert gate["numbers"].get("timeout_s") == 8 and gate["numbers"].get("not_ready"), gate
     for host in testbed.hosts:
         _code, running, _err = ssh(host.name, "docker ps --format '{{.Image}}'")
         assert f"ingest:{release}" not in running.split(), f"{host.name}: the unready release still runs: {running}"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 def soak(testbed) -> dict:
     completed = subprocess.run(
         [sys.executable, "-m", "bench.zero_downtime", "--soak", "1", "--workers", "2", "--idle-clients", "6",
-         "--fresh-clients", "2", "--json"],
+         "--fresh-clients", "2", "--baseline-s", "4", "--json"],
         cwd=PROJECT_ROOT, env={**os.environ, "INGESTCTL_ROOT": str(PROJECT_ROOT)},
         capture_output=True, text=True, timeout=1200, check=False)
     lines = completed.stdout.strip().splitlines()

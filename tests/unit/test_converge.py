@@ -34,7 +34,10 @@ class ScriptedFleet:
         errors = self.answers.pop(0)
         return runner.RunResult({
             h: runner.HostResult(h, errors.get(h) is None, error=errors.get(h),
-                                 operations=(runner.OperationResult("switch", errors.get(h) is None, True),))
+                                 # Nothing ran on a host SSH never reached.
+                                 operations=() if errors.get(h) == UNREACHABLE else
+                                 (runner.OperationResult("switch", errors.get(h) is None, True),),
+                                 reached=errors.get(h) != UNREACHABLE)
             for h in hosts
         })
 
@@ -48,6 +51,7 @@ def scripted(monkeypatch, ctx, answers):
     return ctx.io.calls
 
 
+UNREACHABLE = "ssh: Could not connect to app3: timed out"
 OCI = "OCI runtime exec failed: exec failed: read init-p: connection reset by peer: unknown"
 
 
@@ -74,6 +78,24 @@ def test_retries_stop_at_the_deadline_and_report_the_last_failure(monkeypatch):
     result, _ = switching.converge(ctx, [], ["app2"], 1002.5, lambda _f: True)
     # Backoff 1 s, then 2 s: the third attempt would start past the 2.5 s deadline.
     assert len(calls) == 2 and result.failed[0].error == OCI
+
+
+def test_the_forward_switch_tries_an_unreachable_host_twice_not_until_the_deadline(monkeypatch):
+    ctx = Ctx()
+    calls = scripted(monkeypatch, ctx, [{"app2": OCI, "app3": UNREACHABLE}, {"app2": OCI, "app3": UNREACHABLE},
+                                        {"app2": OCI}, {}])
+    result, touched = switching.converge(ctx, [], ["app2", "app3"], 1030.0, switching.is_transient,
+                                         unreached_attempts=switching.UNREACHED_ATTEMPTS)
+    # app3 gets its one retry; app2, reached and failing transiently, keeps being retried until it converges.
+    assert calls == [["app2", "app3"], ["app2", "app3"], ["app2"], ["app2"]]
+    assert [r.host for r in result.failed] == ["app3"] and touched == {"app2"}
+
+
+def test_a_rollback_keeps_trying_an_unreachable_host_until_its_deadline(monkeypatch):
+    ctx = Ctx()
+    calls = scripted(monkeypatch, ctx, [{"app3": UNREACHABLE}] * 3 + [{}])
+    result, _ = switching.converge(ctx, [], ["app3"], 1030.0, lambda _f: True)
+    assert len(calls) == 4 and not result.failed
 
 
 @pytest.mark.parametrize("failure,transient", [
