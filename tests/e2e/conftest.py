@@ -76,10 +76,12 @@ def docker_engine():
 @pytest.fixture(scope="session")
 def testbed_name(pytestconfig) -> Iterator[str]:
     name = E2E_TESTBED
-    # With `--e2e-sandboxes per-file` every pytest-xdist worker has a sandbox of its own (`ingest-e2e-gw0`, ...):
-    # files run side by side. By default one worker runs them all (tests/suite_streams.py), on the plain name.
-    if os.environ.get("PYTEST_XDIST_WORKER") and pytestconfig.getoption("e2e_sandboxes") == "per-file":
-        name = f"{name}-{os.environ['PYTEST_XDIST_WORKER']}"
+    # Every pytest-xdist worker has a sandbox of its own: by default each runs one stream of end-to-end files
+    # (tests/suite_streams.py), the first worker on the plain name and the other on `ingest-e2e-gw1`; with
+    # `--e2e-sandboxes per-file` each runs whole files on `ingest-e2e-gw0`, `ingest-e2e-gw1`, ...
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and (worker != "gw0" or pytestconfig.getoption("e2e_sandboxes") == "per-file"):
+        name = f"{name}-{worker}"
     previous = os.environ.get("INGESTCTL_TESTBED")
     os.environ["INGESTCTL_TESTBED"] = name
     yield name
